@@ -1,0 +1,26 @@
+"""lit-align: alignment for language models as PyTorch Lightning modules."""
+
+from lit_align.data.formats import (
+    LanguageModelingDataModule,
+    PreferenceDataModule,
+    PromptCompletionDataModule,
+    PromptOnlyDataModule,
+    StepwiseDataModule,
+    UnpairedPreferenceDataModule,
+)
+from lit_align.methods.sft import SFT
+from lit_align.models.export import SaveHFModel
+from lit_align.optim import LinearWarmupDecay
+
+__all__ = [
+    "SFT",
+    "LanguageModelingDataModule",
+    "LinearWarmupDecay",
+    "PreferenceDataModule",
+    "PromptCompletionDataModule",
+    "PromptOnlyDataModule",
+    "SaveHFModel",
+    "StepwiseDataModule",
+    "UnpairedPreferenceDataModule",
+]
+__version__ = "0.1.0"

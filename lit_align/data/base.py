@@ -1,0 +1,294 @@
+"""The DataModule base: load, check, tokenize (with a progress bar), split, sample, collate.
+
+A format subclass says which columns it reads (``columns``), how one row becomes token
+sequences (``tokenize_row``) and, where it differs, how a batch is collated.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import PreTrainedTokenizerBase
+
+from lit_align.data.sampler import LengthGroupedSampler
+from lit_align.data.sources import Column, DataFormatError, check_columns, check_row, load_source
+from lit_align.data.tokenize import truncate
+from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
+
+Layout = Literal["padded", "packed", "padding_free"]
+
+
+class AlignDataModule(L.LightningDataModule, ABC):
+    """Base class of the six format DataModules (not used directly)."""
+
+    format: ClassVar[str] = ""
+    columns: ClassVar[list[Column]] = []
+    # Formats whose examples are single documents pack across examples, as TRL's SFT does
+    # (a batch is then ``batch_size`` rows of ``max_length``); the others pack within a batch.
+    pack_across_examples: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        dataset_name_or_path: str = "builtin:arithmetic",
+        split: str = "train",
+        eval_split: str | float | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_length: int | None = 1024,
+        truncation_mode: Literal["keep_start", "keep_end"] = "keep_start",
+        packing: bool = False,
+        padding_free: bool = False,
+        group_by_length: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        dataset_num_proc: int | None = None,
+        tokenizer_name_or_path: str | None = None,
+    ) -> None:
+        """
+        Args:
+            dataset_name_or_path: A Hub dataset id, a local directory (``save_to_disk`` output or
+                data files), a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, or the embedded
+                task ``builtin:arithmetic`` (options as a query: ``builtin:arithmetic?size=2000&seed=1``).
+            split: The training split.
+            eval_split: The validation split: a split name, a fraction of ``split`` held out
+                (for example 0.1), or None for no validation.
+            batch_size: Examples per batch on each device (rows of ``max_length`` when SFT data is packed).
+            eval_batch_size: Batch size for validation and test (default: ``batch_size``).
+            max_length: Longest sequence in tokens; longer ones are truncated, and rows left with
+                nothing to learn from (prompt alone too long) are dropped and counted. None: no limit.
+            truncation_mode: Keep the start (``keep_start``) or the end (``keep_end``) of long sequences.
+            packing: Pack sequences into rows of ``max_length`` (best-fit decreasing) with position
+                ids restarting per sequence: no padding, no cross-attention between sequences.
+            padding_free: Put a whole batch in one row (for variable-length flash attention on GPU;
+                on CPU attention cost grows with the square of the row, prefer ``packing``).
+            group_by_length: Batch examples of similar length together (training only).
+            shuffle: Shuffle the training data each epoch.
+            seed: Seed of shuffling and of the eval fraction split.
+            num_workers: DataLoader worker processes.
+            dataset_num_proc: Processes for tokenization (None: in process).
+            tokenizer_name_or_path: Where the tokenizer comes from. The CLI links it to the model's
+                ``model_name_or_path``; in Python call ``connect(tokenizer)``, or leave it empty and
+                the tokenizer of the module being trained is used.
+        """
+        super().__init__()
+        if packing and padding_free:
+            raise ValueError("choose one of packing=True and padding_free=True (padding_free already packs the batch)")
+        if packing and max_length is None:
+            raise ValueError("packing needs max_length: it is the length of a packed row")
+        self.dataset_name_or_path = dataset_name_or_path
+        self.split = split
+        self.eval_split = eval_split
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
+        self.packing = packing
+        self.padding_free = padding_free
+        self.group_by_length = group_by_length
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.dataset_num_proc = dataset_num_proc
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict[str, datasets.Dataset] = {}
+        self.num_dropped: dict[str, int] = {}
+
+    # -- tokenizer ---------------------------------------------------------------------------
+    def connect(self, tokenizer: PreTrainedTokenizerBase) -> AlignDataModule:
+        """Use ``tokenizer`` (returns self, so ``data = Module(...).connect(tok)`` reads well)."""
+        self.tokenizer = tokenizer
+        return self
+
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        from lit_align.models.loading import load_tokenizer
+
+        name = self.tokenizer_name_or_path
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if name is None and module is not None:
+            name = getattr(module, "model_name_or_path", None)
+        if name is None:
+            raise ValueError(
+                f"{type(self).__name__} has no tokenizer: call data.connect(tokenizer), pass "
+                "tokenizer_name_or_path, or train it with a lit-align module"
+            )
+        self.tokenizer = load_tokenizer(name)
+        return self.tokenizer
+
+    # -- preparation -------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        tokenizer = self._resolve_tokenizer()
+        source = self.dataset_name_or_path
+        train = load_source(source, self.split, self.format)
+        splits = {"train": train}
+        if isinstance(self.eval_split, float):
+            if not 0.0 < self.eval_split < 1.0:
+                raise ValueError(f"eval_split as a fraction must be in (0, 1), got {self.eval_split}")
+            parts = train.train_test_split(test_size=self.eval_split, seed=self.seed)
+            splits = {"train": parts["train"], "val": parts["test"]}
+        elif self.eval_split:
+            splits["val"] = load_source(source, self.eval_split, self.format)
+        for name, ds in splits.items():
+            label = f"{source} [{self.eval_split if name == 'val' else self.split}]"
+            self.datasets[name] = self._prepare(ds, label, tokenizer)
+
+    def _prepare(self, ds: datasets.Dataset, label: str, tokenizer) -> datasets.Dataset:
+        if len(ds) == 0:
+            raise DataFormatError(f"{label}: the dataset is empty")
+        check_columns(ds, self.columns, label, type(self).__name__)
+        total = len(ds)
+        keep = self.keep_columns(ds)
+        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label)
+        ds = ds.map(
+            fn,
+            with_indices=True,
+            remove_columns=[c for c in ds.column_names if c not in keep],
+            num_proc=self.dataset_num_proc,
+            keep_in_memory=True,
+            load_from_cache_file=False,
+            desc=f"Tokenizing {label}",
+        )
+        ds = ds.filter(lambda k: k, input_columns="keep", keep_in_memory=True).remove_columns("keep")
+        dropped = total - len(ds)
+        self.num_dropped[label] = dropped
+        if dropped:
+            rank_zero_info(f"{label}: dropped {dropped} of {total} rows that do not fit max_length={self.max_length}")
+        if len(ds) == 0:
+            raise DataFormatError(
+                f"{label}: every row was dropped because its prompt alone is at least max_length="
+                f"{self.max_length} tokens; raise max_length or shorten the prompts"
+            )
+        if self.packing and self.pack_across_examples:
+            ds = self._pack(ds)
+        return ds
+
+    def _tokenize_checked(self, row: dict, index: int, tokenizer, label: str) -> dict:
+        check_row(row, index, self.columns, label)
+        self.check_row_values(row, index, label)
+        sequences, extras = self.tokenize_row(row, tokenizer)
+        sequences = [self.truncate(seq) for seq in sequences]
+        return {
+            **{k: [seq[k] for seq in sequences] for k in sequences[0]},
+            **extras,
+            "length": sum(len(seq["input_ids"]) for seq in sequences),
+            "keep": all(self.usable(seq) for seq in sequences),
+        }
+
+    def _pack(self, ds: datasets.Dataset) -> datasets.Dataset:
+        token_fields = [c for c in ds.column_names if c not in ("length",)]
+        bins = pack_bfd([sum(len(s) for s in ids) for ids in ds["input_ids"]], self.max_length)
+        cols = {c: ds[c] for c in token_fields}
+        packed = {c: [[seq for i in b for seq in cols[c][i]] for b in bins] for c in token_fields}
+        packed["length"] = [sum(len(s) for s in seqs) for seqs in packed["input_ids"]]
+        return datasets.Dataset.from_dict(packed)
+
+    # -- per-format hooks --------------------------------------------------------------------
+    @abstractmethod
+    def tokenize_row(self, row: dict, tokenizer) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+        """The token sequences of one row (each a dict of equal-length token lists:
+        ``input_ids``, ``completion_mask``, ...) and its per-row values (``label``, ``margin``)."""
+
+    def check_row_values(self, row: dict, index: int, label: str) -> None:
+        """Checks beyond column kinds (for example chosen differing from rejected)."""
+
+    def keep_columns(self, ds: datasets.Dataset) -> set[str]:
+        """Raw columns carried through tokenization (prompt-only data keeps extras for rewards)."""
+        return set()
+
+    def truncate(self, seq: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Cut a sequence to ``max_length`` (TRL: ``keep_start`` by default)."""
+        if self.max_length is None or len(seq["input_ids"]) <= self.max_length:
+            return seq
+        return truncate(seq, self.max_length, self.truncation_mode)
+
+    def usable(self, seq: dict[str, list[int]]) -> bool:
+        """A truncated sequence still has something to learn from (else its row is dropped)."""
+        return any(seq["completion_mask"])
+
+    # -- loaders -----------------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        if self.padding_free:
+            return "padding_free"
+        return "packed" if self.packing else "padded"
+
+    def collate(self, items: list[dict]) -> Any:
+        return collate_examples(items, self._pad_id(), self.layout, self.max_length)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return 0 if pad is None else pad
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        if name not in self.datasets:
+            self.setup()
+        ds = self.datasets[name]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if train and self.group_by_length:
+            sampler = LengthGroupedSampler(ds["length"], batch_size, shuffle=self.shuffle, seed=self.seed)
+        elif train and self.shuffle:
+            sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            sampler = SequentialSampler(ds)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", train=False) if self.eval_split else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+
+def collate_examples(items: list[dict], pad_token_id: int, layout: str, capacity: int | None) -> SequenceBatch:
+    """Collate tokenized examples into a :class:`SequenceBatch`.
+
+    When every example holds the same number ``k`` of sequences (pairs: ``k = 2``), sequence
+    ``j`` of example ``i`` becomes sequence ``j * E + i``; packed SFT rows hold varying
+    numbers and are taken in order.
+    """
+    counts = {len(item["input_ids"]) for item in items}
+    fields = [k for k in ("input_ids", "completion_mask", "assistant_mask", "step_labels") if k in items[0]]
+    if len(counts) == 1:
+        k = counts.pop()
+        pairs = [(i, j) for j in range(k) for i in range(len(items))]
+    else:
+        pairs = [(i, j) for i, item in enumerate(items) for j in range(len(item["input_ids"]))]
+    sequences = [{f: items[i][f][j] for f in fields} for i, j in pairs]
+    tensors = collate_sequences(sequences, pad_token_id, layout, capacity)
+    labels = torch.tensor([bool(it["label"]) for it in items]) if "label" in items[0] else None
+    margin = torch.tensor([float(it["margin"]) for it in items]) if "margin" in items[0] else None
+    ref = [it["ref_logps"] for it in items] if "ref_logps" in items[0] else None
+    return SequenceBatch(
+        **tensors,
+        labels=labels,
+        margin=margin,
+        ref_logps=torch.tensor(ref, dtype=torch.float32).T.reshape(-1) if ref is not None else None,
+        num_sequences=len(sequences),
+        num_examples=len(items),
+    )

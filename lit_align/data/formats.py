@@ -1,0 +1,248 @@
+"""The six data formats, one DataModule each, named by format (DESIGN.md, TRL §16)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+
+from lit_align.data.base import AlignDataModule
+from lit_align.data.sources import Column, DataFormatError, check_same_form
+from lit_align.data.tokenize import (
+    is_conversational,
+    render_prompt,
+    supports_assistant_mask,
+    tokenize_prompt_completion,
+    tokenize_steps,
+    tokenize_text,
+)
+
+TEXT_OR_CHAT = ("text", "messages")
+
+
+class LanguageModelingDataModule(AlignDataModule):
+    """Whole documents: a ``text`` column, or conversations in ``messages``.
+
+    Every token is trained on; with a chat template that marks assistant turns
+    (``{% generation %}``) conversational rows also carry an assistant mask, used by
+    SFT's ``assistant_only_loss``.
+    """
+
+    format = "language_modeling"
+    columns = [Column("text", TEXT_OR_CHAT, optional=True), Column("messages", ("messages",), optional=True)]
+    pack_across_examples = True
+
+    def check_row_values(self, row: dict, index: int, label: str) -> None:
+        if row.get("text") is None and row.get("messages") is None:
+            raise DataFormatError(
+                f"{label}: row {index} has neither 'text' nor 'messages' (expected a 'text' string "
+                "or a 'messages' list of {'role', 'content'} dicts)"
+            )
+
+    def _prepare(self, ds, label, tokenizer):
+        if "text" not in ds.column_names and "messages" not in ds.column_names:
+            if "conversations" in ds.column_names:
+                ds = ds.map(_sharegpt_to_chatml, remove_columns=["conversations"], desc="Converting to ChatML")
+            else:
+                raise DataFormatError(
+                    f"{label}: LanguageModelingDataModule needs a 'text' or a 'messages' column "
+                    f"(found: {', '.join(ds.column_names)})"
+                )
+        return super()._prepare(ds, label, tokenizer)
+
+    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+        text = row.get("messages") if row.get("messages") is not None else row["text"]
+        mask = is_conversational(text) and supports_assistant_mask(tokenizer)
+        return [tokenize_text(tokenizer, text, row, assistant_mask=mask)], {}
+
+
+def _sharegpt_to_chatml(row: dict) -> dict:
+    roles = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+    return {"messages": [{"role": roles.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]}
+
+
+class PromptCompletionDataModule(AlignDataModule):
+    """``prompt`` and ``completion`` (strings, or message lists); the loss mask marks the completion."""
+
+    format = "prompt_completion"
+    columns = [Column("prompt", TEXT_OR_CHAT), Column("completion", TEXT_OR_CHAT)]
+    pack_across_examples = True
+
+    def check_row_values(self, row: dict, index: int, label: str) -> None:
+        check_same_form(row, index, ["prompt", "completion"], label)
+
+    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+        mask = is_conversational(row["prompt"]) and supports_assistant_mask(tokenizer)
+        return [tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row, assistant_mask=mask)], {}
+
+
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """Implicit prompt (TRL ``extract_prompt``): the longest common prefix of chosen and rejected.
+
+    Message lists split at the first differing message; strings at the first differing
+    character, stepping back over one space so the completion keeps its leading space.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+class PreferenceDataModule(AlignDataModule):
+    """``prompt`` (optional: else extracted), ``chosen``, ``rejected``: each pair is two sequences.
+
+    Sequence ``i`` of a batch of ``E`` pairs is prompt+chosen of pair ``i``, sequence ``E+i``
+    prompt+rejected (TRL's concatenated layout). With ``packing`` both are packed within the
+    batch into rows of ``max_length``. An optional ``margin`` column reaches the reward model.
+    """
+
+    format = "preference"
+    columns = [
+        Column("prompt", TEXT_OR_CHAT, optional=True),
+        Column("chosen", TEXT_OR_CHAT),
+        Column("rejected", TEXT_OR_CHAT),
+        Column("margin", ("any",), optional=True),
+    ]
+
+    def check_row_values(self, row: dict, index: int, label: str) -> None:
+        check_same_form(row, index, ["prompt", "chosen", "rejected"], label)
+        if row["chosen"] == row["rejected"]:
+            raise DataFormatError(
+                f"{label}: row {index}: 'chosen' and 'rejected' are identical; a preference pair needs "
+                "two different completions"
+            )
+
+    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+        prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
+        if prompt is None:
+            prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        seqs = [tokenize_prompt_completion(tokenizer, prompt, c, row) for c in (chosen, rejected)]
+        return seqs, ({"margin": float(row["margin"] or 0.0)} if "margin" in row else {})
+
+
+class UnpairedPreferenceDataModule(AlignDataModule):
+    """``prompt``, ``completion``, ``label`` (a boolean: desirable or not).
+
+    Preference pairs (``chosen``/``rejected``) are unpaired on the fly, each pair giving a
+    desirable and an undesirable row, as TRL's ``unpair_preference_dataset`` does.
+    """
+
+    format = "unpaired_preference"
+    columns = [Column("prompt", TEXT_OR_CHAT), Column("completion", TEXT_OR_CHAT), Column("label", ("bool",))]
+
+    def _prepare(self, ds, label, tokenizer):
+        if "label" not in ds.column_names and {"chosen", "rejected"} <= set(ds.column_names):
+            ds = ds.map(_unpair, batched=True, remove_columns=ds.column_names, desc="Unpairing preferences")
+        return super()._prepare(ds, label, tokenizer)
+
+    def check_row_values(self, row: dict, index: int, label: str) -> None:
+        check_same_form(row, index, ["prompt", "completion"], label)
+
+    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+        return [tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row)], {
+            "label": bool(row["label"])
+        }
+
+
+def _unpair(batch: dict[str, list]) -> dict[str, list]:
+    n = len(batch["chosen"])
+    prompts = batch["prompt"] if "prompt" in batch else [None] * n
+    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+    for p, c, r in zip(prompts, batch["chosen"], batch["rejected"]):
+        if p is None:
+            p, c, r = extract_prompt(c, r)
+        out["prompt"] += [p, p]
+        out["completion"] += [c, r]
+        out["label"] += [True, False]
+    return out
+
+
+class StepwiseDataModule(AlignDataModule):
+    """``prompt``, ``completions`` (the steps) and ``labels`` (one boolean per step).
+
+    Each step is followed by ``step_separator``; its label sits on the step's last token
+    (``step_labels``), -100 elsewhere, as TRL's PRM tokenization does.
+    """
+
+    format = "stepwise"
+    columns = [Column("prompt", ("text",)), Column("completions", ("text_list",)), Column("labels", ("bool_list",))]
+
+    def __init__(self, *args: Any, step_separator: str = "\n", **kwargs: Any) -> None:
+        """
+        Args:
+            step_separator: Text appended to every step; the label of a step sits on its last token.
+        """
+        super().__init__(*args, **kwargs)
+        self.step_separator = step_separator
+
+    def check_row_values(self, row: dict, index: int, label: str) -> None:
+        if len(row["completions"]) != len(row["labels"]):
+            raise DataFormatError(
+                f"{label}: row {index}: 'completions' has {len(row['completions'])} steps but 'labels' has "
+                f"{len(row['labels'])}; expected one boolean label per step"
+            )
+
+    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+        return [tokenize_steps(tokenizer, row["prompt"], row["completions"], row["labels"], self.step_separator)], {}
+
+    def usable(self, seq: dict[str, list[int]]) -> bool:
+        return any(v != -100 for v in seq["step_labels"])
+
+
+class PromptOnlyDataModule(AlignDataModule):
+    """``prompt`` plus any extra columns, which reach reward functions as keyword arguments.
+
+    Batches hold left-padded prompt ids for generation (:class:`PromptBatch`).
+    """
+
+    format = "prompt_only"
+    columns = [Column("prompt", TEXT_OR_CHAT)]
+
+    def keep_columns(self, ds: datasets.Dataset) -> set[str]:
+        return set(ds.column_names)
+
+    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+        ids = render_prompt(tokenizer, row["prompt"], row)
+        return [{"input_ids": ids, "completion_mask": [0] * len(ids)}], {}
+
+    def truncate(self, seq: dict[str, list[int]]) -> dict[str, list[int]]:
+        return seq  # prompts are never cut: a cut prompt asks a different question
+
+    def usable(self, seq: dict[str, list[int]]) -> bool:
+        # The completion needs room too; a prompt that fills max_length is dropped and counted.
+        return self.max_length is None or len(seq["input_ids"]) < self.max_length
+
+    def collate(self, items: list[dict]) -> PromptBatch:
+        return collate_prompts(items, self._pad_id())
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts for generation, the raw prompts, and the extra columns."""
+
+    prompt_ids: torch.Tensor  # (E, P) long, left-padded
+    prompt_mask: torch.Tensor  # (E, P) long, 0 on padding
+    prompts: list  # the raw prompts (strings or message lists)
+    extras: dict[str, list] = field(default_factory=dict)  # extra columns, for reward functions
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def collate_prompts(items: list[dict], pad_token_id: int) -> PromptBatch:
+    ids = [it["input_ids"][0] for it in items]
+    width = max(len(x) for x in ids)
+    prompt_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for r, x in enumerate(ids):
+        prompt_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        prompt_mask[r, width - len(x) :] = 1
+    skip = {"input_ids", "completion_mask", "length", "prompt"}
+    extras = {k: [it[k] for it in items] for k in items[0] if k not in skip}
+    return PromptBatch(prompt_ids, prompt_mask, [it["prompt"] for it in items], extras)

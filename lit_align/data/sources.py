@@ -1,0 +1,153 @@
+"""Reading rows from a Hub id, a local directory, a file, or the embedded task; and checking them.
+
+Every problem with the data is reported before the first step, as a
+:class:`DataFormatError` that names the source, the row, the column and what was
+expected, so a user can open the file and fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataFormatError(ValueError):
+    """The data does not have the format the DataModule expects."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a format: its name, whether it may be absent, and its allowed kinds.
+
+    ``kinds`` is a subset of ``{"text", "messages", "bool", "text_list", "bool_list", "any"}``.
+    """
+
+    name: str
+    kinds: tuple[str, ...]
+    optional: bool = False
+
+
+KIND_DOC = {
+    "text": "a string",
+    "messages": 'a list of {"role": ..., "content": ...} messages',
+    "bool": "a boolean (true/false)",
+    "text_list": "a list of strings",
+    "bool_list": "a list of booleans",
+    "any": "any value",
+}
+
+
+def _is_messages(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def value_kind(value) -> str | None:
+    """The kind of ``value`` (see :class:`Column`), or None if it is none of them."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, bool):
+        return "bool"
+    if _is_messages(value):
+        return "messages"
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "text_list"
+    if isinstance(value, list) and value and all(isinstance(v, bool) for v in value):
+        return "bool_list"
+    return None
+
+
+def load_source(name_or_path: str, split: str, fmt: str) -> datasets.Dataset:
+    """Load one split from ``builtin:<task>``, a data file, a local directory or a Hub id."""
+    from lit_align.models.builtin import is_builtin
+
+    if is_builtin(name_or_path):
+        from lit_align.data.arithmetic import arithmetic_dataset
+
+        return arithmetic_dataset(name_or_path, fmt, split)
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() in FILE_BUILDERS:
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {name_or_path!r} does not exist")
+        if split != "train":
+            raise DataFormatError(
+                f"{name_or_path}: a single file holds one split, so split={split!r} cannot be read from it; "
+                "use split='train' and set eval_split to a fraction (e.g. 0.1) or to another file"
+            )
+        return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            saved = datasets.load_from_disk(str(path))
+            if isinstance(saved, datasets.DatasetDict):
+                if split not in saved:
+                    raise DataFormatError(f"{name_or_path}: no split {split!r}; it has {sorted(saved)}")
+                return saved[split]
+            return saved
+        return datasets.load_dataset(str(path), split=split)
+    if path.exists():
+        raise DataFormatError(
+            f"{name_or_path}: unsupported file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}"
+        )
+    try:
+        return datasets.load_dataset(name_or_path, split=split)
+    except (FileNotFoundError, ConnectionError, OSError) as err:  # offline, typo, or private
+        raise DataFormatError(
+            f"could not load dataset {name_or_path!r} (split {split!r}) from the Hugging Face Hub: {err}. "
+            "Expected a Hub id, a local directory, a .jsonl/.json/.parquet/.csv file, or builtin:arithmetic"
+        ) from err
+
+
+def check_columns(ds: datasets.Dataset, columns: list[Column], source: str, owner: str) -> None:
+    """Raise if a required column is missing, suggesting the closest present name."""
+    present = list(ds.column_names)
+    expected = ", ".join(c.name + ("?" if c.optional else "") for c in columns)
+    for col in columns:
+        if col.optional or col.name in present:
+            continue
+        close = difflib.get_close_matches(col.name, present, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DataFormatError(
+            f"{source}: missing column {col.name!r} required by {owner} "
+            f"(expected columns: {expected}; found: {', '.join(present) or 'none'}).{hint}"
+        )
+
+
+def check_row(row: dict, index: int, columns: list[Column], source: str) -> None:
+    """Raise if a value of ``row`` is not one of its column's kinds."""
+    for col in columns:
+        if col.name not in row or "any" in col.kinds:
+            continue
+        value = row[col.name]
+        if value is None and col.optional:
+            continue
+        kind = value_kind(value)
+        if kind not in col.kinds:
+            want = " or ".join(KIND_DOC[k] for k in col.kinds)
+            raise DataFormatError(
+                f"{source}: row {index}, column {col.name!r}: expected {want}, "
+                f"got {type(value).__name__} {_preview(value)}"
+            )
+
+
+def check_same_form(row: dict, index: int, names: list[str], source: str) -> None:
+    """Columns of one row are all strings or all message lists, not a mix."""
+    kinds = {n: value_kind(row[n]) for n in names if row.get(n) is not None}
+    if len(set(kinds.values())) > 1:
+        detail = ", ".join(f"{n}: {KIND_DOC[k]}" for n, k in kinds.items())
+        raise DataFormatError(
+            f"{source}: row {index} mixes standard and conversational values ({detail}); "
+            "use strings in every column or message lists in every column"
+        )
+
+
+def _preview(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,141 @@
+"""Tokenization rules of TRL (``trl-methods.md`` §2, §16), one small function per case.
+
+- Standard text: EOS is appended to the text or the completion when missing.
+- Conversational rows go through the tokenizer's chat template; a prompt ending on a
+  user or tool turn gets the generation prompt, one ending on an assistant turn is
+  continued (``continue_final_message``).
+- The completion starts where the tokenized prompt and the tokenized prompt+completion
+  first differ (the *token* common prefix), which is not always the end of the prompt;
+  a one-time warning says so when it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def is_conversational(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def supports_assistant_mask(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True when the chat template marks assistant turns with ``{% generation %}``."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default", "")
+    return bool(template) and "generation" in template and "endgeneration" in template
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row: dict, **kwargs) -> dict:
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    extra = row.get("chat_template_kwargs") or {}
+    out = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, **extra, **kwargs
+    )
+    return {k: list(v) for k, v in out.items() if k in ("input_ids", "assistant_masks")}
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], row: dict) -> list[int]:
+    """Token ids of a prompt alone, as the model sees it before it answers."""
+    if not is_conversational(prompt):
+        return list(tokenizer(prompt)["input_ids"])
+    if prompt[-1]["role"] == "assistant":
+        return _chat(tokenizer, prompt, row, continue_final_message=True)["input_ids"]
+    return _chat(tokenizer, prompt, row, add_generation_prompt=True)["input_ids"]
+
+
+def add_eos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    eos = tokenizer.eos_token
+    return text if eos is None or text.endswith(eos) else text + eos
+
+
+def tokenize_text(
+    tokenizer: PreTrainedTokenizerBase, text: str | list[dict], row: dict, assistant_mask: bool
+) -> dict[str, list[int]]:
+    """A whole document (language modeling): every token is a target."""
+    if is_conversational(text):
+        out = _chat(tokenizer, text, row, return_assistant_tokens_mask=assistant_mask)
+    else:
+        out = {"input_ids": list(tokenizer(add_eos(text, tokenizer))["input_ids"])}
+    seq = {"input_ids": out["input_ids"], "completion_mask": [1] * len(out["input_ids"])}
+    if "assistant_masks" in out:
+        seq["assistant_mask"] = out["assistant_masks"]
+    return seq
+
+
+def tokenize_prompt_completion(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | list[dict],
+    completion: str | list[dict],
+    row: dict,
+    assistant_mask: bool = False,
+) -> dict[str, list[int]]:
+    """Prompt followed by completion; ``completion_mask`` marks the completion's tokens."""
+    prompt_ids = render_prompt(tokenizer, prompt, row)
+    if is_conversational(prompt):
+        full = _chat(tokenizer, prompt + completion, row, return_assistant_tokens_mask=assistant_mask)
+    else:
+        full = {"input_ids": list(tokenizer(prompt + add_eos(completion, tokenizer))["input_ids"])}
+    ids = full["input_ids"]
+    n = common_prefix_length(prompt_ids, ids)
+    if n < len(prompt_ids):
+        warn_once(
+            "prefix",
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template "
+            "renders the prompt alone differently, or tokens merge across the boundary); the completion "
+            f"starts where they diverge and this end of the prompt is left out: "
+            f"{tokenizer.decode(prompt_ids[n:])!r}",
+        )
+    seq = {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)}
+    if "assistant_masks" in full:
+        seq["assistant_mask"] = full["assistant_masks"]
+    return seq
+
+
+def tokenize_steps(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    steps: list[str],
+    labels: list[bool],
+    separator: str,
+) -> dict[str, list[int]]:
+    """Prompt then each step followed by ``separator``; a step's label sits on its last token."""
+    ids = list(tokenizer(prompt)["input_ids"])
+    completion_mask = [0] * len(ids)
+    step_labels = [-100] * len(ids)
+    for step, label in zip(steps, labels):
+        step_ids = list(tokenizer(step + separator, add_special_tokens=False)["input_ids"])
+        ids += step_ids
+        completion_mask += [1] * len(step_ids)
+        step_labels += [-100] * (len(step_ids) - 1) + [int(label)]
+    return {"input_ids": ids, "completion_mask": completion_mask, "step_labels": step_labels}
+
+
+def truncate(seq: dict[str, list[int]], max_length: int, mode: str = "keep_start") -> dict[str, list[int]]:
+    """Cut every token field of a sequence to ``max_length`` (``keep_start`` or ``keep_end``)."""
+    if mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {mode!r}")
+    cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    return {k: v[cut] for k, v in seq.items()}

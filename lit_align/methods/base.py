@@ -1,0 +1,131 @@
+"""What every method shares: building the policy, optimizers, token-count bookkeeping, logging.
+
+A method subclasses :class:`AlignModule`, sets ``default_lr`` (TRL's default learning
+rate for it) and writes ``training_step``/``validation_step`` from ``ops`` and ``losses``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from lit_align.optim import LinearWarmupDecay
+
+
+class AlignModule(L.LightningModule):
+    """Base class of the lit-align methods (not used directly)."""
+
+    default_lr: ClassVar[float] = 1e-6
+
+    def __init__(
+        self,
+        model_name_or_path: str = "builtin:tiny",
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        peft: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        chunk_size: int = 1024,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: The policy: a Hub id, a local Hugging Face model directory, or an
+                embedded model (``builtin:tiny``). Its tokenizer is the data's tokenizer.
+            dtype: Weights dtype: ``float32`` (TRL's default), ``bfloat16``, ``float16`` or ``auto``.
+            attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``... (None: transformers' default).
+            peft: LoRA settings as ``peft.LoraConfig`` fields (for example ``{r: 16, lora_alpha: 32}``),
+                or None to train every weight.
+            gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
+            chunk_size: Tokens per block of the chunked LM-head log-prob op (memory is ``chunk_size x vocab``).
+            optimizer: Optimizer factory; default AdamW at the method's TRL learning rate, no weight decay.
+            lr_scheduler: Scheduler factory, stepped every optimizer step; default constant.
+                ``lit_align.optim.LinearWarmupDecay`` is TRL's default linear decay.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model_name_or_path = model_name_or_path
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.peft = peft
+        self.gradient_checkpointing = gradient_checkpointing
+        self.chunk_size = chunk_size
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.model: torch.nn.Module | None = None
+        self._tokenizer = None
+        self.num_tokens_seen = 0
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.build_policy()
+
+    def build_policy(self) -> torch.nn.Module:
+        model = load_causal_lm(self.model_name_or_path, self.dtype_name, self.attn_implementation)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.peft is not None:
+            if self.gradient_checkpointing:
+                model.enable_input_require_grads()
+            model = apply_lora(model, self.peft)
+        return model.train()  # from_pretrained returns eval mode; dropout is the model's own choice
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_name_or_path)
+        return self._tokenizer
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        make = self.optimizer or functools.partial(torch.optim.AdamW, lr=self.default_lr, weight_decay=0.0)
+        optimizer = make(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, LinearWarmupDecay) and scheduler.total_steps is None:
+            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- distributed bookkeeping ---------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def global_sum(self, values: Tensor) -> Tensor:
+        """Sum a tensor of statistics over all devices (one collective for all of them)."""
+        if self.world_size == 1:
+            return values
+        return self.trainer.strategy.reduce(values.clone(), reduce_op="sum")
+
+    # -- logging -----------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, Tensor | float], stage: str, batch_size: int) -> None:
+        """Log ``metrics`` under ``<stage>/<TRL name>``. Values are already global (reduced over
+        devices) so training logs need no sync; validation averages over batches per epoch."""
+        train = stage == "train"
+        for name, value in metrics.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_step=train,
+                on_epoch=not train,
+                prog_bar=name == "loss",
+                batch_size=batch_size,
+                sync_dist=False,
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lit_align"] = {"num_tokens_seen": self.num_tokens_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.num_tokens_seen = checkpoint.get("lit_align", {}).get("num_tokens_seen", 0)

@@ -1,0 +1,161 @@
+"""The embedded default model: a tiny seeded Llama and a byte-level tokenizer, built in memory.
+
+``builtin:tiny`` lets every example and test run offline on a CPU in seconds: nothing is
+downloaded, the tokenizer needs no files, and the weights come from a fixed seed so two
+runs start from the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BUILTIN_PREFIX = "builtin:"
+
+PAD_TOKEN = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+# Order fixes the ids: bytes are 0..255 (id == byte value), specials follow from 256.
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, ENDOFTEXT)
+
+# ChatML with as little whitespace as possible (short sequences keep CPU runs fast). The
+# assistant turn's content and its closing <|im_end|> sit inside {% generation %} so
+# assistant-only losses train the model to stop; the "\n" after it is outside, so rendering
+# messages[:-1] with add_generation_prompt=True is a token prefix of the full conversation.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Ids fixed by construction (checked against the tokenizer in builtin_config).
+PAD_ID = 256 + SPECIAL_TOKENS.index(PAD_TOKEN)
+EOS_ID = 256 + SPECIAL_TOKENS.index(IM_END)
+BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+_TINY = dict(
+    vocab_size=(BYTE_VOCAB + 7) // 8 * 8,  # rounded up to a multiple of 8
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=192,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+    attention_dropout=0.0,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    pad_token_id=PAD_ID,
+    eos_token_id=EOS_ID,
+    bos_token_id=None,
+)
+
+# name -> LlamaConfig kwargs (complete: LlamaConfig(**BUILTIN_MODELS[name]) is the model's config).
+BUILTIN_MODELS: dict[str, dict] = {
+    "builtin:tiny": _TINY,
+    # A 32k LM head, for benchmarks where the logits/loss over a realistic vocabulary dominate.
+    # The byte tokenizer only uses ids < 264; the other rows are never produced as inputs.
+    "builtin:tiny-32k": {
+        **_TINY,
+        "vocab_size": 32000,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 384,
+    },
+}
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` addresses an embedded model or task (``builtin:...``)."""
+    return isinstance(name, str) and name.startswith(BUILTIN_PREFIX)
+
+
+def _check_name(name: str) -> None:
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown builtin model {name!r}; known builtin models: {', '.join(BUILTIN_MODELS)}")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which the ByteLevel pre-tokenizer/decoder use."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def builtin_tokenizer(name: str = "builtin:tiny") -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per UTF-8 byte, ids 0..255) plus ChatML special tokens.
+
+    No BOS is added; EOS is ``<|im_end|>``, PAD is ``<|pad|>``. Every builtin model shares it.
+    """
+    _check_name(name)
+    byte_char = _bytes_to_unicode()
+    # BPE without merges over the 256 byte symbols = pure byte tokenization that round-trips any text.
+    backend = Tokenizer(models.BPE(vocab={byte_char[b]: b for b in range(256)}, merges=[]))
+    # use_regex=False: no word splitting is needed since there are no merges to apply.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[IM_START, ENDOFTEXT],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+        padding_side="right",
+        # The default cleanup rewrites " ." -> "." and would break the exact byte round trip.
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def builtin_config(name: str = "builtin:tiny") -> LlamaConfig:
+    """The LlamaConfig of a builtin model (special-token ids are those of the builtin tokenizer)."""
+    _check_name(name)
+    tok = builtin_tokenizer(name)
+    kwargs = copy.deepcopy(BUILTIN_MODELS[name])
+    # Guard against the constants above drifting from the tokenizer.
+    assert (tok.pad_token_id, tok.eos_token_id) == (kwargs["pad_token_id"], kwargs["eos_token_id"])
+    assert len(tok) <= kwargs["vocab_size"]
+    config = LlamaConfig(**kwargs)
+    # So a saved copy reloads through AutoModelForCausalLM and pipelines.
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def builtin_model(name: str = "builtin:tiny", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A freshly initialised builtin Llama, identical on every call (seed 0), in eval mode.
+
+    The global RNG state is left untouched. Weights are drawn in float32 and then cast, so
+    every dtype holds the same weights up to rounding.
+    """
+    config = builtin_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.to(dtype)
+    model.generation_config = GenerationConfig(
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None
+    )
+    # Match from_pretrained, which returns models in eval mode (dropout is 0 anyway).
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Fused / chunked numerical kernels (plain PyTorch, device-agnostic)."""

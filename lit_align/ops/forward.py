@@ -1,0 +1,83 @@
+"""The policy forward that every offline method shares: backbone once, LM head only on targets.
+
+The decoder runs over all tokens; the LM head runs only over the positions whose next
+token is a target (completion tokens), through the chunked log-prob op. For SFT on
+prompt-completion data or DPO that skips the prompt's share of the largest matmul
+of the step, and never builds ``[B, T, V]`` logits.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lit_align.ops.logprobs import TokenStats, selected_logprobs
+from lit_align.ops.packing import SequenceBatch
+
+
+def target_mask(batch: SequenceBatch, token_mask: Tensor) -> Tensor:
+    """Positions ``t`` whose next token ``t+1`` is a target: ``(R, T-1)`` bool.
+
+    A target must be marked in ``token_mask`` and belong to the same sequence as its
+    context, so in packed rows no sequence predicts the first token of the next one.
+    """
+    same = batch.sequence_ids[:, 1:] == batch.sequence_ids[:, :-1]  # (R, T-1)
+    return token_mask[:, 1:] & same & (batch.sequence_ids[:, 1:] >= 0)
+
+
+def decoder_hidden(model: nn.Module, batch: SequenceBatch) -> Tensor:
+    """Final hidden states ``(R, T, H)``; ``use_cache=False`` so packed rows get a block-diagonal mask."""
+    out = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def lm_head_params(model: nn.Module) -> dict:
+    """The LM head's weight and bias and the config's logit transforms, for the chunked op."""
+    head = model.get_output_embeddings()
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {
+        "weight": head.weight,
+        "bias": getattr(head, "bias", None),
+        "logit_scale": float(getattr(text_config, "logit_scale", None) or 1.0),
+        "softcap": getattr(text_config, "final_logit_softcapping", None),
+    }
+
+
+def target_logprobs(
+    model: nn.Module,
+    batch: SequenceBatch,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+    with_accuracy: bool = True,
+) -> tuple[TokenStats, Tensor]:
+    """Log-probs of the target tokens selected by ``mask`` ``(R, T-1)``.
+
+    Returns the per-target :class:`TokenStats` (``(n,)`` each, in row-major order of
+    ``mask``) and the sequence index of every target ``(n,)``.
+    """
+    hidden = decoder_hidden(model, batch)[:, :-1][mask]  # (n, H)
+    labels = batch.input_ids[:, 1:][mask]  # (n,)
+    stats = selected_logprobs(
+        hidden,
+        labels=labels,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+        with_accuracy=with_accuracy,
+        **lm_head_params(model),
+    )
+    return stats, batch.sequence_ids[:, 1:][mask]
+
+
+def sequence_sum(values: Tensor, sequence_index: Tensor, num_sequences: int) -> Tensor:
+    """Sum per-target ``values`` ``(n,)`` into their sequences: ``(num_sequences,)``."""
+    out = values.new_zeros(num_sequences)
+    return out.index_add(0, sequence_index, values)

@@ -1,0 +1,132 @@
+"""Packing sequences into rows of bounded length, and the batch layout every method reads.
+
+Every batch is a set of *sequences* laid out in *rows*:
+
+- padded: one sequence per row, right-padded, with an attention mask;
+- packed: several sequences per row (best-fit decreasing into ``capacity`` tokens),
+  position ids restarting at 0 for each sequence and no attention mask, so
+  transformers builds a block-diagonal causal mask (it only does so when the forward
+  gets no attention mask and no cache: pass ``use_cache=False``);
+- padding-free: every sequence of the batch in a single row (the packed layout with
+  one bin), meant for variable-length flash attention.
+
+``sequence_ids`` says which sequence each token belongs to (-1 on padding), so
+per-sequence sums (DPO's log-probs of chosen and rejected) read the same in all three.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceBatch:
+    """A collated batch of token sequences (see the module docstring for layouts).
+
+    Sequence ``s`` of a batch of ``E`` examples with ``k`` sequences each is sequence
+    ``j`` of example ``i`` where ``s = j * E + i``: for preference pairs the first ``E``
+    sequences are the chosen ones and the last ``E`` the rejected ones.
+    """
+
+    input_ids: Tensor  # (R, T) long
+    position_ids: Tensor  # (R, T) long, restarting at 0 for each sequence
+    sequence_ids: Tensor  # (R, T) long, -1 on padding
+    completion_mask: Tensor  # (R, T) bool: tokens that are targets of the completion loss
+    attention_mask: Tensor | None = None  # (R, T) long, only in the padded layout
+    assistant_mask: Tensor | None = None  # (R, T) bool, conversational data whose template marks turns
+    step_labels: Tensor | None = None  # (R, T) long, -100 but on the token closing a step (PRM)
+    labels: Tensor | None = None  # (E,) per-example labels (unpaired preference: desirable or not)
+    margin: Tensor | None = None  # (E,) per-pair margins (reward model)
+    ref_logps: Tensor | None = None  # (S,) precomputed reference log-probs, when the data carries them
+    num_sequences: int = 0
+    num_examples: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int((self.sequence_ids >= 0).sum())
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of ``lengths`` grouped in bins of at most ``capacity``.
+
+    Longest first, each into the fullest bin that still has room (``bisect`` over the
+    sorted free space keeps it O(n log n)). Lengths above ``capacity`` get a bin each.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin index), sorted
+    for i in order:
+        need = lengths[i]
+        pos = bisect.bisect_left(free, (need, -1))
+        if pos < len(free):
+            space, b = free.pop(pos)
+            bins[b].append(i)
+            bisect.insort(free, (space - need, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (capacity - need, len(bins) - 1))
+    return bins
+
+
+def _pad_value(name: str, pad_token_id: int) -> int:
+    return {"input_ids": pad_token_id, "step_labels": IGNORE_INDEX}.get(name, 0)
+
+
+def collate_sequences(
+    sequences: list[dict[str, list[int]]],
+    pad_token_id: int,
+    layout: str = "padded",
+    capacity: int | None = None,
+) -> dict[str, Tensor]:
+    """Lay sequences out in rows (``layout``: ``padded``, ``packed`` or ``padding_free``).
+
+    Each sequence is a dict of equal-length token lists (``input_ids``, ``completion_mask``
+    and optionally ``assistant_mask``, ``step_labels``). Returns the tensor fields of
+    :class:`SequenceBatch`.
+    """
+    if layout == "padded":
+        rows = [[i] for i in range(len(sequences))]
+    elif layout == "packed":
+        if capacity is None:
+            raise ValueError("the packed layout needs a capacity (the row length, max_length)")
+        rows = pack_bfd([len(s["input_ids"]) for s in sequences], capacity)
+    elif layout == "padding_free":
+        rows = [list(range(len(sequences)))]
+    else:
+        raise ValueError(f"unknown layout {layout!r}: expected 'padded', 'packed' or 'padding_free'")
+    keys = [k for k in sequences[0] if isinstance(sequences[0][k], list)]
+    width = max(sum(len(sequences[i]["input_ids"]) for i in row) for row in rows)
+    out = {k: torch.full((len(rows), width), _pad_value(k, pad_token_id), dtype=torch.long) for k in keys}
+    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            n = len(sequences[i]["input_ids"])
+            for k in keys:
+                out[k][r, start : start + n] = torch.tensor(sequences[i][k], dtype=torch.long)
+            position_ids[r, start : start + n] = torch.arange(n)
+            sequence_ids[r, start : start + n] = i
+            start += n
+        # Padding forms a segment of its own (positions restart), so in the packed layouts
+        # it attends only to itself and never to a real sequence.
+        position_ids[r, start:] = torch.arange(width - start)
+    out["position_ids"] = position_ids
+    out["sequence_ids"] = sequence_ids
+    if layout == "padded":
+        out["attention_mask"] = (sequence_ids >= 0).long()
+    for k in ("completion_mask", "assistant_mask"):
+        if k in out:
+            out[k] = out[k].bool()
+    return out
