@@ -216,7 +216,9 @@ def arithmetic_rows(
     correct = _balanced_flags(rng, size)
 
     def user(text: str) -> Any:
-        return [{"role": "user", "content": text}] if conversational else text
+        # Standard prompts end with a newline so prompt + completion reads as two lines
+        # (TRL concatenates them as they are).
+        return [{"role": "user", "content": text}] if conversational else text + "\n"
 
     def assistant(text: str) -> Any:
         return [{"role": "assistant", "content": text}] if conversational else text

@@ -7,6 +7,7 @@ sequences (``tokenize_row``) and, where it differs, how a batch is collated.
 from __future__ import annotations
 
 import functools
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +24,9 @@ from lit_align.data.tokenize import truncate
 from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
 
 Layout = Literal["padded", "packed", "padding_free"]
+
+# No eval split is a choice, not a mistake: an empty val loader is how a DataModule says so.
+warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
 
 
 class AlignDataModule(L.LightningDataModule, ABC):

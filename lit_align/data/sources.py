@@ -82,7 +82,13 @@ def load_source(name_or_path: str, split: str, fmt: str) -> datasets.Dataset:
                 f"{name_or_path}: a single file holds one split, so split={split!r} cannot be read from it; "
                 "use split='train' and set eval_split to a fraction (e.g. 0.1) or to another file"
             )
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+        builder = FILE_BUILDERS[path.suffix.lower()]
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # datasets raises StopIteration, ArrowInvalid, ... on bad files
+            if builder != "parquet" and not path.read_text(errors="replace").strip():
+                raise DataFormatError(f"{name_or_path}: the dataset is empty") from err
+            raise DataFormatError(f"{name_or_path}: could not be read as {builder}: {err!r}") from err
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             saved = datasets.load_from_disk(str(path))
