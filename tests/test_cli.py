@@ -1,0 +1,82 @@
+"""End to end through ``lit-align``: every config runs a few steps; W&B offline logs read back."""
+
+import glob
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from lit_align.cli import build_cli
+from tests.wandb_offline import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb():
+    yield
+    import wandb
+
+    wandb.finish()  # a run left open would be reused by the next test's WandbLogger
+
+
+SHORT = ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_runs(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs' relative run directories land in tmp_path
+    cli = build_cli(["fit", f"--config={config}", *SHORT])
+    assert cli.trainer.global_step == 3
+    assert "train/loss" in cli.trainer.callback_metrics
+    assert cli.datamodule.tokenizer_name_or_path == cli.model.model_name_or_path  # linked
+
+
+@pytest.mark.slow
+def test_sft_config_leaves_hf_model_config_and_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # An absolute save_dir: wandb resolves relative directories against the first run's cwd.
+    save_dir = f"--trainer.logger.init_args.save_dir={tmp_path / 'runs/sft'}"
+    build_cli(["fit", f"--config={ROOT / 'configs/sft.yaml'}", *SHORT, save_dir])
+    import wandb
+
+    wandb.finish()  # flush the offline run file
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "runs/sft/hf_model")
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert (tmp_path / "runs/sft/config.yaml").exists()
+    (run_file,) = glob.glob(str(tmp_path / "runs/sft/wandb/offline-run-*/run-*.wandb"))
+    history, config = read_run(Path(run_file))
+    keys = set().union(*history)
+    assert {"train/loss", "train/entropy", "train/mean_token_accuracy", "train/num_tokens", "val/loss"} <= keys
+    assert config["config"]["model"]["class_path"] == "lit_align.SFT"
+    assert config["config"]["model"]["init_args"]["model_name_or_path"] == "builtin:tiny"
+
+
+def test_short_class_names_and_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_align.cli", "fit", "--model", "SFT", "--model.help", "SFT"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    out = " ".join(out.split())  # argparse wraps help text
+    for text in ("--model.loss_type", "Dynamic Fine-Tuning", "--model.peft", "LoRA settings"):
+        assert text in out
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_align.cli", "fit", "--data.help", "PromptCompletionDataModule"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    out = " ".join(out.split())
+    assert "--data.packing" in out and "best-fit decreasing" in out
+
+
+def test_bad_config_value_is_reported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_align.cli", "fit", f"--config={ROOT / 'configs/sft.yaml'}", "--model.init_args.loss_type=xent"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode != 0
+    assert "loss_type" in proc.stderr and "xent" in proc.stderr
