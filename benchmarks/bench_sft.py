@@ -63,7 +63,8 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "trl_padding_free": (
         "trl",
         "TRL, gradient_checkpointing=False, padding_free=True",
-        {"gradient_checkpointing": False, "padding_free": True},
+        # TRL refuses padding_free with a max_length it would not enforce; the rows are shorter anyway.
+        {"gradient_checkpointing": False, "padding_free": True, "max_length": None},
     ),
     "trl_packing": (
         "trl",
@@ -137,13 +138,12 @@ def run_trl(args: argparse.Namespace, overrides: dict) -> dict:
         per_device_train_batch_size=args.batch_size,
         max_steps=args.warmup + args.steps,
         learning_rate=args.lr,
-        max_length=args.max_length,
         max_grad_norm=1.0,
         save_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
-        **overrides,
+        **{"max_length": args.max_length, **overrides},
     )
     callback = Clock()
     trainer = SFTTrainer(

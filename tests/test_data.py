@@ -246,13 +246,32 @@ def test_layouts_keep_tokens_and_reset_positions():
             assert out["position_ids"][ids == s].tolist() == list(range(n))
 
 
-def test_length_grouped_sampler_groups_and_covers():
-    from lit_align.data.sampler import LengthGroupedSampler
+def test_sampler_groups_by_length_and_covers():
+    from lit_align.data.sampler import ShardedSampler
 
     lengths = list(range(100))
-    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=1, mega_batch_factor=5)
+    sampler = ShardedSampler(lengths, batch_size=4, seed=1, mega_batch_factor=5)
     order = list(sampler)
     assert sorted(order) == lengths
     spreads = [max(order[i : i + 4]) - min(order[i : i + 4]) for i in range(0, 100, 4)]
     assert sum(spreads) / len(spreads) < 15  # random batches would spread ~50
+    sampler.set_epoch(1)
     assert list(sampler) != order  # a new order each epoch
+
+
+def test_sampler_shards_the_global_order(monkeypatch):
+    """Two ranks' batches of a step together are the one-process batch of twice the size."""
+    from lit_align.data.sampler import ShardedSampler
+
+    lengths = [(i * 37) % 23 for i in range(30)]
+    single = ShardedSampler(lengths, batch_size=8, seed=2)
+    monkeypatch.setattr(ShardedSampler, "_world", staticmethod(lambda: (1, 0)))
+    one = list(single)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(ShardedSampler, "_world", staticmethod(lambda rank=rank: (2, rank)))
+        shards.append(list(ShardedSampler(lengths, batch_size=4, seed=2, mega_batch_factor=100)))
+    assert len(shards[0]) == len(shards[1]) == 15
+    for step in range(3):
+        together = shards[0][4 * step : 4 * step + 4] + shards[1][4 * step : 4 * step + 4]
+        assert sorted(together) == sorted(one[8 * step : 8 * step + 8])

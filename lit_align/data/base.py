@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.sampler import LengthGroupedSampler
+from lit_align.data.sampler import ShardedSampler
 from lit_align.data.sources import Column, DataFormatError, check_columns, check_row, load_source
 from lit_align.data.tokenize import truncate
 from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
@@ -241,10 +241,9 @@ class AlignDataModule(L.LightningDataModule, ABC):
             self.setup()
         ds = self.datasets[name]
         batch_size = self.batch_size if train else self.eval_batch_size
-        if train and self.group_by_length:
-            sampler = LengthGroupedSampler(ds["length"], batch_size, shuffle=self.shuffle, seed=self.seed)
-        elif train and self.shuffle:
-            sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(self.seed))
+        if train:
+            lengths = ds["length"] if self.group_by_length else [0] * len(ds)
+            sampler = ShardedSampler(lengths, batch_size, self.shuffle, self.group_by_length, self.seed)
         else:
             sampler = SequentialSampler(ds)
         return DataLoader(

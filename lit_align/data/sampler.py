@@ -1,50 +1,72 @@
-"""Length-grouped sampling: batches of similar lengths, so little of a batch is padding."""
+"""The training sampler: shuffled, length-grouped, and sharded over ranks in one place.
+
+It subclasses ``DistributedSampler`` so Lightning keeps it as it is: Lightning would
+otherwise wrap a custom sampler in a *shuffling* distributed wrapper, undoing the length
+grouping, and swap a sequential one for a shuffled one. Rank ``r`` of ``W`` takes
+positions ``r, r+W, r+2W, ...`` of one global order, so the ``W`` local batches of a step
+together are exactly the global batch one process would see with ``batch_size * W``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffle, cut into mega-batches of ``batch_size * mega_batch_factor``, sort each by length.
-
-    Under DDP Lightning wraps this sampler and deals its indices out round-robin, so every
-    rank still sees neighbours of similar length. The order depends on ``seed`` and the
-    epoch only, identical on every rank.
-    """
+class ShardedSampler(DistributedSampler):
+    """Global order: a seeded permutation (``shuffle``) whose mega-batches of
+    ``batch_size * world * mega_batch_factor`` are sorted by length (``group_by_length``),
+    so a batch holds sequences of similar length and little padding."""
 
     def __init__(
         self,
         lengths: Sequence[int],
         batch_size: int,
         shuffle: bool = True,
+        group_by_length: bool = True,
         seed: int = 0,
         mega_batch_factor: int = 50,
     ) -> None:
+        # DistributedSampler.__init__ is skipped on purpose: rank and world size are read
+        # when iterating, after the strategy has set up the process group.
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.group_by_length = group_by_length
         self.seed = seed
         self.mega_batch_factor = mega_batch_factor
         self.epoch = 0
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        world, _ = self._world()
+        return -(-len(self.lengths) // world)
 
-    def __iter__(self) -> Iterator[int]:
+    def global_order(self) -> list[int]:
         n = len(self.lengths)
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(n))
-        size = self.batch_size * self.mega_batch_factor
-        for start in range(0, n, size):
-            chunk = order[start : start + size]
-            yield from sorted(chunk, key=lambda i: -self.lengths[i])
-        self.epoch += 1  # a wrapper that does not forward set_epoch still gets a new order
+        if self.group_by_length:
+            world, _ = self._world()
+            size = self.batch_size * world * self.mega_batch_factor
+            order = [i for s in range(0, n, size) for i in sorted(order[s : s + size], key=lambda i: -self.lengths[i])]
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        world, rank = self._world()
+        order = self.global_order()
+        order += order[: len(self) * world - len(order)]  # pad so every rank gets as many (as DistributedSampler)
+        return iter(order[rank::world])
