@@ -80,3 +80,14 @@ def test_bad_config_value_is_reported(tmp_path, monkeypatch):
     )
     assert proc.returncode != 0
     assert "loss_type" in proc.stderr and "xent" in proc.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs/recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipes_parse(recipe):
+    """Real-scale recipes need a GPU and the Hub; CI checks that they parse against the current API."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_align.cli", "fit", f"--config={recipe}", "--print_config"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: lit_align." in proc.stdout

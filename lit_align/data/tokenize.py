@@ -1,9 +1,9 @@
 """Tokenization rules of TRL (``trl-methods.md`` §2, §16), one small function per case.
 
 - Standard text: EOS is appended to the text or the completion when missing.
-- Conversational rows go through the tokenizer's chat template; a prompt ending on a
-  user or tool turn gets the generation prompt, one ending on an assistant turn is
-  continued (``continue_final_message``).
+- Conversational rows go through the tokenizer's chat template; a prompt is rendered
+  with the generation prompt whatever its last turn, as every TRL 1.16 trainer does
+  (a prompt ending on an assistant turn is followed by a new assistant turn).
 - The completion starts where the tokenized prompt and the tokenized prompt+completion
   first differ (the *token* common prefix), which is not always the end of the prompt;
   a one-time warning says so when it is not.
@@ -61,8 +61,6 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], 
     """Token ids of a prompt alone, as the model sees it before it answers."""
     if not is_conversational(prompt):
         return list(tokenizer(prompt)["input_ids"])
-    if prompt[-1]["role"] == "assistant":
-        return _chat(tokenizer, prompt, row, continue_final_message=True)["input_ids"]
     return _chat(tokenizer, prompt, row, add_generation_prompt=True)["input_ids"]
 
 

@@ -1,0 +1,19 @@
+"""The examples run (a few steps each)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sft_in_lightning(tmp_path):
+    metrics = load("sft_in_lightning").main(max_steps=4, out_dir=str(tmp_path))
+    assert "train/loss" in metrics and "val/loss" in metrics
+    assert (tmp_path / "hf_model" / "config.json").exists()
