@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -74,7 +75,11 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "lit": ("lit", "lit-align SFT defaults (length-grouped batches)", {}),
     "lit_packed": ("lit", "lit-align SFT, packing=True", {"data": {"packing": True}}),
     "lit_nogroup": ("lit", "lit-align SFT, group_by_length=False", {"data": {"group_by_length": False}}),
-    "lit_gc": ("lit", "lit-align SFT, gradient_checkpointing=True", {"module": {"gradient_checkpointing": True}}),
+    "lit_gc": (
+        "lit",
+        "lit-align SFT, gradient_checkpointing=True",
+        {"module": {"gradient_checkpointing": True}},
+    ),
 }
 DEFAULT_CONFIGS = ["trl_default", "trl_fast", "lit", "lit_packed"]
 
@@ -229,10 +234,15 @@ def child_main(args: argparse.Namespace) -> None:
     offline_env()
     set_threads(args.threads)
     framework, description, overrides = CONFIGS[args.child]
+    load_before = os.getloadavg()[0]
     out = (run_trl if framework == "trl" else run_lit)(args, overrides)
     clock: StepClock = out["clock"]
+    # The 1-minute load average before and after: above the thread count, another process shared the CPUs.
+    out["extra"]["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     if len(clock.times) != args.warmup + args.steps:
-        raise RuntimeError(f"{args.child}: recorded {len(clock.times)} steps, expected {args.warmup + args.steps}")
+        raise RuntimeError(
+            f"{args.child}: recorded {len(clock.times)} steps, expected {args.warmup + args.steps}"
+        )
     emit(
         Result(
             name=args.child,
@@ -260,7 +270,9 @@ def prepare(args: argparse.Namespace, workdir: Path) -> None:
     # Enough rows for every step of every configuration, packed ones included (about two
     # examples per packed row of max_length), with no second epoch.
     n_rows = args.rows or 3 * (args.warmup + args.steps) * args.batch_size
-    rows = synthetic_prompt_completion(n_rows, tuple(args.prompt_len), tuple(args.completion_len), seed=args.seed)
+    rows = synthetic_prompt_completion(
+        n_rows, tuple(args.prompt_len), tuple(args.completion_len), seed=args.seed
+    )
     args.data = str(write_jsonl(rows, workdir / "data.jsonl"))
     args.model_dir = str(workdir / "model")
     builtin_model(args.model).save_pretrained(args.model_dir)
@@ -307,8 +319,6 @@ def child_argv(args: argparse.Namespace, name: str) -> list[str]:
 def parent_main(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         prepare(args, Path(tmp))
         runs: dict[str, list[Result]] = {name: [] for name in args.configs}
@@ -319,7 +329,7 @@ def parent_main(args: argparse.Namespace) -> None:
                 runs[name].append(result)
                 print(
                     f"    {result.steps_per_s:.3f} steps/s, {result.tokens_per_s:.0f} tokens/s, "
-                    f"peak RSS {result.peak_rss_gb:.2f} GB  {result.extra}",
+                    f"peak RSS {result.peak_rss_gb:.2f} GB, load average {result.extra.get('loadavg')}",
                     flush=True,
                 )
     results = [median_result(runs[name]) for name in args.configs]
@@ -328,7 +338,7 @@ def parent_main(args: argparse.Namespace) -> None:
     print(
         f"SFT, {args.model}, fp32, batch size {args.batch_size}, max_length {args.max_length}, lr {args.lr}, "
         f"{args.steps} timed steps after {args.warmup} warm-up, torch threads {args.threads}, "
-        f"{torch.get_num_threads() and __import__('os').cpu_count()} CPUs visible, median of {args.repeats} run(s)"
+        f"{os.cpu_count()} CPUs visible, median of {args.repeats} run(s)"
     )
     print()
     print(results_table(results))
@@ -346,7 +356,9 @@ def parent_main(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (packed: rows of max_length)")
@@ -354,7 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, nargs=2, default=[256, 768], metavar=("MIN", "MAX"))
     p.add_argument("--completion-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
-    p.add_argument("--rows", type=int, default=0, help="dataset rows (0: enough for every step, no 2nd epoch)")
+    p.add_argument(
+        "--rows", type=int, default=0, help="dataset rows (0: enough for every step, no 2nd epoch)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rows")
     p.add_argument("--model", default="builtin:tiny-32k")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
@@ -362,7 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the median is reported)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 timed steps, 1 warm-up, short rows")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--profile", help="directory: write a torch.profiler op table of the timed steps per config")
+    p.add_argument(
+        "--profile", help="directory: write a torch.profiler op table of the timed steps per config"
+    )
     p.add_argument("--verbose", action="store_true", help="show the children's stderr")
     # internal: a child runs one configuration
     p.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)

@@ -195,7 +195,9 @@ def run_child(argv: list[str], timeout: float | None = None, verbose: bool = Fal
         )
     if verbose:
         sys.stderr.write(proc.stderr[-4000:])
-        sys.stderr.write("\n".join(line for line in proc.stdout.splitlines() if not line.startswith(RESULT_PREFIX)))
+        sys.stderr.write(
+            "\n".join(line for line in proc.stdout.splitlines() if not line.startswith(RESULT_PREFIX))
+        )
     return Result.from_json(lines[-1][len(RESULT_PREFIX) :])
 
 
@@ -220,7 +222,15 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(results: list[Result]) -> str:
-    headers = ["config", "steps/s", "median step (s)", "tokens/step", "tokens/s", "peak RSS (GB)", "RSS at start (GB)"]
+    headers = [
+        "config",
+        "steps/s",
+        "median step (s)",
+        "tokens/step",
+        "tokens/s",
+        "peak RSS (GB)",
+        "RSS at start (GB)",
+    ]
     rows = [
         [
             r.name,
