@@ -304,3 +304,17 @@ def test_gradcheck_float64(kw: dict) -> None:
         return selected_logprobs(h, w, labels, bias=b, chunk_size=2, **kw).logps
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias), eps=1e-6, atol=1e-6)
+
+
+def test_extras_match_naive():
+    """Mean logit and log sum p^2 (DPO's logits metrics, WPO weights) against the full-logits path."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(9, 6), torch.randn(11, 6)
+    labels = torch.tensor([1, 2, -100, 3, 4, 5, 6, -100, 7])
+    kw = dict(temperature=0.7, softcap=3.0, with_extras=True)
+    chunked = selected_logprobs(hidden, weight, labels, chunk_size=4, **kw)
+    naive = naive_selected_logprobs(hidden, weight, labels, **kw)
+    torch.testing.assert_close(chunked.mean_logit, naive.mean_logit)
+    torch.testing.assert_close(chunked.log_sum_sq_probs, naive.log_sum_sq_probs)
+    z = torch.log_softmax(3.0 * torch.tanh(hidden @ weight.T / 3.0) / 0.7, -1)
+    assert abs(chunked.log_sum_sq_probs[0].item() - torch.log((z[0].exp() ** 2).sum()).item()) < 1e-5

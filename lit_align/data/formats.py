@@ -14,6 +14,7 @@ from lit_align.data.tokenize import (
     is_conversational,
     render_prompt,
     supports_assistant_mask,
+    tokenize_pair,
     tokenize_prompt_completion,
     tokenize_steps,
     tokenize_text,
@@ -122,7 +123,7 @@ class PreferenceDataModule(AlignDataModule):
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
         if prompt is None:
             prompt, chosen, rejected = extract_prompt(chosen, rejected)
-        seqs = [tokenize_prompt_completion(tokenizer, prompt, c, row) for c in (chosen, rejected)]
+        seqs = tokenize_pair(tokenizer, prompt, chosen, rejected, row)
         return seqs, ({"margin": float(row["margin"] or 0.0)} if "margin" in row else {})
 
 

@@ -112,6 +112,32 @@ def tokenize_prompt_completion(
     return seq
 
 
+def tokenize_pair(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | list[dict],
+    chosen: str | list[dict],
+    rejected: str | list[dict],
+    row: dict,
+) -> list[dict[str, list[int]]]:
+    """Prompt+chosen and prompt+rejected, their completions starting at the same token (TRL DPO:
+    the shorter of the two common prefixes with the tokenized prompt)."""
+    prompt_ids = render_prompt(tokenizer, prompt, row)
+    fulls = []
+    for completion in (chosen, rejected):
+        if is_conversational(prompt):
+            fulls.append(_chat(tokenizer, prompt + completion, row)["input_ids"])
+        else:
+            fulls.append(list(tokenizer(prompt + add_eos(completion, tokenizer))["input_ids"]))
+    n = min(common_prefix_length(prompt_ids, ids) for ids in fulls)
+    if n < len(prompt_ids):
+        warn_once(
+            "prefix",
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion; the completions start "
+            f"where they diverge and this end of the prompt is left out: {tokenizer.decode(prompt_ids[n:])!r}",
+        )
+    return [{"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)} for ids in fulls]
+
+
 def tokenize_steps(
     tokenizer: PreTrainedTokenizerBase,
     prompt: str,

@@ -22,6 +22,7 @@ class AlignModule(L.LightningModule):
     """Base class of the lit-align methods (not used directly)."""
 
     default_lr: ClassVar[float] = 1e-6
+    disable_dropout_default: ClassVar[bool] = True  # TRL: True for DPO/KTO/Reward/CPO/ORPO/OnlineDPO/GKD
 
     def __init__(
         self,
@@ -30,6 +31,7 @@ class AlignModule(L.LightningModule):
         attn_implementation: str | None = None,
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool | None = None,
         chunk_size: int = 1024,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -43,6 +45,8 @@ class AlignModule(L.LightningModule):
             peft: LoRA settings as ``peft.LoraConfig`` fields (for example ``{r: 16, lora_alpha: 32}``),
                 or None to train every weight.
             gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
+            disable_dropout: Set every dropout probability of the policy to 0 (None: the method's TRL
+                default, on for preference methods, off for SFT/GRPO/RLOO).
             chunk_size: Tokens per block of the chunked LM-head log-prob op (memory is ``chunk_size x vocab``).
             optimizer: Optimizer factory; default AdamW at the method's TRL learning rate, no weight decay.
             lr_scheduler: Scheduler factory, stepped every optimizer step; default constant.
@@ -55,6 +59,7 @@ class AlignModule(L.LightningModule):
         self.attn_implementation = attn_implementation
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
+        self.disable_dropout = self.disable_dropout_default if disable_dropout is None else disable_dropout
         self.chunk_size = chunk_size
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -70,6 +75,10 @@ class AlignModule(L.LightningModule):
 
     def build_policy(self) -> torch.nn.Module:
         model = load_causal_lm(self.model_name_or_path, self.dtype_name, self.attn_implementation)
+        if self.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -96,6 +105,20 @@ class AlignModule(L.LightningModule):
         if isinstance(scheduler, LinearWarmupDecay) and scheduler.total_steps is None:
             scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- steps -------------------------------------------------------------------------------
+    def shared_step(self, batch: Any, stage: str) -> Tensor:
+        """The loss of one batch, its metrics logged under ``<stage>/``; each method defines it."""
+        raise TypeError(f"{type(self).__name__} does not define shared_step")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.shared_step(batch, "test")
 
     # -- distributed bookkeeping ---------------------------------------------------------------
     @property

@@ -23,6 +23,7 @@ class SFT(AlignModule):
     """Supervised fine-tuning on language-modeling or prompt-completion data."""
 
     default_lr = 2e-5
+    disable_dropout_default = False
 
     def __init__(
         self,
@@ -62,7 +63,7 @@ class SFT(AlignModule):
             mask = mask & batch.assistant_mask
         return mask
 
-    def _shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
+    def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         mask = target_mask(batch, self.token_mask(batch))  # (R, T-1)
         stats, _ = target_logprobs(self.model, batch, mask, chunk_size=self.chunk_size)
         loss_sum = sft_loss_sum(stats.logps, self.loss_type)
@@ -90,12 +91,3 @@ class SFT(AlignModule):
         }
         self.log_metrics(metrics, stage, batch_size=batch.num_examples)
         return loss
-
-    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: SequenceBatch, batch_idx: int) -> None:
-        self._shared_step(batch, "test")

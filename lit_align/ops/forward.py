@@ -57,6 +57,7 @@ def target_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     with_accuracy: bool = True,
+    with_extras: bool = False,
 ) -> tuple[TokenStats, Tensor]:
     """Log-probs of the target tokens selected by ``mask`` ``(R, T-1)``.
 
@@ -72,6 +73,7 @@ def target_logprobs(
         chunk_size=chunk_size,
         with_entropy=with_entropy,
         with_accuracy=with_accuracy,
+        with_extras=with_extras,
         **lm_head_params(model),
     )
     return stats, batch.sequence_ids[:, 1:][mask]

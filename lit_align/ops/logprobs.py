@@ -42,6 +42,8 @@ class TokenStats:
     logps: torch.Tensor  # (N,) float32 (fp64 if inputs are), differentiable w.r.t. hidden, weight, bias
     entropy: torch.Tensor | None  # (N,) float32, detached (metrics only)
     correct: torch.Tensor | None  # (N,) bool, detached: argmax of logits == label
+    mean_logit: torch.Tensor | None = None  # (N,) float32, detached: mean_v z_v (DPO's logits/* metrics)
+    log_sum_sq_probs: torch.Tensor | None = None  # (N,) float32, detached: log sum_v p_v^2 (WPO weights)
 
 
 @dataclass(frozen=True)
@@ -96,20 +98,27 @@ def _forward_chunk(
     ignore_index: int,
     with_entropy: bool,
     with_accuracy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Return ``(logp, lse, entropy, correct)`` for one chunk; only one ``[C, V]`` fp32 block is live."""
+    with_extras: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """Return ``(logp, lse, entropy, correct, mean_logit, log_sum_sq_probs)`` for one chunk; only one
+    ``[C, V]`` fp32 block is live."""
     valid, safe = _safe_labels(labels, ignore_index)  # (C,), (C,)
     z, _ = tf.forward(F.linear(hidden, weight, bias))  # (C, V) fp32
     lse = torch.logsumexp(z, dim=-1)  # (C,) lse = log sum_v exp(z_v)
     logp = z.gather(1, safe[:, None]).squeeze(1) - lse  # (C,) logp = z_y - lse
     logp = logp.masked_fill(~valid, 0.0)  # (C,)
     correct = (z.argmax(dim=-1) == labels) & valid if with_accuracy else None  # (C,) argmax(z) == y
+    mean_logit = log_sum_sq = None
+    if with_extras:
+        mean_logit = z.mean(dim=-1).masked_fill(~valid, 0.0)  # (C,) mean_v z_v
+        # (C,) log sum_v p_v^2 = logsumexp(2 z) - 2 lse
+        log_sum_sq = (torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse).masked_fill(~valid, 0.0)
     entropy = None
     if with_entropy:
         p = (z - lse[:, None]).exp_()  # (C, V) p = softmax(z) = exp(z - lse)
         entropy = lse - p.mul_(z).sum(dim=-1)  # (C,) H = lse - sum_v p_v z_v
         entropy = entropy.masked_fill(~valid, 0.0)  # (C,)
-    return logp, lse, entropy, correct
+    return logp, lse, entropy, correct, mean_logit, log_sum_sq
 
 
 def _dlogits_chunk(
@@ -160,27 +169,33 @@ class _SelectedLogprobsFn(torch.autograd.Function):
         ignore_index: int,
         with_entropy: bool,
         with_accuracy: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        with_extras: bool,
+    ) -> tuple[torch.Tensor | None, ...]:
         n = hidden.shape[0]
         acc = {"dtype": _acc_dtype(hidden.dtype), "device": hidden.device}  # fp32 (fp64 for fp64)
         logps, lse = torch.empty(n, **acc), torch.empty(n, **acc)  # (N,), (N,)
         entropy = torch.empty(n, **acc) if with_entropy else None  # (N,)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device) if with_accuracy else None  # (N,)
+        extras = [torch.empty(n, **acc), torch.empty(n, **acc)] if with_extras else None  # (N,), (N,)
         with torch.autocast(hidden.device.type, enabled=False):  # the backward runs outside autocast too
             for s in range(0, n, chunk_size):
                 sl = slice(s, s + chunk_size)
                 out = _forward_chunk(
-                    hidden[sl], weight, bias, labels[sl], tf, ignore_index, with_entropy, with_accuracy
+                    hidden[sl], weight, bias, labels[sl], tf, ignore_index, with_entropy, with_accuracy, with_extras
                 )
                 logps[sl], lse[sl] = out[0], out[1]
                 if entropy is not None:
                     entropy[sl] = out[2]
                 if correct is not None:
                     correct[sl] = out[3]
+                if extras is not None:
+                    extras[0][sl], extras[1][sl] = out[4], out[5]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)  # no [N, V] tensor is saved
         ctx.tf, ctx.chunk_size, ctx.ignore_index = tf, chunk_size, ignore_index
-        ctx.mark_non_differentiable(*[t for t in (entropy, correct) if t is not None])
-        return logps, entropy, correct
+        mean_logit, log_sum_sq = extras if extras is not None else (None, None)
+        outputs = (entropy, correct, mean_logit, log_sum_sq)
+        ctx.mark_non_differentiable(*[t for t in outputs if t is not None])
+        return logps, *outputs
 
     @staticmethod
     @once_differentiable
@@ -205,7 +220,7 @@ class _SelectedLogprobsFn(torch.autograd.Function):
                 grad_bias.add_(dlogits.sum(dim=0))  # (V,) dL/db += sum_rows dlogits
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _check_args(
@@ -254,6 +269,7 @@ def selected_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     with_accuracy: bool = True,
+    with_extras: bool = False,
     ignore_index: int = -100,
 ) -> TokenStats:
     """Log-prob of each label under ``log_softmax(transform(hidden @ weight.T + bias))``, chunked.
@@ -262,21 +278,18 @@ def selected_logprobs(
     shape), ``weight`` is ``(V, H)`` in the same dtype. The matmul runs in the input dtype; everything after
     it in fp32. Never holds more than one ``[chunk_size, V]`` block of logits, in forward or backward.
     Labels equal to ``ignore_index`` give logp 0, entropy 0, correct False and no gradient.
+    ``with_extras`` also returns each token's mean logit and ``log sum_v p_v^2`` (detached).
     """
     _check_args(hidden, weight, labels, bias, temperature, softcap, chunk_size)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     tf = _LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_labels = labels.reshape(-1).long()  # (N,)
-    logps, entropy, correct = _SelectedLogprobsFn.apply(
-        flat_hidden, weight, bias, flat_labels, tf, chunk_size, ignore_index, with_entropy, with_accuracy
+    outputs = _SelectedLogprobsFn.apply(
+        flat_hidden, weight, bias, flat_labels, tf, chunk_size, ignore_index, with_entropy, with_accuracy, with_extras
     )
-    shape = labels.shape
-    return TokenStats(
-        logps=logps.view(shape),
-        entropy=entropy.view(shape) if entropy is not None else None,
-        correct=correct.view(shape) if correct is not None else None,
-    )
+    logps, entropy, correct, mean_logit, log_sum_sq = (t.view(labels.shape) if t is not None else None for t in outputs)
+    return TokenStats(logps, entropy, correct, mean_logit, log_sum_sq)
 
 
 def naive_selected_logprobs(
@@ -291,6 +304,7 @@ def naive_selected_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     with_accuracy: bool = True,
+    with_extras: bool = False,
     ignore_index: int = -100,
 ) -> TokenStats:
     """Reference for :func:`selected_logprobs`: full ``[N, V]`` fp32 logits and plain autograd.
@@ -313,4 +327,8 @@ def naive_selected_logprobs(
         entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~valid, 0.0).detach()  # (...)
     if with_accuracy:
         correct = ((z.argmax(-1) == labels) & valid).detach()  # (...)
-    return TokenStats(logps=logps, entropy=entropy, correct=correct)
+    mean_logit = log_sum_sq = None
+    if with_extras:
+        mean_logit = z.mean(-1).masked_fill(~valid, 0.0).detach()  # (...)
+        log_sum_sq = torch.log((logprobs.exp() ** 2).sum(-1)).masked_fill(~valid, 0.0).detach()  # (...)
+    return TokenStats(logps, entropy, correct, mean_logit, log_sum_sq)

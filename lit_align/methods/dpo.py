@@ -1,0 +1,132 @@
+"""Direct Preference Optimization and its variants (TRL ``DPOTrainer``, trl-methods.md §3).
+
+One forward over ``[chosen; rejected]`` (any layout: padded, packed or padding-free, which
+TRL turns off for DPO), the reference log-probs from :class:`ReferenceModule`, and the loss
+from ``lit_align.losses.dpo``: every TRL ``loss_type``, alone or as a weighted list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_align.losses.dpo import DPOLossType, FDivergence, PairLogps, check_dpo_config, dpo_loss
+from lit_align.methods.reference import ReferenceModule
+from lit_align.ops.packing import SequenceBatch
+from lit_align.ops.preference import SequenceLogps, sequence_logps
+
+
+class DPO(ReferenceModule):
+    """DPO on preference pairs (``PreferenceDataModule``)."""
+
+    default_lr = 1e-6
+
+    def __init__(
+        self,
+        *args: Any,
+        beta: float = 0.1,
+        loss_type: DPOLossType | list[DPOLossType] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        f_divergence_type: FDivergence = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        discopop_tau: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            beta: Strength of the KL constraint to the reference (tau for IPO).
+            loss_type: One of TRL's 15 loss types, or a list combined with ``loss_weights``
+                (RPO is ``[sigmoid, sft]``, MPO ``[sigmoid, bco_pair, sft]``).
+            loss_weights: One weight per loss type (default all 1).
+            label_smoothing: Label noise for ``robust``, ``exo_pair``'s epsilon, conservative DPO for ``sigmoid``/``aot``.
+            f_divergence_type: ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``.
+            f_alpha_divergence_coef: Alpha of ``alpha_divergence``.
+            ld_alpha: LD-DPO: weight of the completion tokens beyond the shorter completion's length.
+            use_weighting: WPO: weight each pair by the policy's probability of its completions.
+            discopop_tau: Temperature of the ``discopop`` loss.
+        """
+        super().__init__(*args, **kwargs)
+        check_dpo_config(loss_type, loss_weights, f_divergence_type, label_smoothing, use_weighting, ld_alpha)
+        self.beta = beta
+        self.loss_type = loss_type
+        self.loss_weights = loss_weights
+        self.label_smoothing = label_smoothing
+        self.f_divergence_type = f_divergence_type
+        self.f_alpha_divergence_coef = f_alpha_divergence_coef
+        self.ld_alpha = ld_alpha
+        self.use_weighting = use_weighting
+        self.discopop_tau = discopop_tau
+
+    def sequence_logps(self, model: torch.nn.Module, batch: SequenceBatch, with_extras: bool = False) -> SequenceLogps:
+        return sequence_logps(model, batch, ld_alpha=self.ld_alpha, with_extras=with_extras, chunk_size=self.chunk_size)
+
+    def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
+        policy = self.sequence_logps(self.model, batch, with_extras=True)
+        ref = self.reference_logps(batch)
+        e = batch.num_examples
+        chosen, rejected = slice(0, e), slice(e, 2 * e)
+        wpo = None
+        if self.use_weighting:  # WPO eq. 2: exp(mean_t(log p_t - log sum_v p_v^2)) per completion
+            w = torch.exp(policy.wpo_logps / policy.lengths.clamp(min=1))
+            wpo = w[chosen] * w[rejected]
+        pairs = PairLogps(
+            chosen=policy.logps[chosen],
+            rejected=policy.logps[rejected],
+            ref_chosen=ref[chosen],
+            ref_rejected=ref[rejected],
+            chosen_len=policy.lengths[chosen],
+            rejected_len=policy.lengths[rejected],
+            chosen_token_logps_mean=policy.plain_logps[chosen].sum() / policy.lengths[chosen].sum().clamp(min=1),
+            wpo_weight=wpo,
+        )
+        loss, metrics = dpo_loss(
+            pairs,
+            loss_type=self.loss_type,
+            loss_weights=self.loss_weights,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.discopop_tau,
+        )
+        metrics = {"loss": loss, **metrics}
+        self.log_metrics({**self.pair_means(metrics), **self.token_metrics(policy, batch, stage)}, stage, e)
+        return loss
+
+    def pair_means(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Batch means of per-pair metrics, averaged over devices (equal batch sizes, as TRL's gather)."""
+        names = list(metrics)
+        values = self.global_sum(torch.stack([metrics[n].detach().float() for n in names])) / self.world_size
+        return dict(zip(names, values))
+
+    def token_metrics(self, policy: SequenceLogps, batch: SequenceBatch, stage: str) -> dict[str, Tensor]:
+        """``logits/*`` (mean logit per completion token), ``mean_token_accuracy`` (chosen),
+        ``entropy`` (all completion tokens), ``num_tokens``; token-weighted over devices."""
+        e = batch.num_examples
+        sums = torch.stack(
+            [
+                policy.logits[:e].sum(),
+                policy.lengths[:e].sum(),
+                policy.logits[e:].sum(),
+                policy.lengths[e:].sum(),
+                policy.correct[:e].sum(),
+                policy.entropy.sum(),
+                policy.lengths.sum(),
+                torch.tensor(float(batch.num_tokens), device=policy.lengths.device),
+            ]
+        )
+        logit_c, n_c, logit_r, n_r, correct, entropy, n, tokens = self.global_sum(sums)
+        if stage == "train":
+            self.num_tokens_seen += int(tokens)
+        return {
+            "logits/chosen": logit_c / n_c.clamp(min=1),
+            "logits/rejected": logit_r / n_r.clamp(min=1),
+            "mean_token_accuracy": correct / n_c.clamp(min=1),
+            "entropy": entropy / n.clamp(min=1),
+            "num_tokens": float(self.num_tokens_seen) if stage == "train" else tokens,
+        }
