@@ -8,11 +8,17 @@ from lit_align.data.formats import (
     StepwiseDataModule,
     UnpairedPreferenceDataModule,
 )
+from lit_align.methods.cpo import CPO
+from lit_align.methods.dpo import DPO
+from lit_align.methods.orpo import ORPO
 from lit_align.methods.sft import SFT
 from lit_align.models.export import SaveHFModel
 from lit_align.optim import LinearWarmupDecay
 
 __all__ = [
+    "CPO",
+    "DPO",
+    "ORPO",
     "SFT",
     "LanguageModelingDataModule",
     "LinearWarmupDecay",

@@ -137,10 +137,14 @@ F_DIVERGENCES: dict[str, Callable[[Tensor, float], Tensor]] = {
 }
 
 
-def f_divergence_scores(logratios: Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+def f_divergence_scores(
+    logratios: Tensor, f_divergence_type: str = "reverse_kl", alpha: float = 0.5
+) -> Tensor:
     """Score ``s(u)`` of each log-ratio ``u`` (any shape) under ``f_divergence_type``."""
     if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}: expected one of {list(F_DIVERGENCES)}")
+        raise ValueError(
+            f"unknown f_divergence_type {f_divergence_type!r}: expected one of {list(F_DIVERGENCES)}"
+        )
     return F_DIVERGENCES[f_divergence_type](logratios, alpha)
 
 
@@ -286,7 +290,9 @@ def check_dpo_config(
             f"for {len(types)} loss types {types}"
         )
     if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}: expected one of {list(F_DIVERGENCES)}")
+        raise ValueError(
+            f"unknown f_divergence_type {f_divergence_type!r}: expected one of {list(F_DIVERGENCES)}"
+        )
     if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} is only supported for the loss types "
@@ -303,7 +309,8 @@ def check_dpo_config(
         )
     if "robust" in types and not 0.0 <= label_smoothing < 0.5:
         warnings.warn(  # TRL only warns
-            f"label_smoothing should lie in [0.0, 0.5) for the 'robust' loss; got {label_smoothing}", stacklevel=2
+            f"label_smoothing should lie in [0.0, 0.5) for the 'robust' loss; got {label_smoothing}",
+            stacklevel=2,
         )
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
         raise ValueError(f"ld_alpha must lie in [0.0, 1.0] (1.0: no LD-DPO weighting); got {ld_alpha}")
@@ -362,45 +369,3 @@ def dpo_loss(
 
 
 # --- per-target-token helpers (flat tokens with their sequence index, as ops.forward.target_logprobs) ---
-
-
-def positions_in_sequence(sequence_index: Tensor, num_sequences: int) -> Tensor:
-    """1-based rank ``(n,)`` of each target among its sequence's targets, in the given order."""
-    order = torch.argsort(sequence_index, stable=True)  # (n,) groups each sequence, keeping its order
-    counts = torch.bincount(sequence_index, minlength=num_sequences)  # (S,)
-    starts = torch.cumsum(counts, 0) - counts  # (S,) first slot of each sequence in `order`
-    ranks = torch.arange(sequence_index.numel(), device=sequence_index.device) - starts[sequence_index[order]]
-    return torch.empty_like(ranks).scatter_(0, order, ranks) + 1
-
-
-def ld_weights(sequence_index: Tensor, num_sequences: int, ld_alpha: float) -> Tensor:
-    """LD-DPO (Liu et al. 2024) per-target weights ``(n,)``: 1 up to the pair's shared length, ``ld_alpha`` after.
-
-    The shared length of pair ``i`` is ``min(len_c, len_r)`` in target tokens; TRL computes
-    ``logps = sum_{pos<=shared} lp + ld_alpha * sum_{pos>shared} lp`` for policy and reference alike,
-    so the weighted log-prob is ``sequence_sum(w * lp)``.
-    """
-    lengths = torch.bincount(sequence_index, minlength=num_sequences)  # (2E,)
-    num_pairs = num_sequences // 2
-    shared = torch.minimum(lengths[:num_pairs], lengths[num_pairs:]).repeat(2)  # (2E,)
-    inside = positions_in_sequence(sequence_index, num_sequences) <= shared[sequence_index]  # (n,)
-    one = torch.ones((), dtype=torch.get_default_dtype(), device=sequence_index.device)
-    return torch.where(inside, one, one * ld_alpha)
-
-
-def wpo_weights(
-    token_logps: Tensor, token_log_sum_sq_probs: Tensor, sequence_index: Tensor, num_sequences: int
-) -> Tensor:
-    """WPO pair weights ``(E,)`` = w_c * w_r, no grad (Zhou et al. 2024, Eq. 2, TRL's variant).
-
-    ``w_s = exp(mean_t [log p(y_t) - log sum_v p_v^2])`` over the targets of sequence ``s``: the
-    sequence's length-normalised probability relative to the policy's own (greedy-like) sampling,
-    from the unweighted per-token ``token_logps`` and ``token_log_sum_sq_probs`` ``(n,)``.
-    """
-    with torch.no_grad():
-        aligned = token_logps - token_log_sum_sq_probs  # (n,)
-        sums = aligned.new_zeros(num_sequences).index_add(0, sequence_index, aligned)  # (2E,)
-        lengths = torch.bincount(sequence_index, minlength=num_sequences).clamp_min(1)  # (2E,)
-        weights = torch.exp(sums / lengths)  # (2E,)
-        num_pairs = num_sequences // 2
-        return weights[:num_pairs] * weights[num_pairs:]

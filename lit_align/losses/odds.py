@@ -32,7 +32,9 @@ CPOLossType = Literal["sigmoid", "hinge", "ipo", "simpo", "alphapo"]
 
 def _smoothed_sigmoid(logits: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
     """CPO paper Eq. 3 with conservative label smoothing: -(1-eps) ls(b z) - eps ls(-b z)."""
-    return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    return (
+        -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    )
 
 
 def _simpo(logits: Tensor, beta: float, label_smoothing: float, gamma: float) -> Tensor:
@@ -107,7 +109,9 @@ def cpo_loss(
         chosen_logps, rejected_logps = chosen_logps / chosen_len, rejected_logps / rejected_len  # (E,)
     chosen_rewards = alphapo_reward(chosen_logps, alpha)  # (E,)
     rejected_rewards = alphapo_reward(rejected_logps, alpha)
-    losses = CPO_LOSSES[loss_type](chosen_rewards - rejected_rewards, beta, label_smoothing, simpo_gamma)  # (E,)
+    losses = CPO_LOSSES[loss_type](
+        chosen_rewards - rejected_rewards, beta, label_smoothing, simpo_gamma
+    )  # (E,)
 
     # TRL skips the NLL forward entirely when its weight is 0 and logs nll_loss = 0
     nll = torch.zeros((), dtype=losses.dtype, device=losses.device) if cpo_alpha == 0 else chosen_nll

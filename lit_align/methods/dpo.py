@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lit_align.losses.dpo import DPOLossType, FDivergence, PairLogps, check_dpo_config, dpo_loss
+from lit_align.methods.preference import preference_metrics
 from lit_align.methods.reference import ReferenceModule
 from lit_align.ops.packing import SequenceBatch
 from lit_align.ops.preference import SequenceLogps, sequence_logps
@@ -63,17 +64,16 @@ class DPO(ReferenceModule):
         self.discopop_tau = discopop_tau
 
     def sequence_logps(self, model: torch.nn.Module, batch: SequenceBatch, with_extras: bool = False) -> SequenceLogps:
-        return sequence_logps(model, batch, ld_alpha=self.ld_alpha, with_extras=with_extras, chunk_size=self.chunk_size)
+        wpo = self.use_weighting and with_extras  # the policy's pass only; the reference needs no weights
+        return sequence_logps(
+            model, batch, ld_alpha=self.ld_alpha, with_extras=with_extras, wpo=wpo, chunk_size=self.chunk_size
+        )
 
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         policy = self.sequence_logps(self.model, batch, with_extras=True)
         ref = self.reference_logps(batch)
         e = batch.num_examples
         chosen, rejected = slice(0, e), slice(e, 2 * e)
-        wpo = None
-        if self.use_weighting:  # WPO eq. 2: exp(mean_t(log p_t - log sum_v p_v^2)) per completion
-            w = torch.exp(policy.wpo_logps / policy.lengths.clamp(min=1))
-            wpo = w[chosen] * w[rejected]
         pairs = PairLogps(
             chosen=policy.logps[chosen],
             rejected=policy.logps[rejected],
@@ -82,7 +82,7 @@ class DPO(ReferenceModule):
             chosen_len=policy.lengths[chosen],
             rejected_len=policy.lengths[rejected],
             chosen_token_logps_mean=policy.plain_logps[chosen].sum() / policy.lengths[chosen].sum().clamp(min=1),
-            wpo_weight=wpo,
+            wpo_weight=policy.wpo_weight,
         )
         loss, metrics = dpo_loss(
             pairs,
@@ -94,39 +94,5 @@ class DPO(ReferenceModule):
             f_alpha_divergence_coef=self.f_alpha_divergence_coef,
             discopop_tau=self.discopop_tau,
         )
-        metrics = {"loss": loss, **metrics}
-        self.log_metrics({**self.pair_means(metrics), **self.token_metrics(policy, batch, stage)}, stage, e)
+        self.log_metrics(preference_metrics(self, policy, batch, stage, {"loss": loss, **metrics}), stage, e)
         return loss
-
-    def pair_means(self, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Batch means of per-pair metrics, averaged over devices (equal batch sizes, as TRL's gather)."""
-        names = list(metrics)
-        values = self.global_sum(torch.stack([metrics[n].detach().float() for n in names])) / self.world_size
-        return dict(zip(names, values))
-
-    def token_metrics(self, policy: SequenceLogps, batch: SequenceBatch, stage: str) -> dict[str, Tensor]:
-        """``logits/*`` (mean logit per completion token), ``mean_token_accuracy`` (chosen),
-        ``entropy`` (all completion tokens), ``num_tokens``; token-weighted over devices."""
-        e = batch.num_examples
-        sums = torch.stack(
-            [
-                policy.logits[:e].sum(),
-                policy.lengths[:e].sum(),
-                policy.logits[e:].sum(),
-                policy.lengths[e:].sum(),
-                policy.correct[:e].sum(),
-                policy.entropy.sum(),
-                policy.lengths.sum(),
-                torch.tensor(float(batch.num_tokens), device=policy.lengths.device),
-            ]
-        )
-        logit_c, n_c, logit_r, n_r, correct, entropy, n, tokens = self.global_sum(sums)
-        if stage == "train":
-            self.num_tokens_seen += int(tokens)
-        return {
-            "logits/chosen": logit_c / n_c.clamp(min=1),
-            "logits/rejected": logit_r / n_r.clamp(min=1),
-            "mean_token_accuracy": correct / n_c.clamp(min=1),
-            "entropy": entropy / n.clamp(min=1),
-            "num_tokens": float(self.num_tokens_seen) if stage == "train" else tokens,
-        }

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lit_align.ops.forward import target_logprobs, target_mask
+from lit_align.ops.forward import sequence_sum, target_logprobs, target_mask
+from lit_align.ops.logprobs import TokenStats
 from lit_align.ops.packing import SequenceBatch
 
 
@@ -26,29 +27,51 @@ class SequenceLogps:
     entropy: Tensor  # summed token entropies (detached)
     correct: Tensor  # top-1 hits (detached)
     logits: Tensor | None = None  # summed per-token mean logits (detached)
-    wpo_logps: Tensor | None = None  # summed log p - log sum p^2 (detached; WPO weights)
+    wpo_weight: Tensor | None = None  # (E,) WPO pair weights w_c * w_r (detached), when asked
+    nll_logps: Tensor | None = None  # summed log-probs over the ``nll_mask`` targets, differentiable
+    nll_lengths: Tensor | None = None  # number of ``nll_mask`` targets per sequence
 
 
 def positions_in_sequence(sequence_index: Tensor, num_sequences: int) -> Tensor:
-    """1-based position of each target within its sequence's completion, ``(n,)``.
+    """1-based rank ``(n,)`` of each target among its sequence's targets, in the given order."""
+    order = torch.argsort(sequence_index, stable=True)  # (n,) groups each sequence, keeping its order
+    counts = torch.bincount(sequence_index, minlength=num_sequences)  # (S,)
+    starts = torch.cumsum(counts, 0) - counts  # (S,) first slot of each sequence in `order`
+    ranks = torch.arange(sequence_index.numel(), device=sequence_index.device) - starts[sequence_index[order]]
+    return torch.empty_like(ranks).scatter_(0, order, ranks) + 1
 
-    Targets of one sequence are contiguous in row-major order, whatever the layout.
+
+def ld_weights(sequence_index: Tensor, num_sequences: int, ld_alpha: float) -> Tensor:
+    """LD-DPO (Liu et al. 2024) per-target weights ``(n,)``: 1 up to the pair's shared length, ``ld_alpha`` after.
+
+    The shared length of pair ``i`` is ``min(len_c, len_r)`` in target tokens; TRL computes
+    ``logps = sum_{pos<=shared} lp + ld_alpha * sum_{pos>shared} lp`` for policy and reference alike,
+    so the weighted log-prob is ``sequence_sum(w * lp)``.
     """
-    n = sequence_index.numel()
-    order = torch.arange(n, device=sequence_index.device)
-    first = torch.full((num_sequences,), n, device=sequence_index.device, dtype=torch.long)
-    first = first.scatter_reduce(0, sequence_index, order, reduce="amin")  # (S,) first target of each sequence
-    return order - first[sequence_index] + 1
+    lengths = torch.bincount(sequence_index, minlength=num_sequences)  # (2E,)
+    num_pairs = num_sequences // 2
+    shared = torch.minimum(lengths[:num_pairs], lengths[num_pairs:]).repeat(2)  # (2E,)
+    inside = positions_in_sequence(sequence_index, num_sequences) <= shared[sequence_index]  # (n,)
+    one = torch.ones((), dtype=torch.get_default_dtype(), device=sequence_index.device)
+    return torch.where(inside, one, one * ld_alpha)
 
 
-def ld_token_weights(sequence_index: Tensor, lengths: Tensor, ld_alpha: float) -> Tensor:
-    """LD-DPO (Liu et al. 2024): weight 1 on the first ``min(len_c, len_r)`` completion tokens of
-    each sequence of a pair and ``ld_alpha`` on the tail beyond it, ``(n,)``."""
-    pairs = lengths.numel() // 2
-    shared = torch.minimum(lengths[:pairs], lengths[pairs:]).repeat(2)  # (S,) shared length of the pair
-    pos = positions_in_sequence(sequence_index, lengths.numel())  # (n,)
-    weights = torch.ones(pos.shape, dtype=lengths.dtype, device=pos.device)
-    return weights.masked_fill(pos > shared[sequence_index], ld_alpha)
+def wpo_weights(
+    token_logps: Tensor, token_log_sum_sq_probs: Tensor, sequence_index: Tensor, num_sequences: int
+) -> Tensor:
+    """WPO pair weights ``(E,)`` = w_c * w_r, no grad (Zhou et al. 2024, Eq. 2, TRL's variant).
+
+    ``w_s = exp(mean_t [log p(y_t) - log sum_v p_v^2])`` over the targets of sequence ``s``: the
+    sequence's length-normalised probability relative to the policy's own (greedy-like) sampling,
+    from the unweighted per-token ``token_logps`` and ``token_log_sum_sq_probs`` ``(n,)``.
+    """
+    with torch.no_grad():
+        aligned = token_logps - token_log_sum_sq_probs  # (n,)
+        sums = aligned.new_zeros(num_sequences).index_add(0, sequence_index, aligned)  # (2E,)
+        lengths = torch.bincount(sequence_index, minlength=num_sequences).clamp_min(1)  # (2E,)
+        weights = torch.exp(sums / lengths)  # (2E,)
+        num_pairs = num_sequences // 2
+        return weights[:num_pairs] * weights[num_pairs:]
 
 
 def sequence_logps(
@@ -57,25 +80,42 @@ def sequence_logps(
     *,
     ld_alpha: float | None = None,
     with_extras: bool = False,
+    wpo: bool = False,
+    nll_mask: Tensor | None = None,
     chunk_size: int = 1024,
 ) -> SequenceLogps:
-    """Completion log-probs of every sequence of ``batch`` in one forward."""
-    mask = target_mask(batch, batch.completion_mask)  # (R, T-1)
-    stats, seq = target_logprobs(model, batch, mask, chunk_size=chunk_size, with_extras=with_extras)
+    """Completion log-probs of every sequence of ``batch`` in one forward.
+
+    ``with_extras``: also the mean logits; ``wpo``: also WPO's pair weights; ``ld_alpha``:
+    LD-DPO weighted sums; ``nll_mask`` ``(R, T)``: more target tokens (ORPO's NLL covers the
+    prompt too), summed separately into ``nll_logps``/``nll_lengths``.
+    """
+    completion = batch.completion_mask
+    mask = target_mask(batch, completion if nll_mask is None else completion | nll_mask)  # (R, T-1)
+    stats, seq = target_logprobs(model, batch, mask, chunk_size=chunk_size, with_extras=with_extras or wpo)
     s = batch.num_sequences
-
-    def total(values: Tensor) -> Tensor:
-        return values.new_zeros(s).index_add(0, seq, values)
-
-    lengths = total(torch.ones_like(stats.logps.detach()))
-    token_logps = stats.logps * ld_token_weights(seq, lengths, ld_alpha) if ld_alpha is not None else None
-    plain = total(stats.logps)
+    nll_sums = None
+    if nll_mask is not None:  # targets beyond the completions: sum them apart, then keep completions only
+        nll_sums = (
+            sequence_sum(stats.logps * nll_mask[:, 1:][mask], seq, s),
+            sequence_sum(nll_mask[:, 1:][mask].float(), seq, s),
+        )
+        keep = completion[:, 1:][mask]  # (n,)
+        stats = TokenStats(*(t[keep] if t is not None else None for t in vars(stats).values()))
+        seq = seq[keep]
+    lengths = sequence_sum(torch.ones_like(stats.logps.detach()), seq, s)
+    plain = sequence_sum(stats.logps, seq, s)
+    weighted = None
+    if ld_alpha is not None:
+        weighted = sequence_sum(stats.logps * ld_weights(seq, s, ld_alpha).to(stats.logps.dtype), seq, s)
     return SequenceLogps(
-        logps=total(token_logps) if ld_alpha is not None else plain,
+        logps=plain if weighted is None else weighted,
         plain_logps=plain,
         lengths=lengths,
-        entropy=total(stats.entropy),
-        correct=total(stats.correct.float()),
-        logits=total(stats.mean_logit) if with_extras else None,
-        wpo_logps=total(stats.logps.detach() - stats.log_sum_sq_probs) if with_extras else None,
+        entropy=sequence_sum(stats.entropy, seq, s),
+        correct=sequence_sum(stats.correct.float(), seq, s),
+        logits=sequence_sum(stats.mean_logit, seq, s) if with_extras else None,
+        wpo_weight=wpo_weights(stats.logps, stats.log_sum_sq_probs, seq, s) if wpo else None,
+        nll_logps=nll_sums[0] if nll_sums else None,
+        nll_lengths=nll_sums[1] if nll_sums else None,
     )

@@ -1,0 +1,77 @@
+"""Contrastive Preference Optimization, with SimPO and AlphaPO (TRL ``trl.experimental.cpo``, §8).
+
+Reference-free: ``mean_i L(beta * (r_c - r_r)) + cpo_alpha * NLL(chosen)``, ``r`` the summed
+completion log-probs (per-token averages for ``ipo``/``simpo``), shaped by AlphaPO's ``alpha``.
+SimPO is ``loss_type="simpo"`` with ``cpo_alpha=0``; ``alphapo`` is SimPO with ``alpha``.
+Departure from TRL: ``logits/*`` average the logits of completion tokens, as DPO's do (TRL's
+CPO averages every position of the padded batch, padding included).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import Tensor
+
+from lit_align.losses.odds import CPO_LOSSES, CPOLossType, cpo_loss
+from lit_align.methods.base import AlignModule
+from lit_align.methods.preference import preference_metrics
+from lit_align.ops.packing import SequenceBatch
+from lit_align.ops.preference import sequence_logps
+
+
+class CPO(AlignModule):
+    """CPO / SimPO / AlphaPO on preference pairs (``PreferenceDataModule``)."""
+
+    default_lr = 1e-6
+
+    def __init__(
+        self,
+        *args: Any,
+        beta: float = 0.1,
+        loss_type: CPOLossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        cpo_alpha: float = 1.0,
+        simpo_gamma: float = 0.5,
+        alpha: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            beta: Temperature of the preference term.
+            loss_type: ``sigmoid`` (CPO), ``hinge``, ``ipo``, ``simpo`` or ``alphapo`` (SimPO with ``alpha``).
+            label_smoothing: Conservative label noise for ``sigmoid``/``simpo``.
+            cpo_alpha: Weight of the NLL on the chosen completions (set 0 for pure SimPO; ``alphapo`` forces 0).
+            simpo_gamma: SimPO's target reward margin.
+            alpha: AlphaPO's reward shape ``(1 - p^-alpha) / alpha`` (0: log-probs as they are).
+        """
+        super().__init__(*args, **kwargs)
+        if loss_type not in (*CPO_LOSSES, "alphapo"):
+            raise ValueError(f"unknown CPO loss_type {loss_type!r}: expected one of {[*CPO_LOSSES, 'alphapo']}")
+        if loss_type in ("hinge", "ipo") and label_smoothing > 0:
+            warnings.warn(f"label_smoothing has no effect with loss_type={loss_type!r}", stacklevel=2)
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.cpo_alpha = cpo_alpha
+        self.simpo_gamma = simpo_gamma
+        self.alpha = alpha
+
+    def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
+        policy = sequence_logps(self.model, batch, with_extras=True, chunk_size=self.chunk_size)
+        e = batch.num_examples
+        loss, metrics = cpo_loss(
+            policy.logps[:e],
+            policy.logps[e:],
+            policy.lengths[:e],
+            policy.lengths[e:],
+            loss_type=self.loss_type,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            simpo_gamma=self.simpo_gamma,
+            cpo_alpha=self.cpo_alpha,
+            alpha=self.alpha,
+        )
+        self.log_metrics(preference_metrics(self, policy, batch, stage, {"loss": loss, **metrics}), stage, e)
+        return loss

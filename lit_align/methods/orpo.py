@@ -1,0 +1,44 @@
+"""Odds Ratio Preference Optimization (TRL ``trl.experimental.orpo``, trl-methods.md §9).
+
+Reference-free, single stage: ``NLL(chosen sequence) - beta * mean_i log sigma(log_odds_i)``
+with the odds of the per-token average log-probs of chosen and rejected (Hong et al. 2024).
+As TRL, the NLL covers the whole chosen sequence, prompt included; one forward gives both
+terms (the LM head runs over the chosen prompts and all completions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from lit_align.losses.odds import orpo_loss
+from lit_align.methods.base import AlignModule
+from lit_align.methods.preference import preference_metrics
+from lit_align.ops.packing import SequenceBatch
+from lit_align.ops.preference import sequence_logps
+
+
+class ORPO(AlignModule):
+    """ORPO on preference pairs (``PreferenceDataModule``)."""
+
+    default_lr = 1e-6
+
+    def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
+        """
+        Args:
+            beta: The paper's lambda, the weight of the odds-ratio term.
+        """
+        super().__init__(*args, **kwargs)
+        self.beta = beta
+
+    def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
+        e = batch.num_examples
+        chosen_tokens = (batch.sequence_ids >= 0) & (batch.sequence_ids < e)  # (R, T) whole chosen sequences
+        policy = sequence_logps(self.model, batch, with_extras=True, nll_mask=chosen_tokens, chunk_size=self.chunk_size)
+        nll = -policy.nll_logps.sum() / policy.nll_lengths.sum().clamp(min=1)
+        loss, metrics = orpo_loss(
+            policy.logps[:e], policy.logps[e:], policy.lengths[:e], policy.lengths[e:], nll, beta=self.beta
+        )
+        self.log_metrics(preference_metrics(self, policy, batch, stage, {"loss": loss, **metrics}), stage, e)
+        return loss
