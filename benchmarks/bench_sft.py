@@ -234,11 +234,8 @@ def child_main(args: argparse.Namespace) -> None:
     offline_env()
     set_threads(args.threads)
     framework, description, overrides = CONFIGS[args.child]
-    load_before = os.getloadavg()[0]
     out = (run_trl if framework == "trl" else run_lit)(args, overrides)
     clock: StepClock = out["clock"]
-    # The 1-minute load average before and after: above the thread count, another process shared the CPUs.
-    out["extra"]["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     if len(clock.times) != args.warmup + args.steps:
         raise RuntimeError(
             f"{args.child}: recorded {len(clock.times)} steps, expected {args.warmup + args.steps}"
@@ -329,7 +326,8 @@ def parent_main(args: argparse.Namespace) -> None:
                 runs[name].append(result)
                 print(
                     f"    {result.steps_per_s:.3f} steps/s, {result.tokens_per_s:.0f} tokens/s, "
-                    f"peak RSS {result.peak_rss_gb:.2f} GB, load average {result.extra.get('loadavg')}",
+                    f"peak RSS {result.peak_rss_gb:.2f} GB; other processes kept "
+                    f"{result.extra['other_cpus_busy']:.2f} CPUs busy meanwhile",
                     flush=True,
                 )
     results = [median_result(runs[name]) for name in args.configs]

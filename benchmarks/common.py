@@ -178,8 +178,22 @@ def emit(result: Result) -> None:
     print(RESULT_PREFIX + result.to_json(), flush=True)
 
 
+def _cpu_busy_seconds() -> float:
+    """CPU time spent busy by the whole machine since boot (all CPUs, from ``/proc/stat``)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(argv: list[str], timeout: float | None = None, verbose: bool = False) -> Result:
-    """Run ``python argv...`` in a fresh process and parse the :class:`Result` it emits."""
+    """Run ``python argv...`` in a fresh process and parse the :class:`Result` it emits.
+
+    Also records how many CPUs *other* processes kept busy meanwhile (machine busy time minus the
+    child's own CPU time, per second of wall time) in ``extra["other_cpus_busy"]``: on a shared
+    machine, a run with a high value was slowed down by someone else and should be repeated.
+    """
+    busy0, child0, wall0 = _cpu_busy_seconds(), _children_cpu_seconds(), time.perf_counter()
     proc = subprocess.run(
         [sys.executable, *argv],
         capture_output=True,
@@ -193,12 +207,22 @@ def run_child(argv: list[str], timeout: float | None = None, verbose: bool = Fal
             f"child {' '.join(argv)} failed (exit {proc.returncode}):\n"
             f"--- stdout (tail) ---\n{proc.stdout[-3000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
         )
+    wall = time.perf_counter() - wall0
+    others = (_cpu_busy_seconds() - busy0) - (_children_cpu_seconds() - child0)
+    result = Result.from_json(lines[-1][len(RESULT_PREFIX) :])
+    result.extra["other_cpus_busy"] = round(max(others, 0.0) / wall, 2)
     if verbose:
         sys.stderr.write(proc.stderr[-4000:])
         sys.stderr.write(
             "\n".join(line for line in proc.stdout.splitlines() if not line.startswith(RESULT_PREFIX))
         )
-    return Result.from_json(lines[-1][len(RESULT_PREFIX) :])
+    return result
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of this process's finished children (user + system)."""
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 def median_result(results: list[Result]) -> Result:
@@ -230,6 +254,7 @@ def results_table(results: list[Result]) -> str:
         "tokens/s",
         "peak RSS (GB)",
         "RSS at start (GB)",
+        "other CPUs busy",
     ]
     rows = [
         [
@@ -240,6 +265,7 @@ def results_table(results: list[Result]) -> str:
             _fmt(r.tokens_per_s, 0),
             _fmt(r.peak_rss_gb, 2),
             _fmt(r.rss_start_gb, 2),
+            _fmt(r.extra.get("other_cpus_busy", float("nan")), 2),
         ]
         for r in results
     ]
