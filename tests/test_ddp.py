@@ -8,19 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).with_name("ddp_sft.py")
+SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-def run(devices: int, out: Path) -> dict:
-    subprocess.run([sys.executable, str(SCRIPT), str(devices), str(out)], check=True, timeout=600, capture_output=True)
+def run(method: str, devices: int, out: Path) -> dict:
+    subprocess.run([sys.executable, str(SCRIPT), method, str(devices), str(out)], check=True, timeout=600, capture_output=True)
     return json.loads(out.read_text())
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tmp_path):
-    one = run(1, tmp_path / "one.json")
-    two = run(2, tmp_path / "two.json")
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_ddp_two_processes_match_one(method, tmp_path):
+    one = run(method, 1, tmp_path / "one.json")
+    two = run(method, 2, tmp_path / "two.json")
     assert len(one["losses"]) == len(two["losses"]) == 2
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
+    for step, metrics in enumerate(one["metrics"]):  # every logged metric is the global one
+        for name, value in metrics.items():
+            assert two["metrics"][step][name] == pytest.approx(value, abs=1e-5, rel=1e-5), name
     for name, w in one["weights"].items():
         torch.testing.assert_close(torch.tensor(two["weights"][name]), torch.tensor(w), atol=1e-5, rtol=1e-4, msg=name)

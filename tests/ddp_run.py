@@ -1,4 +1,4 @@
-"""Run SFT for two steps on one or two CPU processes and dump per-step losses and final weights.
+"""Run a method for two steps on one or two CPU processes and dump per-step losses, metrics and weights.
 
 Launched by tests/test_ddp.py as a plain script: Lightning's ``ddp`` strategy re-executes
 ``sys.argv`` for the second rank, which must be this script, not pytest.
@@ -13,23 +13,27 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_align import SFT, PromptCompletionDataModule  # noqa: E402
+from lit_align import DPO, SFT, PreferenceDataModule, PromptCompletionDataModule  # noqa: E402
+
+METHODS = {"sft": (SFT, PromptCompletionDataModule), "dpo": (DPO, PreferenceDataModule)}
 
 
 class Record(L.Callback):
     def __init__(self):
-        self.losses = []
+        self.losses, self.metrics = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
 
-def main(devices: int, out: str) -> None:
+def main(method: str, devices: int, out: str) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     global_batch = 8
-    module = SFT(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
-    data = PromptCompletionDataModule(
+    module_cls, data_cls = METHODS[method]
+    module = module_cls(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
+    data = data_cls(
         "builtin:arithmetic?size=32", batch_size=global_batch // devices, shuffle=False, group_by_length=False
     )
     record = Record()
@@ -42,8 +46,8 @@ def main(devices: int, out: str) -> None:
     if trainer.is_global_zero:
         weights = {k: v.flatten()[:50].tolist() for k, v in module.model.state_dict().items()}
         with open(out, "w") as f:
-            json.dump({"losses": record.losses, "weights": weights}, f)
+            json.dump({"losses": record.losses, "metrics": record.metrics, "weights": weights}, f)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
