@@ -17,3 +17,14 @@ def test_sft_in_lightning(tmp_path):
     metrics = load("sft_in_lightning").main(max_steps=4, out_dir=str(tmp_path))
     assert "train/loss" in metrics and "val/loss" in metrics
     assert (tmp_path / "hf_model" / "config.json").exists()
+
+
+def test_sft_then_dpo(tmp_path):
+    metrics = load("sft_then_dpo").main(sft_steps=3, dpo_steps=3, out_dir=str(tmp_path))
+    assert "train/rewards/accuracies" in metrics
+    assert (tmp_path / "dpo" / "config.json").exists()
+
+
+def test_orpo_single_stage(tmp_path):
+    metrics = load("orpo_single_stage").main(steps=3, out_dir=str(tmp_path))
+    assert "train/log_odds_ratio" in metrics and "val/nll_loss" in metrics

@@ -296,14 +296,18 @@ def _assert_metrics(ours: dict[str, float], theirs: dict[str, float], names) -> 
 
 
 class _StepLosses(L.Callback):
+    """The loss of every step, and what the step logged (``trainer.callback_metrics``)."""
+
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.metrics: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def _fit(module, data: PreferenceDataModule, steps: int) -> list[float]:
+def _fit(module, data: PreferenceDataModule, steps: int) -> _StepLosses:
     record = _StepLosses()
     L.Trainer(
         max_steps=steps,
@@ -318,7 +322,7 @@ def _fit(module, data: PreferenceDataModule, steps: int) -> list[float]:
         enable_model_summary=False,
         callbacks=[record],
     ).fit(module, data)
-    return record.losses
+    return record
 
 
 def _adamw(params):
@@ -617,6 +621,7 @@ def test_dpo_precomputed_reference_matches_live(
     live.model.train()
     with torch.no_grad():
         live_loss = live.compute_loss(live.model, _dpo_batch(live)).item()
+    live_metrics = {k: v[-1] for k, v in live._metrics["train"].items()}
     pre = _trl_dpo(
         policy_dir, rows, tmp_path / "trl_pre", ref_dir=ref_dir, precompute_ref_log_probs=True, **config
     )
@@ -642,9 +647,13 @@ def test_dpo_precomputed_reference_matches_live(
         **config,
     )
     data = _lit_data(rows, tmp_path / "pre")
-    losses = _fit(module, data, steps=1)
+    record = _fit(module, data, steps=1)
     assert module.ref_model is None  # no reference in memory during training
-    assert losses[0] == _approx(live_loss)
+    assert record.losses[0] == _approx(live_loss)
+    # what a real Trainer gets logged, under train/<TRL name>
+    logged = {k.removeprefix("train/"): v for k, v in record.metrics[0].items()}
+    assert logged["loss"] == _approx(live_loss)
+    _assert_metrics(logged, live_metrics, DPO_METRICS)
     cached = list((tmp_path / "cache" / "ref_logps").glob("*.pt"))
     assert len(cached) == 1
     values = torch.tensor(torch.load(cached[0]))  # (E, 2): chosen, rejected per pair
@@ -661,7 +670,7 @@ def test_dpo_precomputed_reference_matches_live(
 @pytest.mark.parametrize("method", ["dpo", "cpo", "orpo"])
 def test_three_adamw_steps_match_trl(method: str, model_dir: str, tmp_path) -> None:
     """Three different batches taken in order by both sides; DPO with each side's default reference (a
-    copy loaded from the policy's path): the first loss is log 2, the next two are not."""
+    copy loaded from the policy's path): the log-ratios are 0 at the first step only."""
     steps = 3
     rows = _rows("standard", steps * BATCH)
     trainer_cls, config_cls, module_cls, config = {
@@ -673,7 +682,7 @@ def test_three_adamw_steps_match_trl(method: str, model_dir: str, tmp_path) -> N
     trainer.train()
 
     module = module_cls(MODEL, optimizer=_adamw, **config)
-    losses = _fit(module, _lit_data(rows, tmp_path), steps)
+    losses = _fit(module, _lit_data(rows, tmp_path), steps).losses
 
     assert len(trainer.recorded_losses) == len(losses) == steps
     assert losses == pytest.approx(trainer.recorded_losses, abs=1e-4)
