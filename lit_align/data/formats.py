@@ -84,6 +84,9 @@ def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
 
     Message lists split at the first differing message; strings at the first differing
     character, stepping back over one space so the completion keeps its leading space.
+    Departs from TRL in two edge cases where TRL's loop index misfires: when one completion is
+    a prefix of the other (TRL cuts one character early: ``"Yes"``/``"Yes, because"`` gives it
+    the prompt ``"Ye"``) and when the very first character differs (TRL's ``idx - 1`` wraps).
     """
     n = 0
     for a, b in zip(chosen, rejected):

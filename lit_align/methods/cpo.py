@@ -3,8 +3,10 @@
 Reference-free: ``mean_i L(beta * (r_c - r_r)) + cpo_alpha * NLL(chosen)``, ``r`` the summed
 completion log-probs (per-token averages for ``ipo``/``simpo``), shaped by AlphaPO's ``alpha``.
 SimPO is ``loss_type="simpo"`` with ``cpo_alpha=0``; ``alphapo`` is SimPO with ``alpha``.
-Departure from TRL: ``logits/*`` average the logits of completion tokens, as DPO's do (TRL's
-CPO averages every position of the padded batch, padding included).
+Departures from TRL: ``logits/*`` average the logits of completion tokens, as DPO's do (TRL's
+CPO averages every position of the padded batch, padding included); conversational rows are
+tokenized as DPO's, so they do not get the second EOS that TRL's legacy CPO pipeline appends
+after the chat template's closing newline.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class DPO(ReferenceModule):
             loss_type: One of TRL's 15 loss types, or a list combined with ``loss_weights``
                 (RPO is ``[sigmoid, sft]``, MPO ``[sigmoid, bco_pair, sft]``).
             loss_weights: One weight per loss type (default all 1).
-            label_smoothing: Label noise for ``robust``, ``exo_pair``'s epsilon, conservative DPO for ``sigmoid``/``aot``.
+            label_smoothing: Label noise for ``robust`` and ``aot``/``aot_unpaired``, epsilon of ``exo_pair``
+                (``sigmoid`` ignores it, as in TRL 1.16).
             f_divergence_type: ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence`` or ``alpha_divergence``.
             f_alpha_divergence_coef: Alpha of ``alpha_divergence``.
             ld_alpha: LD-DPO: weight of the completion tokens beyond the shorter completion's length.

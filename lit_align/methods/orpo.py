@@ -3,7 +3,9 @@
 Reference-free, single stage: ``NLL(chosen sequence) - beta * mean_i log sigma(log_odds_i)``
 with the odds of the per-token average log-probs of chosen and rejected (Hong et al. 2024).
 As TRL, the NLL covers the whole chosen sequence, prompt included; one forward gives both
-terms (the LM head runs over the chosen prompts and all completions).
+terms (the LM head runs over the chosen prompts and all completions). Departures from TRL:
+``logits/*`` as DPO's (completion tokens only); conversational rows get no second EOS after the
+chat template's closing newline (TRL's legacy ORPO pipeline appends one).
 """
 
 from __future__ import annotations

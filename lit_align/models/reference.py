@@ -13,8 +13,12 @@ from lit_align.models.loading import load_causal_lm
 
 
 def frozen_copy(name_or_path: str, dtype: str, attn_implementation: str | None) -> nn.Module:
-    """A reference policy: loaded like the policy, in eval mode, without gradients."""
+    """A reference policy: loaded like the policy, dropout off (also if someone calls ``.train()``
+    on the module), in eval mode, without gradients."""
     model = load_causal_lm(name_or_path, dtype, attn_implementation)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
     return model.requires_grad_(False).eval()
 
 
