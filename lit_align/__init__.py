@@ -8,17 +8,25 @@ from lit_align.data.formats import (
     StepwiseDataModule,
     UnpairedPreferenceDataModule,
 )
+from lit_align.methods.bco import BCO
 from lit_align.methods.cpo import CPO
 from lit_align.methods.dpo import DPO
+from lit_align.methods.kto import KTO
 from lit_align.methods.orpo import ORPO
+from lit_align.methods.prm import PRM
+from lit_align.methods.reward import RewardModel
 from lit_align.methods.sft import SFT
 from lit_align.models.export import SaveHFModel
 from lit_align.optim import LinearWarmupDecay
 
 __all__ = [
+    "BCO",
     "CPO",
     "DPO",
+    "KTO",
     "ORPO",
+    "PRM",
+    "RewardModel",
     "SFT",
     "LanguageModelingDataModule",
     "LinearWarmupDecay",

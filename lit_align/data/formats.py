@@ -134,16 +134,32 @@ class UnpairedPreferenceDataModule(AlignDataModule):
     """``prompt``, ``completion``, ``label`` (a boolean: desirable or not).
 
     Preference pairs (``chosen``/``rejected``) are unpaired on the fly, each pair giving a
-    desirable and an undesirable row, as TRL's ``unpair_preference_dataset`` does.
+    desirable and an undesirable row, as TRL's ``unpair_preference_dataset`` does. For KTO each
+    row also carries a *mismatched* sequence, its prompt followed by the previous row's
+    completion (sequence ``E + i`` of a batch), from which the KL term is estimated.
     """
 
     format = "unpaired_preference"
     columns = [Column("prompt", TEXT_OR_CHAT), Column("completion", TEXT_OR_CHAT), Column("label", ("bool",))]
 
+    def __init__(self, *args: Any, kl_pairs: bool | None = None, **kwargs: Any) -> None:
+        """
+        Args:
+            kl_pairs: Add the mismatched (KL) sequences. None: when the module being trained asks
+                for them (KTO with ``loss_type="kto"``).
+        """
+        super().__init__(*args, **kwargs)
+        self.kl_pairs = kl_pairs
+
     def _prepare(self, ds, label, tokenizer):
         if "label" not in ds.column_names and {"chosen", "rejected"} <= set(ds.column_names):
             ds = ds.map(_unpair, batched=True, remove_columns=ds.column_names, desc="Unpairing preferences")
-        return super()._prepare(ds, label, tokenizer)
+        ds = super()._prepare(ds, label, tokenizer)
+        wants = self.kl_pairs
+        if wants is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            wants = bool(getattr(module, "needs_kl_pairs", False))
+        return add_kl_sequences(ds, self.max_length) if wants else ds
 
     def check_row_values(self, row: dict, index: int, label: str) -> None:
         check_same_form(row, index, ["prompt", "completion"], label)
@@ -152,6 +168,32 @@ class UnpairedPreferenceDataModule(AlignDataModule):
         return [tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row)], {
             "label": bool(row["label"])
         }
+
+
+def add_kl_sequences(ds: datasets.Dataset, max_length: int | None) -> datasets.Dataset:
+    """Give row ``i`` a second sequence: its prompt and row ``i - 1``'s completion (KTO's KL pairs).
+
+    TRL rotates completions by one within each block of ``per_device_train_batch_size`` rows
+    and then forces sequential sampling so blocks stay batches; rotating over the whole dataset
+    gives every row the same kind of mismatched pair, fixed per row (so reference log-probs can
+    be precomputed) and independent of the order batches are drawn in. On one block of rows the
+    two constructions are identical.
+    """
+    ids, masks = ds["input_ids"], ds["completion_mask"]
+    n = len(ds)
+    kl_ids, kl_masks = [], []
+    for i in range(n):
+        start = masks[i][0].index(1) if 1 in masks[i][0] else len(masks[i][0])  # where the completion starts
+        prev_ids, prev_mask = ids[i - 1][0], masks[i - 1][0]
+        prev_start = prev_mask.index(1) if 1 in prev_mask else len(prev_mask)
+        seq = ids[i][0][:start] + prev_ids[prev_start:]
+        mask = [0] * start + [1] * (len(prev_ids) - prev_start)
+        cut = slice(None, max_length)
+        kl_ids.append([ids[i][0], seq[cut]])
+        kl_masks.append([masks[i][0], mask[cut]])
+    lengths = [sum(len(s) for s in pair) for pair in kl_ids]
+    ds = ds.remove_columns(["input_ids", "completion_mask", "length"])
+    return ds.add_column("input_ids", kl_ids).add_column("completion_mask", kl_masks).add_column("length", lengths)
 
 
 def _unpair(batch: dict[str, list]) -> dict[str, list]:

@@ -23,6 +23,7 @@ class AlignModule(L.LightningModule):
 
     default_lr: ClassVar[float] = 1e-6
     disable_dropout_default: ClassVar[bool] = True  # TRL: True for DPO/KTO/Reward/CPO/ORPO/OnlineDPO/GKD
+    peft_task_type: ClassVar[str] = "CAUSAL_LM"
 
     def __init__(
         self,
@@ -73,8 +74,12 @@ class AlignModule(L.LightningModule):
             return
         self.model = self.build_policy()
 
+    def load_model(self) -> torch.nn.Module:
+        """The trained network before LoRA (a causal LM; reward models override it)."""
+        return load_causal_lm(self.model_name_or_path, self.dtype_name, self.attn_implementation)
+
     def build_policy(self) -> torch.nn.Module:
-        model = load_causal_lm(self.model_name_or_path, self.dtype_name, self.attn_implementation)
+        model = self.load_model()
         if self.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -85,7 +90,7 @@ class AlignModule(L.LightningModule):
         if self.peft is not None:
             if self.gradient_checkpointing:
                 model.enable_input_require_grads()
-            model = apply_lora(model, self.peft)
+            model = apply_lora(model, self.peft, self.peft_task_type)
         return model.train()  # from_pretrained returns eval mode; dropout is the model's own choice
 
     @property
@@ -127,9 +132,13 @@ class AlignModule(L.LightningModule):
 
     def global_sum(self, values: Tensor) -> Tensor:
         """Sum a tensor of statistics over all devices (one collective for all of them)."""
+        return self.global_reduce(values, "sum")
+
+    def global_reduce(self, values: Tensor, op: str) -> Tensor:
+        """Reduce over all devices with ``op``: ``sum``, ``min`` or ``max``."""
         if self.world_size == 1:
             return values
-        return self.trainer.strategy.reduce(values.clone(), reduce_op="sum")
+        return self.trainer.strategy.reduce(values.clone(), reduce_op=op)
 
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Tensor | float], stage: str, batch_size: int) -> None:

@@ -63,16 +63,19 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
 
 
-def apply_lora(model: PreTrainedModel, peft: dict[str, Any]) -> Any:
+def apply_lora(model: PreTrainedModel, peft: dict[str, Any], task_type: str = "CAUSAL_LM") -> Any:
     """Wrap ``model`` with LoRA adapters from a plain dict of ``peft.LoraConfig`` fields.
 
     Defaults follow TRL's ModelConfig (r=16, alpha=32, dropout 0.05, all linear layers but the
     LM head). A LoRA on the LM head is rejected: the chunked log-prob op reads its weight directly.
+    Classifiers (``SEQ_CLS``, ``TOKEN_CLS``) train their fresh ``score`` head in full, as TRL advises.
     """
     from peft import LoraConfig, get_peft_model
 
     settings = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", **peft}
-    settings.setdefault("task_type", "CAUSAL_LM")
+    settings.setdefault("task_type", task_type)
+    if task_type != "CAUSAL_LM":
+        settings.setdefault("modules_to_save", ["score"])
     targets = settings.get("target_modules")
     if isinstance(targets, (list, tuple)) and "lm_head" in targets:
         raise ValueError("peft.target_modules may not include 'lm_head': train it with modules_to_save instead")

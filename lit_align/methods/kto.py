@@ -1,0 +1,143 @@
+"""Kahneman-Tversky Optimization (TRL ``KTOTrainer``, trl-methods.md §4).
+
+Unpaired feedback: each completion is desirable or not. With ``r = log pi(y|x) - log pi_ref(y|x)``
+and ``z`` the batch estimate of KL(pi || pi_ref) from mismatched pairs (prompt ``x_i`` with
+completion ``y_{i-1}``; averaged over devices, clamped at 0, detached):
+``L_d = 1 - sigmoid(beta (r - z))``, ``L_u = 1 - sigmoid(beta (z - r))`` (``kto``), or
+``apo_zero_unpaired`` without ``z``. One forward covers the rows and their KL pairs; the KL
+pairs carry no gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_align.losses.kto import (
+    KL_LOSS_TYPES,
+    KTO_LOSSES,
+    UNPAIRED_SUM_KEYS,
+    KTOLossType,
+    check_kto_weights,
+    clamp_kl,
+    kl_estimate,
+    kto_loss,
+    unpaired_metric_values,
+)
+from lit_align.methods.reference import ReferenceModule
+from lit_align.ops.packing import SequenceBatch
+from lit_align.ops.preference import SequenceLogps
+
+
+class KTO(ReferenceModule):
+    """KTO on unpaired feedback (``UnpairedPreferenceDataModule``; preference pairs are unpaired)."""
+
+    default_lr = 1e-6
+
+    def __init__(
+        self,
+        *args: Any,
+        beta: float = 0.1,
+        loss_type: KTOLossType = "kto",
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            beta: Strength of the KL constraint to the reference.
+            loss_type: ``kto`` or ``apo_zero_unpaired`` (no KL term).
+            desirable_weight: Weight of the desirable rows' losses.
+            undesirable_weight: Weight of the undesirable rows' losses. Eq. 8 of the paper asks
+                ``desirable_weight * n_desirable / (undesirable_weight * n_undesirable)`` in [1, 4/3];
+                a warning says so at the start of training, as TRL's.
+        """
+        super().__init__(*args, **kwargs)
+        if loss_type not in KTO_LOSSES:
+            raise ValueError(f"unknown KTO loss_type {loss_type!r}: expected one of {list(KTO_LOSSES)}")
+        self.beta = beta
+        self.loss_type = loss_type
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+
+    @property
+    def needs_kl_pairs(self) -> bool:
+        """Read by ``UnpairedPreferenceDataModule`` to add the mismatched sequences."""
+        return self.loss_type in KL_LOSS_TYPES
+
+    def on_fit_start(self) -> None:
+        check_unpaired_labels(self.trainer.datamodule, type(self).__name__)
+        labels = self.trainer.datamodule.datasets["train"]["label"]
+        message = check_kto_weights(sum(labels), len(labels) - sum(labels), self.desirable_weight, self.undesirable_weight)
+        if message:
+            warnings.warn(message, stacklevel=2)
+        super().on_fit_start()
+
+    def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
+        e = batch.num_examples
+        if self.needs_kl_pairs and batch.num_sequences != 2 * e:
+            raise ValueError("loss_type='kto' needs the KL pairs: use UnpairedPreferenceDataModule (kl_pairs=None or True)")
+        policy = self.sequence_logps(self.model, batch, with_extras=True)
+        ref = self.reference_logps(batch)
+        kl = None
+        if self.needs_kl_pairs:  # z: mean over devices of each device's batch mean, clamped, no gradient
+            kl = clamp_kl(self.global_sum(kl_estimate(policy.logps[e:].detach(), ref[e:])) / self.world_size)
+        loss, sums = kto_loss(
+            policy.logps[:e], ref[:e], batch.labels, kl, loss_type=self.loss_type, beta=self.beta,
+            desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+        )
+        metrics = unpaired_metrics(self, policy, batch, sums, loss, stage)
+        metrics["kl"] = sums["kl"]
+        self.log_metrics(metrics, stage, e)
+        return loss
+
+
+def check_unpaired_labels(datamodule, owner: str) -> None:
+    """Both kinds of feedback must be present: a reward shift cannot be learned from one class."""
+    if datamodule is None or "train" not in getattr(datamodule, "datasets", {}):
+        return
+    labels = datamodule.datasets["train"]["label"]
+    if all(labels) or not any(labels):
+        kind = "desirable" if labels and labels[0] else "undesirable"
+        raise ValueError(
+            f"{owner} needs both desirable and undesirable rows, but every one of the {len(labels)} training "
+            f"rows of {datamodule.dataset_name_or_path} is {kind} (column 'label' is all {bool(labels and labels[0])})"
+        )
+
+
+def unpaired_metrics(module, policy: SequenceLogps, batch: SequenceBatch, sums, loss, stage) -> dict[str, Tensor | float]:
+    """TRL's unpaired metrics from sums and counts over devices: ``rewards/*``, ``logps/*``,
+    ``logits/chosen|rejected`` (mean logit per completion token of each class), ``entropy``,
+    ``num_tokens``, and the loss averaged over devices."""
+    e = batch.num_examples
+    desirable = batch.labels.to(policy.logits.device)
+    token_sums = torch.stack(
+        [
+            policy.logits[:e][desirable].sum(),
+            policy.lengths[:e][desirable].sum(),
+            policy.logits[:e][~desirable].sum(),
+            policy.lengths[:e][~desirable].sum(),
+            policy.entropy[:e].sum(),
+            policy.lengths[:e].sum(),
+            torch.tensor(float(batch.num_tokens), device=desirable.device),
+            loss.detach() / module.world_size,
+        ]
+    )
+    totals = module.global_sum(torch.cat([torch.stack([sums[k] for k in UNPAIRED_SUM_KEYS]), token_sums]))
+    values = unpaired_metric_values(dict(zip(UNPAIRED_SUM_KEYS, totals[: len(UNPAIRED_SUM_KEYS)])))
+    logit_c, n_c, logit_r, n_r, entropy, n, tokens, loss_mean = totals[len(UNPAIRED_SUM_KEYS) :]
+    if stage == "train":
+        module.num_tokens_seen += int(tokens)
+    if n_c > 0:
+        values["logits/chosen"] = logit_c / n_c
+    if n_r > 0:
+        values["logits/rejected"] = logit_r / n_r
+    return {
+        "loss": loss_mean,
+        **values,
+        "entropy": entropy / n.clamp(min=1),
+        "num_tokens": float(module.num_tokens_seen) if stage == "train" else tokens,
+    }

@@ -1,0 +1,57 @@
+"""A reward model as a reward function: scores (prompt, completion) pairs with a Hugging Face
+sequence-classification directory, such as one written by ``lit_align.RewardModel``."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_align.data.base import collate_examples
+from lit_align.data.tokenize import add_eos, is_conversational
+
+
+class RewardModelScorer:
+    """``scorer(prompts, completions) -> list[float]``, TRL's reward-function signature.
+
+    Rows are tokenized as the reward model was trained (``RewardModel`` on a
+    ``PreferenceDataModule``): the chat template over prompt + completion for conversations,
+    ``prompt + completion + EOS`` for text; the reward is the head on the last token.
+
+    Args:
+        name_or_path: A sequence-classification model directory (or ``builtin:tiny`` for tests).
+        batch_size: Rows per forward.
+        device: Where to run it (default: CUDA if available).
+        dtype: Weights dtype.
+    """
+
+    def __init__(self, name_or_path: str, batch_size: int = 16, device: str | None = None, dtype: str = "float32"):
+        from lit_align.models.heads import load_classifier
+        from lit_align.models.loading import load_tokenizer
+
+        self.__name__ = f"reward_model:{name_or_path}"  # reward functions are reported by name
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_classifier(name_or_path, "sequence", 1, dtype).to(self.device).eval()
+        self.tokenizer = load_tokenizer(name_or_path)
+        self.batch_size = batch_size
+
+    def tokenize(self, prompt, completion) -> list[int]:
+        if is_conversational(prompt):
+            return list(self.tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"])
+        return list(self.tokenizer(prompt + add_eos(completion, self.tokenizer))["input_ids"])
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        from lit_align.ops.heads import sequence_scores
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        scores: list[float] = []
+        for start in range(0, len(prompts), self.batch_size):
+            items = []
+            for p, c in zip(prompts[start : start + self.batch_size], completions[start : start + self.batch_size]):
+                ids = self.tokenize(p, c)
+                items.append({"input_ids": [ids], "completion_mask": [[1] * len(ids)]})
+            batch = collate_examples(items, pad, "padded", None)
+            batch = type(batch)(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.to_dict().items()})
+            scores += sequence_scores(self.model, batch)[:, 0].float().cpu().tolist()
+        return scores
