@@ -13,9 +13,22 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_align import DPO, SFT, PreferenceDataModule, PromptCompletionDataModule  # noqa: E402
+from lit_align import (  # noqa: E402
+    BCO,
+    DPO,
+    KTO,
+    SFT,
+    PreferenceDataModule,
+    PromptCompletionDataModule,
+    UnpairedPreferenceDataModule,
+)
 
-METHODS = {"sft": (SFT, PromptCompletionDataModule), "dpo": (DPO, PreferenceDataModule)}
+METHODS = {
+    "sft": (SFT, PromptCompletionDataModule),
+    "dpo": (DPO, PreferenceDataModule),
+    "kto": (KTO, UnpairedPreferenceDataModule),
+    "bco": (BCO, UnpairedPreferenceDataModule),
+}
 
 
 class Record(L.Callback):

