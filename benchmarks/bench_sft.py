@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -40,9 +41,9 @@ from common import (  # noqa: E402
     Result,
     StepClock,
     emit,
-    median_result,
     offline_env,
     peak_rss_gb,
+    pick_result,
     ratio_table,
     read_jsonl,
     results_table,
@@ -314,8 +315,6 @@ def child_argv(args: argparse.Namespace, name: str) -> list[str]:
 
 
 def parent_main(args: argparse.Namespace) -> None:
-    import json
-
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         prepare(args, Path(tmp))
         runs: dict[str, list[Result]] = {name: [] for name in args.configs}
@@ -330,13 +329,28 @@ def parent_main(args: argparse.Namespace) -> None:
                     f"{result.extra['other_cpus_busy']:.2f} CPUs busy meanwhile",
                     flush=True,
                 )
-    results = [median_result(runs[name]) for name in args.configs]
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "model_dir", "child", "report")}
+    settings["cpu_count"] = os.cpu_count()
+    if args.json:
+        payload = {
+            "args": settings,
+            "runs": {n: [json.loads(r.to_json()) for r in rs] for n, rs in runs.items()},
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    report(settings, runs, args.pick)
+    if args.json:
+        print(f"\nwrote {args.json}")
 
+
+def report(settings: dict, runs: dict[str, list[Result]], pick: str) -> None:
+    """Print the results table and the lit-align / TRL ratios."""
+    results = [pick_result(rs, pick) for rs in runs.values()]
+    s = settings
     print()
     print(
-        f"SFT, {args.model}, fp32, batch size {args.batch_size}, max_length {args.max_length}, lr {args.lr}, "
-        f"{args.steps} timed steps after {args.warmup} warm-up, torch threads {args.threads}, "
-        f"{os.cpu_count()} CPUs visible, median of {args.repeats} run(s)"
+        f"SFT, {s['model']}, fp32, batch size {s['batch_size']}, max_length {s['max_length']}, lr {s['lr']}, "
+        f"{s['steps']} timed steps after {s['warmup']} warm-up, torch threads {s['threads']}, "
+        f"{s['cpu_count']} CPUs; {pick} of {s['repeats']} run(s) per configuration"
     )
     print()
     print(results_table(results))
@@ -346,11 +360,12 @@ def parent_main(args: argparse.Namespace) -> None:
     if table:
         print()
         print(table)
-    if args.json:
-        payload = {"args": {k: v for k, v in vars(args).items() if k not in ("data", "model_dir")}}
-        payload["results"] = [json.loads(r.to_json()) for r in results]
-        Path(args.json).write_text(json.dumps(payload, indent=2))
-        print(f"\nwrote {args.json}")
+
+
+def report_main(args: argparse.Namespace) -> None:
+    payload = json.loads(Path(args.report).read_text())
+    runs = {name: [Result(**r) for r in rs] for name, rs in payload["runs"].items()}
+    report(payload["args"], runs, args.pick)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -371,9 +386,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="builtin:tiny-32k")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=sorted(CONFIGS))
-    p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the median is reported)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration (round-robin; see --pick)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 timed steps, 1 warm-up, short rows")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", help="also write every run to this JSON file")
+    p.add_argument("--report", help="print the tables of a JSON file written by --json, run nothing")
+    p.add_argument(
+        "--pick",
+        choices=["quiet-median", "quietest", "median"],
+        default="quiet-median",
+        help="which of --repeats runs to report (see common.pick_result): the median of the runs other\n"
+        "processes disturbed least, the least disturbed one, or the median of all",
+    )
     p.add_argument(
         "--profile", help="directory: write a torch.profiler op table of the timed steps per config"
     )
@@ -393,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         child_main(args)
+    elif args.report:
+        report_main(args)
     else:
         parent_main(args)
 

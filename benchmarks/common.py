@@ -225,10 +225,23 @@ def _children_cpu_seconds() -> float:
     return t.children_user + t.children_system
 
 
-def median_result(results: list[Result]) -> Result:
-    """Of several runs of one configuration, the one with the median tokens/s."""
+def pick_result(results: list[Result], how: str = "quiet-median", slack: float = 0.05) -> Result:
+    """One run of several of a configuration.
+
+    - ``quiet-median``: the median (by tokens/s) of the quiet runs, those during which other
+      processes kept at most ``slack`` more CPUs busy than during the quietest one;
+    - ``quietest``: the run other processes disturbed least (the first of equals);
+    - ``median``: the median of all runs.
+    """
+    busy = [r.extra.get("other_cpus_busy", 0.0) for r in results]
+    if how == "quietest":
+        return results[busy.index(min(busy))]
+    if how == "quiet-median":
+        results = [r for r, b in zip(results, busy) if b <= min(busy) + slack]
+    elif how != "median":
+        raise ValueError(f"unknown pick {how!r}: expected 'quiet-median', 'quietest' or 'median'")
     ranked = sorted(results, key=lambda r: r.tokens_per_s)
-    return ranked[len(ranked) // 2]
+    return ranked[(len(ranked) - 1) // 2]
 
 
 # --------------------------------------------------------------------------- tables

