@@ -16,7 +16,7 @@ Where this departs from TRL 1.16:
   saved output is modified). Here both work; every other value is TRL's.
 - ``check_dpo_config`` raises upfront for an unknown ``loss_type``/``f_divergence_type`` (TRL: at the
   first step) and for ``ld_alpha`` outside [0, 1] (TRL documents the range but does not check it);
-  ``use_weighting`` with ``aot*`` raises ``ValueError`` (TRL: ``NotImplementedError``); the robust
+  ``use_weighting`` with ``aot*`` raises ``ValueError`` (TRL raises a not-implemented error); the robust
   range is a warning, as in TRL.
 """
 
