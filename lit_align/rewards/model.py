@@ -4,6 +4,7 @@ sequence-classification directory, such as one written by ``lit_align.RewardMode
 from __future__ import annotations
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lit_align.data.base import collate_examples
 from lit_align.data.tokenize import add_eos, is_conversational
@@ -51,7 +52,6 @@ class RewardModelScorer:
             for p, c in zip(prompts[start : start + self.batch_size], completions[start : start + self.batch_size]):
                 ids = self.tokenize(p, c)
                 items.append({"input_ids": [ids], "completion_mask": [[1] * len(ids)]})
-            batch = collate_examples(items, pad, "padded", None)
-            batch = type(batch)(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.to_dict().items()})
+            batch = move_data_to_device(collate_examples(items, pad, "padded", None), self.device)
             scores += sequence_scores(self.model, batch)[:, 0].float().cpu().tolist()
         return scores
