@@ -11,21 +11,28 @@ from lit_align.data.formats import (
 from lit_align.methods.bco import BCO
 from lit_align.methods.cpo import CPO
 from lit_align.methods.dpo import DPO
+from lit_align.methods.grpo import GRPO
 from lit_align.methods.kto import KTO
 from lit_align.methods.orpo import ORPO
+from lit_align.methods.ppo import PPO
 from lit_align.methods.prm import PRM
 from lit_align.methods.reward import RewardModel
+from lit_align.methods.rloo import RLOO
 from lit_align.methods.sft import SFT
 from lit_align.models.export import SaveHFModel
 from lit_align.optim import LinearWarmupDecay
+from lit_align.rollout.callback import RolloutCallback
 
 __all__ = [
     "BCO",
     "CPO",
     "DPO",
+    "GRPO",
     "KTO",
     "ORPO",
+    "PPO",
     "PRM",
+    "RLOO",
     "RewardModel",
     "SFT",
     "LanguageModelingDataModule",
@@ -33,6 +40,7 @@ __all__ = [
     "PreferenceDataModule",
     "PromptCompletionDataModule",
     "PromptOnlyDataModule",
+    "RolloutCallback",
     "SaveHFModel",
     "StepwiseDataModule",
     "UnpairedPreferenceDataModule",

@@ -240,10 +240,12 @@ class AlignDataModule(L.LightningDataModule, ABC):
         if name not in self.datasets:
             self.setup()
         ds = self.datasets[name]
-        batch_size = self.batch_size if train else self.eval_batch_size
+        batch_size = self.loader_batch_size(train)
         if train:
             lengths = ds["length"] if self.group_by_length else [0] * len(ds)
-            sampler = ShardedSampler(lengths, batch_size, self.shuffle, self.group_by_length, self.seed)
+            sampler = ShardedSampler(
+                lengths, batch_size, self.shuffle, self.group_by_length, self.seed, repeat_batches=self.batch_repeats()
+            )
         else:
             sampler = SequentialSampler(ds)
         return DataLoader(
@@ -254,6 +256,14 @@ class AlignDataModule(L.LightningDataModule, ABC):
             num_workers=self.num_workers,
             drop_last=False,
         )
+
+    def loader_batch_size(self, train: bool) -> int:
+        """Examples per loader batch (prompt-only data counts completions and divides)."""
+        return self.batch_size if train else self.eval_batch_size
+
+    def batch_repeats(self) -> int:
+        """How many consecutive steps see each training batch (online methods reuse rollouts)."""
+        return 1
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -250,7 +250,9 @@ class StepwiseDataModule(AlignDataModule):
 class PromptOnlyDataModule(AlignDataModule):
     """``prompt`` plus any extra columns, which reach reward functions as keyword arguments.
 
-    Batches hold left-padded prompt ids for generation (:class:`PromptBatch`).
+    Batches hold left-padded prompt ids for generation (:class:`PromptBatch`). Trained with an
+    online method, ``batch_size`` counts completions (TRL's rule): a batch has
+    ``batch_size / num_generations`` prompts, each repeated ``num_iterations`` steps in a row.
     """
 
     format = "prompt_only"
@@ -273,6 +275,25 @@ class PromptOnlyDataModule(AlignDataModule):
     def collate(self, items: list[dict]) -> PromptBatch:
         return collate_prompts(items, self._pad_id())
 
+    def _module(self):
+        return self.trainer.lightning_module if self.trainer is not None else None
+
+    def loader_batch_size(self, train: bool) -> int:
+        """``batch_size`` counts completions, as TRL's ``per_device_train_batch_size`` does: a
+        batch holds ``batch_size / num_generations`` prompts of the module being trained."""
+        size = super().loader_batch_size(train)
+        G = getattr(self._module(), "num_generations", 1)
+        if size % G:
+            name = "batch_size" if train else "eval_batch_size"
+            raise ValueError(
+                f"{type(self).__name__}: {name}={size} counts completions and must be divisible by "
+                f"num_generations={G} (each prompt gets {G} completions); use for example {name}={G * max(1, size // G)}"
+            )
+        return size // G
+
+    def batch_repeats(self) -> int:
+        return getattr(self._module(), "num_iterations", 1)
+
 
 @dataclass
 class PromptBatch:
@@ -282,6 +303,7 @@ class PromptBatch:
     prompt_mask: torch.Tensor  # (E, P) long, 0 on padding
     prompts: list  # the raw prompts (strings or message lists)
     extras: dict[str, list] = field(default_factory=dict)  # extra columns, for reward functions
+    rollout: Any = None  # set by the rollout callback before training_step (a lit_align.rollout.Rollout)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -5,6 +5,8 @@ otherwise wrap a custom sampler in a *shuffling* distributed wrapper, undoing th
 grouping, and swap a sequential one for a shuffled one. Rank ``r`` of ``W`` takes
 positions ``r, r+W, r+2W, ...`` of one global order, so the ``W`` local batches of a step
 together are exactly the global batch one process would see with ``batch_size * W``.
+Online methods that reuse a rollout for several steps (``num_iterations``) get each
+batch ``repeat_batches`` times in a row.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ShardedSampler(DistributedSampler):
         group_by_length: bool = True,
         seed: int = 0,
         mega_batch_factor: int = 50,
+        repeat_batches: int = 1,
     ) -> None:
         # DistributedSampler.__init__ is skipped on purpose: rank and world size are read
         # when iterating, after the strategy has set up the process group.
@@ -38,6 +41,9 @@ class ShardedSampler(DistributedSampler):
         self.group_by_length = group_by_length
         self.seed = seed
         self.mega_batch_factor = mega_batch_factor
+        if repeat_batches < 1:
+            raise ValueError(f"repeat_batches must be >= 1, got {repeat_batches}")
+        self.repeat_batches = repeat_batches
         self.epoch = 0
 
     @staticmethod
@@ -49,9 +55,15 @@ class ShardedSampler(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def _per_rank(self) -> int:
         world, _ = self._world()
         return -(-len(self.lengths) // world)
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        if self.repeat_batches == 1:
+            return n
+        return n // self.batch_size * self.batch_size * self.repeat_batches
 
     def global_order(self) -> list[int]:
         n = len(self.lengths)
@@ -68,5 +80,12 @@ class ShardedSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         world, rank = self._world()
         order = self.global_order()
-        order += order[: len(self) * world - len(order)]  # pad so every rank gets as many (as DistributedSampler)
-        return iter(order[rank::world])
+        order += order[: self._per_rank() * world - len(order)]  # pad so every rank gets as many (as DistributedSampler)
+        mine = order[rank::world]
+        if self.repeat_batches == 1:
+            return iter(mine)
+        # Each whole batch k times in a row (an incomplete last batch is dropped: repeated, it would
+        # merge with its own copy into one batch of the loader).
+        size = self.batch_size
+        batches = [mine[s : s + size] for s in range(0, len(mine) - size + 1, size)]
+        return iter([i for b in batches for _ in range(self.repeat_batches) for i in b])

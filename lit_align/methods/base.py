@@ -24,6 +24,8 @@ class AlignModule(L.LightningModule):
     default_lr: ClassVar[float] = 1e-6
     disable_dropout_default: ClassVar[bool] = True  # TRL: True for DPO/KTO/Reward/CPO/ORPO/OnlineDPO/GKD
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    # Frozen models loaded from their own path (reference, teacher): kept out of checkpoints.
+    frozen_submodules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class AlignModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
         self.num_tokens_seen = 0
+        self.strict_loading = not self.frozen_submodules  # checkpoints hold no frozen weights
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -155,6 +158,11 @@ class AlignModule(L.LightningModule):
                 batch_size=batch_size,
                 sync_dist=False,
             )
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        state = super().state_dict(*args, **kwargs)
+        skip = tuple(kwargs.get("prefix", "") + name + "." for name in self.frozen_submodules)
+        return {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_align"] = {"num_tokens_seen": self.num_tokens_seen}

@@ -36,6 +36,8 @@ def cache_dir() -> Path:
 class ReferenceModule(AlignModule):
     """Base of methods with a reference model (not used directly)."""
 
+    frozen_submodules = ("ref_model",)
+
     def __init__(
         self,
         *args: Any,
@@ -72,7 +74,6 @@ class ReferenceModule(AlignModule):
         self.ref_model_mixup_alpha = ref_model_mixup_alpha
         self.ref_model_sync_steps = ref_model_sync_steps
         self.ref_model: torch.nn.Module | None = None
-        self.strict_loading = False  # checkpoints hold no reference weights
 
     # -- building --------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -90,11 +91,6 @@ class ReferenceModule(AlignModule):
         if not self.sync_ref_model:
             return []
         return [SyncReferenceModel(self.ref_model_mixup_alpha, self.ref_model_sync_steps)]
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        return {k: v for k, v in state.items() if not k.startswith(prefix + "ref_model.")}
 
     # -- reference log-probs -----------------------------------------------------------------
     @torch.no_grad()

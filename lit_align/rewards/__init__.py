@@ -1,6 +1,17 @@
-"""Reward functions with TRL's signature ``f(prompts, completions, **columns) -> list[float]``."""
+"""Reward functions with TRL's signature ``f(prompts, completions, completion_ids, **columns) -> list[float]``."""
 
 from lit_align.rewards.arithmetic import arithmetic_format_reward, arithmetic_reward
+from lit_align.rewards.length import LengthPenalty, SoftOverlongPunishment
 from lit_align.rewards.model import RewardModelScorer
+from lit_align.rewards.registry import compute_rewards, load_reward_func, reward_name
 
-__all__ = ["RewardModelScorer", "arithmetic_format_reward", "arithmetic_reward"]
+__all__ = [
+    "LengthPenalty",
+    "RewardModelScorer",
+    "SoftOverlongPunishment",
+    "arithmetic_format_reward",
+    "arithmetic_reward",
+    "compute_rewards",
+    "load_reward_func",
+    "reward_name",
+]

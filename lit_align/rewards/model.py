@@ -28,11 +28,16 @@ class RewardModelScorer:
         from lit_align.models.heads import load_classifier
         from lit_align.models.loading import load_tokenizer
 
-        self.__name__ = f"reward_model:{name_or_path}"  # reward functions are reported by name
+        self.__name__ = name_or_path.rstrip("/").split("/")[-1]  # as TRL names a reward model in metrics
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_classifier(name_or_path, "sequence", 1, dtype).to(self.device).eval()
         self.tokenizer = load_tokenizer(name_or_path)
         self.batch_size = batch_size
+
+    def to(self, device: torch.device | str) -> "RewardModelScorer":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
 
     def tokenize(self, prompt, completion) -> list[int]:
         if is_conversational(prompt):

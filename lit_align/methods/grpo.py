@@ -1,0 +1,223 @@
+"""GRPO (Shao et al. 2024) and its variants: DAPO, Dr. GRPO, BNPO, CISPO, SAPO, GSPO.
+
+Each prompt gets ``num_generations`` completions; a completion's advantage is its reward
+relative to its group; the policy follows a clipped importance-weighted surrogate,
+optionally with the k3 KL to a reference. Loss types, normalisations and metric names are
+TRL's ``GRPOTrainer`` (trl-methods.md §6). Data: ``PromptOnlyDataModule``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lit_align.data.formats import PromptBatch
+from lit_align.losses.advantages import AGGREGATIONS, SCALE_REWARDS, group_advantages
+from lit_align.losses.policy import CLIPPED, GRPO_LOSS_TYPES, entropy_mask, grpo_loss
+from lit_align.methods.online import OnlineModule
+from lit_align.rollout.engines import Generations, GenerationEngine
+from lit_align.rollout.types import Rollout
+
+
+class GRPO(OnlineModule):
+    """Group Relative Policy Optimization on prompt-only data with reward functions."""
+
+    default_lr = 1e-6
+
+    def __init__(
+        self,
+        *args: Any,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        delta: float | None = None,
+        importance_sampling_level: Literal["token", "sequence"] = "token",
+        scale_rewards: Literal["group", "batch", "none"] | bool = "group",
+        multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+        top_entropy_quantile: float = 1.0,
+        use_bias_correction_kl: bool = True,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        dynamic_sampling: bool = False,
+        max_resample_rounds: int = 3,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            loss_type: ``dapo`` (TRL's default: token sum over the global batch's tokens), ``grpo``
+                (per-sequence means), ``bnpo`` (token mean of the micro-batch), ``dr_grpo`` (over
+                ``N * max_completion_length``), ``cispo`` (clipped IS weight times log-prob), ``sapo``
+                (soft gate instead of the clip).
+            epsilon, epsilon_high: Lower and upper clip range (``epsilon_high`` defaults to ``epsilon``;
+                DAPO uses 0.28; CISPO's upper bound on the weight, about 5).
+            delta: Upper clip of the unclipped ratio (INTELLECT-2 two-sided clipping); None: off.
+            importance_sampling_level: ``token`` or ``sequence`` (GSPO: the geometric mean ratio).
+            scale_rewards: Divide advantages by the ``group`` std, the ``batch`` std, or ``none``
+                (True means group, False none, as TRL accepts).
+            multi_objective_aggregation: ``sum_then_normalize`` or ``normalize_then_sum`` (GDPO).
+            top_entropy_quantile: Train on the tokens whose entropy is in this top fraction (1: all).
+            use_bias_correction_kl: Multiply the KL by the importance ratio.
+            sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures.
+            dynamic_sampling: DAPO's dynamic sampling: groups whose rewards are all equal (no signal)
+                are sampled again, up to ``max_resample_rounds`` times, before the update.
+        """
+        super().__init__(*args, **kwargs)
+        if isinstance(scale_rewards, bool):
+            scale_rewards = "group" if scale_rewards else "none"
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        if multi_objective_aggregation not in AGGREGATIONS:
+            raise ValueError(f"multi_objective_aggregation must be one of {AGGREGATIONS}, got {multi_objective_aggregation!r}")
+        if self.num_generations < 2:
+            raise ValueError(f"GRPO needs num_generations >= 2 (a group to compare with), got {self.num_generations}")
+        if not 0.0 < top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+        self.loss_type = loss_type
+        self.epsilon_low = epsilon
+        self.epsilon_high = epsilon_high if epsilon_high is not None else epsilon
+        self.delta = delta
+        self.importance_sampling_level = importance_sampling_level
+        self.scale_rewards = scale_rewards
+        self.multi_objective_aggregation = multi_objective_aggregation
+        self.top_entropy_quantile = top_entropy_quantile
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
+        self.dynamic_sampling = dynamic_sampling
+        self.max_resample_rounds = max_resample_rounds
+
+    # -- rollout -----------------------------------------------------------------------------------
+    def make_rollout(self, batch: PromptBatch, engine: GenerationEngine, stage: str) -> Rollout:
+        if not self.dynamic_sampling or stage != "train":
+            return super().make_rollout(batch, engine, stage)
+        self.check_prompt_budget(batch)
+        gens = engine.generate(self.model, batch.prompt_ids, batch.prompt_mask, self.sampling)
+        completions, rewards = self.score(batch, gens)
+        for _ in range(self.max_resample_rounds):
+            flat = self.flat_groups(rewards)
+            if not flat.any():
+                break
+            sub = PromptBatch(batch.prompt_ids[flat], batch.prompt_mask[flat], [p for p, f in zip(batch.prompts, flat.tolist()) if f],
+                              {k: [v for v, f in zip(vals, flat.tolist()) if f] for k, vals in batch.extras.items()})
+            new = engine.generate(self.model, sub.prompt_ids, sub.prompt_mask, self.sampling)
+            new_completions, new_rewards = self.score(sub, new)
+            useful = ~self.flat_groups(new_rewards)
+            gens, completions, rewards = replace_groups(
+                gens, completions, rewards, new, new_completions, new_rewards, flat, useful, self.pad_token_id
+            )
+        return self.build_rollout(batch, gens, completions, rewards, stage)
+
+    def flat_groups(self, rewards: Tensor) -> Tensor:
+        """Prompts whose completions all got the same weighted reward: ``(prompts,)`` bool."""
+        total = (rewards * self.reward_weights.to(rewards)).nansum(dim=1).view(-1, self.num_generations)
+        return (total.max(dim=1).values - total.min(dim=1).values).abs() < 1e-8
+
+    def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
+        seqs = self.sequences(gens)
+        loss_mask = self.loss_mask(gens)
+        old = ref = None
+        with torch.no_grad():
+            if self.num_iterations > 1:  # otherwise the ratio's denominator is logp.detach()
+                old = self.token_logps(self.model, seqs, gens)[0]
+            if self.beta != 0.0:
+                ref = self.reference_logps(seqs, gens)
+        all_rewards, mine = self.gather(rewards)
+        adv = group_advantages(all_rewards, self.reward_weights, self.num_generations, self.scale_rewards, self.multi_objective_aggregation)
+        num_items = self.global_sum(loss_mask.sum()) / self.world_size
+        rollout = Rollout(
+            generations=gens, sequences=seqs, loss_mask=loss_mask, advantages=adv.advantages[mine], rewards=adv.rewards[mine],
+            old_logps=old, ref_logps=ref, num_items=num_items, prompts=self.repeat(batch.prompts), completions=completions,
+            reward_columns=self.reward_columns(rewards),
+            metrics={**self.reward_metrics(all_rewards, adv.rewards, adv.zero_std), **self.completion_metrics(gens)},
+        )
+        self.count_tokens(rollout, stage)
+        return rollout
+
+    # -- loss --------------------------------------------------------------------------------------
+    def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:
+        r: Rollout = batch.rollout
+        logps, entropy = self.token_logps(self.model, r.sequences, r.generations, with_entropy=True)
+        token_mask = None
+        if self.top_entropy_quantile < 1.0:
+            token_mask = entropy_mask(entropy, r.loss_mask, self.entropy_threshold(entropy, r.loss_mask))
+        out = grpo_loss(
+            logps, r.old_logps if r.old_logps is not None else logps.detach(), r.advantages, r.loss_mask,
+            loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.delta,
+            importance_sampling_level=self.importance_sampling_level, ref_logps=r.ref_logps, beta=self.beta,
+            use_bias_correction_kl=self.use_bias_correction_kl, sapo_temperature_pos=self.sapo_temperatures[0],
+            sapo_temperature_neg=self.sapo_temperatures[1], token_mask=token_mask,
+            max_completion_length=self.max_completion_length, num_items=r.num_items,
+        )
+        metrics: dict[str, Tensor | float] = {"loss": self.global_sum(out.loss.detach()) / self.world_size, **r.metrics}
+        metrics["entropy"] = self.global_mean(entropy, r.loss_mask)
+        if out.kl is not None:
+            metrics["kl"] = self.global_mean(out.kl, r.loss_mask)
+        metrics.update(self.clip_metrics(out, r.loss_mask))
+        self.log_metrics(metrics, stage, len(r))
+        return out.loss
+
+    def entropy_threshold(self, entropy: Tensor, mask: Tensor) -> Tensor:
+        """The ``1 - top_entropy_quantile`` quantile of every rank's valid-token entropies."""
+        local = entropy[mask.bool()].float()
+        if self.world_size > 1:
+            width = int(self.global_reduce(torch.tensor(local.numel(), device=self.device), "max"))
+            padded = torch.full((width,), -1.0, device=self.device)
+            padded[: local.numel()] = local
+            local = self.all_gather(padded).reshape(-1)
+            local = local[local >= 0]
+        if local.numel() == 0:
+            return torch.tensor(float("inf"), device=entropy.device)
+        return torch.quantile(local, 1 - self.top_entropy_quantile)
+
+    def clip_metrics(self, out, mask: Tensor) -> dict[str, Tensor]:
+        """TRL's ``clip_ratio/*`` (or ``cispo_clip_ratio``): token means over all ranks, and the
+        extremes of the per-sequence means."""
+        if self.loss_type == "cispo":
+            return {"cispo_clip_ratio": self.token_or_sequence_mean(out.high_clipped, mask)}
+        if self.loss_type not in CLIPPED:
+            return {}
+        low, high = out.low_clipped.float(), out.high_clipped.float()
+
+        def seq_mean(x: Tensor) -> Tensor:
+            return x.squeeze(1) if x.size(1) == 1 else (x * mask).sum(-1) / mask.sum(-1)
+
+        return {
+            "clip_ratio/low_mean": self.token_or_sequence_mean(low, mask),
+            "clip_ratio/high_mean": self.token_or_sequence_mean(high, mask),
+            "clip_ratio/region_mean": self.token_or_sequence_mean(torch.maximum(low, high), mask),
+            "clip_ratio/low_min": self.global_reduce(seq_mean(low).nan_to_num(nan=float("inf")).min(), "min"),
+            "clip_ratio/high_max": self.global_reduce(seq_mean(high).nan_to_num(nan=float("-inf")).max(), "max"),
+        }
+
+    def token_or_sequence_mean(self, x: Tensor, mask: Tensor) -> Tensor:
+        if x.size(1) == 1:  # sequence-level importance sampling: one value per completion
+            return self.global_mean(x.float().squeeze(1), torch.ones_like(x.float().squeeze(1)))
+        return self.global_mean(x.float(), mask)
+
+
+def replace_groups(
+    gens: Generations, completions: list, rewards: Tensor, new: Generations, new_completions: list,
+    new_rewards: Tensor, flat: Tensor, useful: Tensor, pad_token_id: int,
+) -> tuple[Generations, list, Tensor]:
+    """Swap the groups of the prompts marked ``flat`` for their resampled groups (``new``, one per
+    flat prompt, in order) where those are ``useful`` (have reward spread)."""
+    G = gens.completion_ids.size(0) // flat.numel()
+    targets = flat.nonzero().squeeze(1)[useful]
+    if targets.numel() == 0:
+        return gens, completions, rewards
+    width = max(gens.completion_ids.size(1), new.completion_ids.size(1))
+
+    def widen(t: Tensor, value: int | float) -> Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)
+
+    ids, mask = widen(gens.completion_ids, pad_token_id), widen(gens.completion_mask, 0)
+    new_ids, new_mask = widen(new.completion_ids, pad_token_id), widen(new.completion_mask, 0)
+    truncated, rewards, completions = gens.is_truncated.clone(), rewards.clone(), list(completions)
+    for j, p in zip(useful.nonzero().squeeze(1).tolist(), targets.tolist()):
+        dst, src = slice(p * G, (p + 1) * G), slice(j * G, (j + 1) * G)
+        ids[dst], mask[dst], truncated[dst], rewards[dst] = new_ids[src], new_mask[src], new.is_truncated[src], new_rewards[src]
+        completions[dst] = new_completions[src]
+    return Generations(gens.prompt_ids, gens.prompt_mask, ids, mask, truncated), completions, rewards

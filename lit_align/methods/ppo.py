@@ -1,0 +1,260 @@
+"""PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022), as TRL's last ``PPOTrainer``.
+
+A rollout samples completions, scores each with a reward model and/or reward functions,
+and turns the score into per-token rewards: ``-kl_coef * KL(policy || ref)`` on every token
+plus the score on the last one. GAE on a critic's values gives advantages and returns;
+``num_ppo_epochs`` passes over ``num_mini_batches`` mini-batches then take one optimizer
+step each on the clipped policy loss plus ``vf_coef`` times the clipped value loss
+(manual optimisation: several steps per rollout). The critic is a value head on the
+policy's backbone (one forward gives log-probs and values) or a separate value model.
+
+Departures from TRL (trl-methods.md §14), for correctness: the score is added at the last
+completion token, not one position past it (TRL's ``sequence_length + 1`` puts it on a
+padding state the policy never acts from); ``objective/entropy`` and ``policy/approxkl_avg``
+average over completion tokens only (TRL's include padding filled with ``INVALID_LOGPROB``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lit_align.data.formats import PromptBatch
+from lit_align.losses.advantages import gae, masked_whiten, weighted_rewards
+from lit_align.losses.policy import ppo_policy_loss, ppo_value_loss
+from lit_align.methods.online import OnlineModule
+from lit_align.models.heads import load_classifier
+from lit_align.ops.completions import completion_hidden, completion_logprobs, completion_values
+from lit_align.rewards.model import RewardModelScorer
+from lit_align.rollout.engines import Generations
+from lit_align.rollout.types import Rollout
+
+
+class PPO(OnlineModule):
+    """Proximal Policy Optimization with a critic, a frozen reference and a reward model or functions."""
+
+    default_lr = 3e-6
+
+    def __init__(
+        self,
+        *args: Any,
+        reward_model_name_or_path: str | None = None,
+        value_model_name_or_path: str | None = None,
+        num_ppo_epochs: int = 4,
+        num_mini_batches: int = 1,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        cliprange: float = 0.2,
+        vf_coef: float = 0.1,
+        cliprange_value: float = 0.2,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_rewards: bool = False,
+        missing_eos_penalty: float | None = None,
+        max_grad_norm: float | None = 1.0,
+        num_generations: int = 1,
+        max_completion_length: int = 53,
+        temperature: float = 0.7,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            reward_model_name_or_path: A sequence-classification directory (for example one written
+                by ``RewardModel``); its score is added to any ``reward_funcs``.
+            value_model_name_or_path: A separate critic (a sequence-classification directory whose
+                head is applied at every token; TRL initialises it from the reward model). None:
+                a value head on the policy's backbone.
+            num_ppo_epochs: Passes over each rollout.
+            num_mini_batches: Mini-batches (optimizer steps) per pass.
+            kl_coef: Weight of the per-token KL penalty in the reward.
+            kl_estimator: ``k1`` (``log p - log ref``) or ``k3`` (``exp(r) - 1 - r``, ``r = log ref - log p``).
+            cliprange, cliprange_value: Clip ranges of the policy ratio and the value change.
+            vf_coef: Weight of the value loss.
+            gamma, lam: GAE's discount and lambda.
+            whiten_rewards: Whiten the per-token rewards before GAE.
+            missing_eos_penalty: Subtracted from the score of completions that never end.
+            max_grad_norm: Gradient norm clip of each optimizer step (None: off).
+            num_generations, max_completion_length, temperature: TRL's PPO sampling defaults
+                (``response_length=53``, ``temperature=0.7``).
+        """
+        super().__init__(
+            *args, num_generations=num_generations, max_completion_length=max_completion_length, temperature=temperature, **kwargs
+        )
+        if kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
+        if num_ppo_epochs < 1 or num_mini_batches < 1:
+            raise ValueError(f"num_ppo_epochs and num_mini_batches must be >= 1, got {num_ppo_epochs}, {num_mini_batches}")
+        if reward_model_name_or_path is None and not self.reward_funcs:
+            raise ValueError("PPO needs reward_model_name_or_path or reward_funcs to score completions")
+        if reward_model_name_or_path is not None:
+            self.reward_funcs.append(RewardModelScorer(reward_model_name_or_path, device="cpu", dtype=self.dtype_name))
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
+        self.reward_model_name_or_path = reward_model_name_or_path
+        self.value_model_name_or_path = value_model_name_or_path
+        self.num_ppo_epochs = num_ppo_epochs
+        self.num_mini_batches = num_mini_batches
+        self.kl_coef = kl_coef
+        self.kl_estimator = kl_estimator
+        self.cliprange = cliprange
+        self.vf_coef = vf_coef
+        self.cliprange_value = cliprange_value
+        self.gamma = gamma
+        self.lam = lam
+        self.whiten_rewards = whiten_rewards
+        self.missing_eos_penalty = missing_eos_penalty
+        self.max_grad_norm = max_grad_norm
+        self.automatic_optimization = False
+        self.value_model: nn.Module | None = None
+        self.value_head: nn.Module | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef != 0.0
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.value_model_name_or_path is not None:
+            self.value_model = load_classifier(self.value_model_name_or_path, "token", 1, self.dtype_name, self.attn_implementation)
+        else:
+            hidden = self.model.get_output_embeddings().weight.shape[1]
+            self.value_head = nn.Linear(hidden, 1, dtype=self.model.get_output_embeddings().weight.dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    # -- forward: log-probs and values --------------------------------------------------------------
+    def policy_and_values(self, gens: Generations, seqs, with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        hidden = completion_hidden(self.model, seqs)
+        logps, entropy = completion_logprobs(
+            self.model, seqs, gens.completion_mask, temperature=self.temperature, chunk_size=self.chunk_size,
+            with_entropy=with_entropy, hidden=hidden,
+        )
+        if self.value_model is not None:
+            values = completion_values(self.value_model.score, completion_hidden(self.value_model, seqs), gens.completion_mask)
+        else:
+            values = completion_values(self.value_head, hidden, gens.completion_mask)
+        return logps, entropy, values
+
+    # -- rollout ------------------------------------------------------------------------------------
+    def score(self, batch: PromptBatch, gens: Generations) -> tuple[list, Tensor]:
+        for f in self.reward_funcs:
+            if isinstance(f, RewardModelScorer) and f.device != self.device:
+                f.to(self.device)
+        return super().score(batch, gens)
+
+    def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
+        seqs = self.sequences(gens)
+        mask = gens.completion_mask.float()
+        with torch.no_grad():
+            old, _, values = self.policy_and_values(gens, seqs)
+            ref = self.reference_logps(seqs, gens) if self.needs_reference else old
+        scores = weighted_rewards(rewards, self.reward_weights).nan_to_num(0.0)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * gens.is_truncated.float()
+        log_ratio = ref - old
+        kl = (-log_ratio if self.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio) * mask
+        non_score = -self.kl_coef * kl
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        token_rewards = non_score.clone()
+        token_rewards[torch.arange(len(scores), device=scores.device), last] += scores
+        if self.whiten_rewards:
+            token_rewards = masked_whiten(token_rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
+        advantages = masked_whiten(advantages, mask) * mask
+        all_rewards, _ = self.gather(rewards)
+        all_scores = self.gather(scores)[0]
+        metrics = {
+            "objective/kl": self.gather(kl.sum(1))[0].mean().item(),
+            "objective/entropy": self.gather((-old * mask).sum(1))[0].mean().item(),
+            "objective/non_score_reward": self.gather(non_score.sum(1))[0].mean().item(),
+            "objective/scores": all_scores.mean().item(),
+            "val/num_eos_tokens": self.global_sum((~gens.is_truncated).float().sum()).item(),
+            **self.reward_metrics(all_rewards, weighted_rewards(all_rewards, self.reward_weights), None),
+            **self.completion_metrics(gens),
+        }
+        metrics["objective/rlhf_reward"] = metrics["objective/non_score_reward"] + metrics["objective/scores"]
+        rollout = Rollout(
+            generations=gens, sequences=seqs, loss_mask=mask, advantages=advantages, rewards=scores, old_logps=old,
+            ref_logps=ref, values=values, returns=returns, prompts=self.repeat(batch.prompts), completions=completions,
+            reward_columns=self.reward_columns(rewards), metrics=metrics,
+        )
+        self.count_tokens(rollout, stage)
+        return rollout
+
+    # -- updates ------------------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        r: Rollout = batch.rollout
+        n = len(r)
+        if n % self.num_mini_batches:
+            raise ValueError(f"{n} completions per batch cannot be split into num_mini_batches={self.num_mini_batches}")
+        size = n // self.num_mini_batches
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        stats: list[dict[str, Tensor]] = []
+        for _ in range(self.num_ppo_epochs):
+            order = torch.randperm(n, device=self.device)
+            for start in range(0, n, size):
+                idx = order[start : start + size]
+                loss, step_stats = self.minibatch_loss(r, idx)
+                optimizer.zero_grad()
+                with self.no_gradient_sync():
+                    self.manual_backward(loss)
+                self.sync_gradients()
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                stats.append(step_stats)
+        mean = {k: torch.stack([s[k] for s in stats]) for k in stats[0]}
+        metrics: dict[str, Tensor | float] = {k: self.global_sum(v.mean()) / self.world_size for k, v in mean.items()}
+        metrics["val/ratio_var"] = self.global_sum(mean["val/ratio"].var(unbiased=False) if len(stats) > 1 else torch.zeros((), device=self.device)) / self.world_size
+        self.log_metrics({**metrics, **r.metrics}, "train", n)
+
+    def minibatch_loss(self, r: Rollout, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        g = r.generations
+        sub = Generations(g.prompt_ids[idx], g.prompt_mask[idx], g.completion_ids[idx], g.completion_mask[idx], g.is_truncated[idx])
+        logps, entropy, values = self.policy_and_values(sub, self.sequences(sub), with_entropy=True)
+        mask = r.loss_mask[idx]
+        pg_loss, pstats = ppo_policy_loss(logps, r.old_logps[idx], r.advantages[idx], mask, self.cliprange)
+        vf_loss, vf_clipfrac = ppo_value_loss(values, r.values[idx], r.returns[idx], mask, self.cliprange_value)
+        loss = pg_loss + self.vf_coef * vf_loss
+        stats = {
+            "loss": loss.detach(),
+            "policy/approxkl_avg": pstats["approxkl"],
+            "policy/clipfrac_avg": pstats["clipfrac"],
+            "policy/entropy_avg": (entropy * mask).sum() / mask.sum(),
+            "loss/policy_avg": pg_loss.detach(),
+            "loss/value_avg": vf_loss.detach(),
+            "val/clipfrac_avg": vf_clipfrac,
+            "val/ratio": pstats["ratio"],
+        }
+        return loss, stats
+
+    def no_gradient_sync(self):
+        """DDP reduces gradients in the backward of each forward it wraps; PPO takes several steps per
+        ``training_step`` (one DDP forward), so it reduces them itself (:meth:`sync_gradients`)."""
+        wrapper = self.trainer.strategy.model
+        return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext()
+
+    def sync_gradients(self) -> None:
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        r: Rollout = batch.rollout
+        self.log_metrics({k: v for k, v in r.metrics.items() if k.startswith(("objective/", "rewards/", "completions/"))}, "val", len(r))
+
+    test_step = validation_step

@@ -1,0 +1,101 @@
+"""Per-token log-probs of sampled completions, for the online methods.
+
+Generation gives left-padded prompts ``(N, P)`` and right-padded completions ``(N, C)``.
+Rather than run the model over ``[pad..pad prompt completion pad..pad]`` with an attention
+mask, the prompt and completion of each row are joined without padding into a
+:class:`SequenceBatch` (right-padded, or packed into rows of bounded length), so the
+forward needs no mask and skips the padding; the chunked LM-head op then scores only the
+completion tokens, and the results are scattered back to ``(N, C)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lit_align.ops.forward import decoder_hidden, lm_head_params
+from lit_align.ops.logprobs import selected_logprobs
+from lit_align.ops.packing import SequenceBatch, collate_sequences
+
+
+def completion_batch(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    pad_token_id: int,
+    layout: str = "padded",
+    capacity: int | None = None,
+) -> SequenceBatch:
+    """Join each prompt (without its left padding) and completion (up to its mask) into one sequence.
+
+    ``completion_mask`` of the result marks the completion tokens; sequence ``i`` is row ``i``
+    of the inputs.
+    """
+    sequences = []
+    for p, pm, c, cm in zip(prompt_ids.tolist(), prompt_mask.tolist(), completion_ids.tolist(), completion_mask.tolist()):
+        prompt = [t for t, m in zip(p, pm) if m]
+        completion = [t for t, m in zip(c, cm) if m]
+        sequences.append({"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)})
+    tensors = collate_sequences(sequences, pad_token_id, layout, capacity)
+    device = completion_ids.device
+    return SequenceBatch(
+        **{k: v.to(device) for k, v in tensors.items()}, num_sequences=len(sequences), num_examples=len(sequences)
+    )
+
+
+def _targets(batch: SequenceBatch) -> Tensor:
+    """Positions ``t`` whose next token is a completion token of the same sequence: ``(R, T-1)``."""
+    same = batch.sequence_ids[:, 1:] == batch.sequence_ids[:, :-1]
+    return batch.completion_mask[:, 1:] & same
+
+
+def scatter_to_completions(values: Tensor, sequence_index: Tensor, completion_mask: Tensor) -> Tensor:
+    """Place per-target values (any order of sequences, in order within each) at ``(N, C)``."""
+    order = torch.sort(sequence_index, stable=True).indices
+    out = values.new_zeros(completion_mask.shape)
+    return out.masked_scatter(completion_mask.bool(), values[order])
+
+
+def completion_hidden(model: nn.Module, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """Hidden states of the positions that predict completion tokens ``(n, H)``, their labels
+    ``(n,)`` and sequence index ``(n,)``."""
+    mask = _targets(batch)
+    hidden = decoder_hidden(model, batch)[:, :-1][mask]
+    return hidden, batch.input_ids[:, 1:][mask], batch.sequence_ids[:, 1:][mask]
+
+
+def completion_logprobs(
+    model: nn.Module,
+    batch: SequenceBatch,
+    completion_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    hidden: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs of the completion tokens at ``temperature`` ``(N, C)`` (0 elsewhere),
+    and their entropies (detached) when asked. ``hidden`` reuses a :func:`completion_hidden`."""
+    states, labels, index = hidden if hidden is not None else completion_hidden(model, batch)
+    stats = selected_logprobs(
+        states,
+        labels=labels,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+        with_accuracy=False,
+        **lm_head_params(model),
+    )
+    logps = scatter_to_completions(stats.logps, index, completion_mask)
+    entropy = scatter_to_completions(stats.entropy, index, completion_mask) if with_entropy else None
+    return logps, entropy
+
+
+def completion_values(head: nn.Module, hidden: tuple[Tensor, Tensor, Tensor], completion_mask: Tensor) -> Tensor:
+    """A scalar head (a critic) on the states before each completion token: ``(N, C)``.
+
+    ``values[i, t]`` is the value of the state from which completion token ``t`` was sampled.
+    """
+    states, _, index = hidden
+    return scatter_to_completions(head(states).squeeze(-1).float(), index, completion_mask)

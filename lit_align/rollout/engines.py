@@ -1,0 +1,256 @@
+"""Generation engines: one small protocol, two implementations.
+
+An engine turns left-padded prompts into ``n`` sampled completions per prompt in one
+batched call::
+
+    engine.generate(model, prompt_ids, prompt_mask, sampling) -> Generations
+    engine.sync_weights(model)   # after each optimizer step (no-op for in-process engines)
+
+- :class:`HFEngine`: Hugging Face ``generate`` on the policy itself (KV cache on,
+  gradient checkpointing off for the call); always available, the CPU path.
+- :class:`VLLMEngine`: a colocated ``vllm.LLM`` (used when vLLM is installed and asked
+  for), its weights refreshed from the policy after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """TRL's generation settings (``GRPOConfig`` names)."""
+
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    num_generations: int = 1
+    generation_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
+
+
+@dataclass
+class Generations:
+    """``N = prompts * num_generations`` completions; the ``G`` of a prompt are consecutive rows."""
+
+    prompt_ids: Tensor  # (N, P) long, left-padded
+    prompt_mask: Tensor  # (N, P) long
+    completion_ids: Tensor  # (N, C) long, right-padded with the pad token
+    completion_mask: Tensor  # (N, C) long: tokens up to and including the first EOS
+    is_truncated: Tensor  # (N,) bool: no EOS within max_completion_length
+    sampling_logps: Tensor | None = None  # (N, C) engine log-probs of the sampled tokens (vLLM)
+
+    def __len__(self) -> int:
+        return self.completion_ids.size(0)
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations: ...
+
+    def sync_weights(self, model: nn.Module) -> None: ...
+
+
+def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mask of the tokens up to and including the first EOS ``(N, C)``, and which rows have none."""
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.size(1), dtype=torch.long))
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device)
+    return (positions[None] <= first[:, None]).long(), ~has_eos
+
+
+def eos_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config adds (chat models end turns with several)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token_id: generation cannot stop; set one on the tokenizer")
+    return sorted(ids)
+
+
+def right_pad(rows: list[list[int]], pad_token_id: int, width: int | None = None, device=None) -> Tensor:
+    width = max([len(r) for r in rows] + [1]) if width is None else width
+    out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r[:width], dtype=torch.long)
+    return out.to(device) if device is not None else out
+
+
+@contextlib.contextmanager
+def generation_mode(model: nn.Module) -> Iterator[None]:
+    """No gradient checkpointing (it would disable the KV cache) for the duration of a generate call."""
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class HFEngine:
+    """Sampling with ``model.generate`` (KV cache on): every completion of every prompt in one call."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations:
+        n = sampling.num_generations
+        ids, mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+        eos = eos_ids(self.tokenizer, model)
+        kwargs = {
+            "max_new_tokens": sampling.max_completion_length,
+            "do_sample": sampling.temperature > 0,
+            "temperature": sampling.temperature if sampling.temperature > 0 else None,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "min_p": sampling.min_p,
+            "repetition_penalty": sampling.repetition_penalty,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": eos,
+            "use_cache": True,
+            **sampling.generation_kwargs,
+        }
+        with generation_mode(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        completions = out[:, ids.size(1) :]
+        cmask, truncated = completion_mask(completions, eos)
+        completions = completions.masked_fill(cmask == 0, self.pad_token_id)
+        return Generations(ids, mask, completions, cmask, truncated)
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """The engine samples from the policy itself: nothing to copy."""
+
+
+class VLLMEngine:
+    """A colocated ``vllm.LLM`` sharing the GPU with training (TRL's ``vllm_mode="colocate"``).
+
+    Weights are pushed from the policy with ``load_weights`` after each optimizer step (LoRA
+    adapters merged first) and the prefix cache is reset. Sampling log-probs come back with
+    the completions (``logprobs_mode="processed_logprobs"``, so after temperature), for
+    importance-sampling checks.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        tokenizer: Any,
+        gpu_memory_utilization: float = 0.3,
+        tensor_parallel_size: int = 1,
+        max_model_length: int | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        llm: Any = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as err:
+                raise ImportError("use_vllm=True needs vLLM: pip install vllm (a CUDA machine)") from err
+            if model_name_or_path.startswith("builtin:"):
+                raise ValueError("vLLM loads models from a directory or the Hub, not builtin: models")
+            llm = LLM(
+                model=model_name_or_path,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                max_model_len=max_model_length,
+                dtype=dtype,
+                seed=seed,
+                distributed_executor_backend="external_launcher",
+                logprobs_mode="processed_logprobs",
+                max_num_batched_tokens=4096,
+            )
+        self.llm = llm
+
+    def _sampling_params(self, sampling: SamplingParams) -> Any:
+        from vllm import SamplingParams as VLLMSampling
+
+        return VLLMSampling(
+            n=sampling.num_generations,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            min_p=0.0 if sampling.min_p is None else sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
+            max_tokens=sampling.max_completion_length,
+            logprobs=0,
+            **sampling.generation_kwargs,
+        )
+
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations:
+        prompts = [[t for t, m in zip(p, pm) if m] for p, pm in zip(prompt_ids.tolist(), prompt_mask.tolist())]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], sampling_params=self._sampling_params(sampling), use_tqdm=False
+        )
+        return self.to_generations(outputs, prompt_ids, prompt_mask, sampling, eos_ids(self.tokenizer, model))
+
+    def to_generations(self, outputs: list, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams, eos: list[int]) -> Generations:
+        """vLLM ``RequestOutput``s (``n`` samples each) as :class:`Generations`."""
+        n, device = sampling.num_generations, prompt_ids.device
+        samples = [s for out in outputs for s in out.outputs]
+        if len(samples) != prompt_ids.size(0) * n:
+            raise RuntimeError(f"vLLM returned {len(samples)} completions for {prompt_ids.size(0)} prompts x {n}")
+        ids = right_pad([list(s.token_ids) for s in samples], self.pad_token_id, device=device)
+        logps = None
+        if all(s.logprobs is not None for s in samples):
+            rows = [[next(iter(d.values())).logprob if d else float("nan") for d in s.logprobs] for s in samples]
+            logps = torch.zeros(ids.shape, dtype=torch.float32)
+            for i, r in enumerate(rows):
+                logps[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+            logps = logps.to(device)
+        cmask, truncated = completion_mask(ids, eos)
+        return Generations(
+            prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), ids, cmask, truncated, logps
+        )
+
+    @torch.no_grad()
+    def sync_weights(self, model: nn.Module) -> None:
+        from lit_align.models.reference import is_peft_model
+
+        merged = is_peft_model(model)
+        if merged:
+            model.merge_adapter()
+        try:
+            target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            for name, param in _vllm_named_parameters(model):
+                target.load_weights([(name, param.data)])
+        finally:
+            if merged:
+                model.unmerge_adapter()
+        self.llm.reset_prefix_cache()
+
+
+def _vllm_named_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The policy's weights under the names vLLM expects (PEFT prefixes and LoRA tensors removed)."""
+    for name, param in model.named_parameters():
+        if "lora_" in name or "original_module" in name:  # adapters (merged in) and the frozen copies
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        name = name.replace("modules_to_save.default.", "")
+        yield name, param

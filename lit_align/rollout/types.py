@@ -1,0 +1,36 @@
+"""The typed rollout a rollout callback hands to an online method's ``training_step``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from lit_align.ops.packing import SequenceBatch
+from lit_align.rollout.engines import Generations
+
+
+@dataclass
+class Rollout:
+    """``N`` sampled completions (``G`` per prompt, consecutive) and what the loss needs.
+
+    Shapes: ``(N, C)`` per completion token (``C`` = longest completion), ``(N,)`` per completion.
+    """
+
+    generations: Generations  # prompt ids (left-padded), completion ids and mask, sampling log-probs
+    sequences: SequenceBatch  # prompt + completion joined without padding, for the training forward
+    loss_mask: Tensor  # (N, C) float: completion tokens that count in the loss
+    advantages: Tensor  # (N,) (GRPO, RLOO) or (N, C) (PPO)
+    rewards: Tensor  # (N,) the weighted reward (KL-shaped for RLOO, the score for PPO)
+    old_logps: Tensor | None = None  # (N, C) log-probs at sampling time (None: the ratio is 1)
+    ref_logps: Tensor | None = None  # (N, C) reference log-probs (None when beta == 0)
+    values: Tensor | None = None  # (N, C) PPO: the critic's values at sampling time
+    returns: Tensor | None = None  # (N, C) PPO: the value targets
+    num_items: Tensor | None = None  # loss tokens of the global batch per device (dapo, cispo)
+    prompts: list = field(default_factory=list)  # raw prompts, one per completion (for logging)
+    completions: list = field(default_factory=list)  # decoded completions
+    reward_columns: dict[str, Tensor] = field(default_factory=dict)  # (N,) per reward function, for the table
+    metrics: dict[str, float] = field(default_factory=dict)  # generation-time metrics, global
+
+    def __len__(self) -> int:
+        return self.loss_mask.size(0)
