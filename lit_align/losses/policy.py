@@ -90,6 +90,13 @@ def grpo_loss(
     elif importance_sampling_level != "token":
         raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs reference log-probs")
+        kl = k3_kl(logps, ref_logps)
+        if use_bias_correction_kl:
+            kl = kl * ratio
     low = high = None
     if loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logps
@@ -99,23 +106,21 @@ def grpo_loss(
         per_token = -(torch.sigmoid(tau * (ratio - 1)) * 4 / tau) * adv
     else:
         clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-        per_token = -torch.min(unclipped * adv, clipped * adv)
+        if delta is not None:  # the clip metrics below then read the capped ratio, as TRL's do
+            ratio = torch.clamp(ratio, max=delta)
+        per_token = -torch.min(ratio * adv, clipped * adv)
         low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + epsilon_high) & (adv > 0)
     if token_mask is not None:
         per_token = per_token * token_mask
-    kl = None
-    if beta != 0.0:
-        if ref_logps is None:
-            raise ValueError("beta != 0 needs reference log-probs")
-        kl = k3_kl(logps, ref_logps)
-        if use_bias_correction_kl:
-            kl = kl * ratio
+    if kl is not None:
         per_token = per_token + beta * kl
     loss = _aggregate(per_token * mask, mask, loss_type, max_completion_length, num_items)
-    detach = (lambda t: None if t is None else t.detach())
-    return PolicyLoss(loss, ratio.detach(), detach(low), detach(high), detach(kl))
+    return PolicyLoss(loss, ratio.detach(), _detached(low), _detached(high), _detached(kl))
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
 
 
 def _aggregate(masked: Tensor, mask: Tensor, loss_type: str, max_len: int | None, num_items) -> Tensor:

@@ -17,7 +17,7 @@ from lit_align.data.formats import PromptBatch
 from lit_align.losses.advantages import AGGREGATIONS, SCALE_REWARDS, group_advantages
 from lit_align.losses.policy import CLIPPED, GRPO_LOSS_TYPES, entropy_mask, grpo_loss
 from lit_align.methods.online import OnlineModule
-from lit_align.rollout.engines import Generations, GenerationEngine
+from lit_align.rollout.engines import GenerationEngine, Generations
 from lit_align.rollout.types import Rollout
 
 

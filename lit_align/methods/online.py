@@ -24,7 +24,7 @@ from lit_align.ops.completions import completion_batch, completion_logprobs
 from lit_align.ops.packing import SequenceBatch
 from lit_align.rewards.registry import compute_rewards, load_reward_func, reward_name
 from lit_align.rollout.callback import RolloutCallback
-from lit_align.rollout.engines import Generations, GenerationEngine, HFEngine, SamplingParams, VLLMEngine
+from lit_align.rollout.engines import GenerationEngine, Generations, HFEngine, SamplingParams, VLLMEngine
 from lit_align.rollout.types import Rollout
 
 

@@ -9,17 +9,17 @@ class SoftOverlongPunishment:
     """DAPO's soft overlong punishment (TRL's ``get_soft_overlong_punishment``).
 
     0 up to ``max_completion_len - soft_punish_cache`` tokens, then falling linearly to -1 at
-    ``max_completion_len``, and -1 beyond it.
+    ``max_completion_len``, and -1 beyond it (``soft_punish_cache=0``: a hard step at the limit).
     """
 
     def __init__(self, max_completion_len: int, soft_punish_cache: int) -> None:
-        if not 0 < soft_punish_cache <= max_completion_len:
+        if not 0 <= soft_punish_cache <= max_completion_len:
             raise ValueError(
-                f"need 0 < soft_punish_cache <= max_completion_len, got {soft_punish_cache=} {max_completion_len=}"
+                f"need 0 <= soft_punish_cache <= max_completion_len, got {soft_punish_cache=} {max_completion_len=}"
             )
         self.max_completion_len = max_completion_len
         self.soft_punish_cache = soft_punish_cache
-        self.__name__ = "soft_overlong_punishment"
+        self.__name__ = "soft_overlong_punishment_reward"  # TRL's name, so metric keys match
 
     def __call__(self, completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
         free = self.max_completion_len - self.soft_punish_cache

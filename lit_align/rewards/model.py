@@ -34,7 +34,7 @@ class RewardModelScorer:
         self.tokenizer = load_tokenizer(name_or_path)
         self.batch_size = batch_size
 
-    def to(self, device: torch.device | str) -> "RewardModelScorer":
+    def to(self, device: torch.device | str) -> RewardModelScorer:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+
 from lit_align.rollout.engines import GenerationEngine
 from lit_align.rollout.types import Rollout
 
