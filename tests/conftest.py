@@ -14,3 +14,24 @@ from lit_align.models.builtin import builtin_tokenizer  # noqa: E402
 @pytest.fixture(scope="session")
 def tokenizer():
     return builtin_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory):
+    """The starting point of the online methods, made as their configs say: ``configs/sft.yaml``
+    through the CLI (what ``lit-align fit --config configs/sft.yaml`` leaves in runs/sft/hf_model)."""
+    from pathlib import Path
+
+    from lit_align.cli import build_cli
+
+    root = tmp_path_factory.mktemp("sft-run")
+    config = Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"
+    cwd = os.getcwd()
+    os.chdir(root)  # the config's relative run directories land here
+    try:
+        build_cli(["fit", f"--config={config}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs/sft",
+                   "--trainer.enable_progress_bar=false",
+                   "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false"])
+    finally:
+        os.chdir(cwd)
+    return str(root / "runs" / "sft" / "hf_model")

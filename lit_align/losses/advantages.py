@@ -12,6 +12,7 @@ see the *global* batch: under DDP the caller gathers the rewards first, as TRL d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,9 +130,23 @@ def masked_var(x: Tensor, mask: Tensor) -> Tensor:
     return var * n / (n - 1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries; ``shift_mean=False`` adds the mean back."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, total: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` over the masked entries; ``shift_mean=False`` adds the mean back.
+
+    ``total`` sums statistics over devices (for example ``LightningModule``'s all-reduce), so the
+    mean and variance are those of the global batch; None: this batch's (TRL's choice).
+    """
+    if total is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        n, s, sq = total(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()]))
+        if n < 2:
+            raise ValueError("whitening needs at least two valid tokens; use a larger (mini-)batch")
+        mean = s / n
+        var = (sq / n - mean**2) * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
 

@@ -153,14 +153,16 @@ def rloo_loss(
 
 
 def ppo_policy_loss(
-    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, cliprange: float = 0.2
+    logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, cliprange: float = 0.2, num_items=None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate, a masked token mean; metrics ``clipfrac``, ``approxkl``, ``ratio``."""
+    """PPO's clipped surrogate, a masked token mean (over ``num_items`` tokens when given: the
+    global count per device, so DDP's gradient average is the global mean); metrics
+    ``clipfrac``, ``approxkl``, ``ratio``."""
     diff = logps - old_logps
     ratio = torch.exp(diff)
     loss1 = -advantages * ratio
     loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(loss1, loss2), mask)
+    loss = _token_mean(torch.max(loss1, loss2), mask, num_items)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((loss2 > loss1).float(), mask),
@@ -171,11 +173,17 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float = 0.2
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float = 0.2, num_items=None
 ) -> tuple[Tensor, Tensor]:
     """``0.5 * masked_mean(max((v - R)^2, (clip(v, v_old +- c) - R)^2))`` and the clipped fraction."""
     clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     loss1 = (values - returns) ** 2
     loss2 = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(loss1, loss2), mask)
+    loss = 0.5 * _token_mean(torch.max(loss1, loss2), mask, num_items)
     return loss, masked_mean((loss2 > loss1).float(), mask).detach()
+
+
+def _token_mean(x: Tensor, mask: Tensor, num_items) -> Tensor:
+    if num_items is None:
+        return masked_mean(x, mask)
+    return (x * mask.to(x.dtype)).sum() / num_items

@@ -141,8 +141,10 @@ class OnlineModule(AlignModule):
             self.ref_model = frozen_copy(name, self.dtype_name, self.attn_implementation)
 
     def configure_callbacks(self) -> list:
-        every = self.log_completions_steps if self.log_completions else 0
-        callbacks: list = [RolloutCallback(log_completions_every_n_steps=every)]
+        callbacks: list = []
+        if not any(isinstance(c, RolloutCallback) for c in self.trainer.callbacks):  # a user's own one wins
+            every = self.log_completions_steps if self.log_completions else 0
+            callbacks.append(RolloutCallback(log_completions_every_n_steps=every))
         if self.sync_ref_model:
             callbacks.append(SyncReferenceModel(self.ref_model_mixup_alpha, self.ref_model_sync_steps))
         return callbacks

@@ -162,10 +162,11 @@ class PPO(OnlineModule):
         last = (mask.sum(1).long() - 1).clamp(min=0)
         token_rewards = non_score.clone()
         token_rewards[torch.arange(len(scores), device=scores.device), last] += scores
+        # Whitening uses the global batch's statistics (TRL's, per device, differ under DDP).
         if self.whiten_rewards:
-            token_rewards = masked_whiten(token_rewards, mask, shift_mean=False) * mask
+            token_rewards = masked_whiten(token_rewards, mask, shift_mean=False, total=self.global_sum) * mask
         advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
-        advantages = masked_whiten(advantages, mask) * mask
+        advantages = masked_whiten(advantages, mask, total=self.global_sum) * mask
         all_rewards, _ = self.gather(rewards)
         all_scores = self.gather(scores)[0]
         metrics = {
@@ -220,8 +221,9 @@ class PPO(OnlineModule):
         sub = Generations(g.prompt_ids[idx], g.prompt_mask[idx], g.completion_ids[idx], g.completion_mask[idx], g.is_truncated[idx])
         logps, entropy, values = self.policy_and_values(sub, self.sequences(sub), with_entropy=True)
         mask = r.loss_mask[idx]
-        pg_loss, pstats = ppo_policy_loss(logps, r.old_logps[idx], r.advantages[idx], mask, self.cliprange)
-        vf_loss, vf_clipfrac = ppo_value_loss(values, r.values[idx], r.returns[idx], mask, self.cliprange_value)
+        tokens = self.global_sum(mask.sum()) / self.world_size  # token means over all devices' mini-batches
+        pg_loss, pstats = ppo_policy_loss(logps, r.old_logps[idx], r.advantages[idx], mask, self.cliprange, tokens)
+        vf_loss, vf_clipfrac = ppo_value_loss(values, r.values[idx], r.returns[idx], mask, self.cliprange_value, tokens)
         loss = pg_loss + self.vf_coef * vf_loss
         stats = {
             "loss": loss.detach(),

@@ -1,0 +1,346 @@
+"""Online methods: the rollout pieces (engines, completion log-probs, the repeating sampler),
+GRPO / RLOO / PPO through Lightning, reuse, checkpoints, bad input, and learning."""
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lit_align import GRPO, PPO, RLOO, PromptOnlyDataModule, RolloutCallback
+from lit_align.data.sampler import ShardedSampler
+from lit_align.models.builtin import builtin_model, builtin_tokenizer
+from lit_align.ops.completions import completion_batch, completion_logprobs
+from lit_align.rollout.engines import HFEngine, SamplingParams, VLLMEngine, completion_mask
+from tests.scripted_engine import ScriptedEngine
+
+DATA = "builtin:arithmetic?size=64&steps=1&max_operand=4"
+
+
+def adamw(lr: float):
+    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+class Record(L.Callback):
+    def __init__(self):
+        self.metrics = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+
+def fit(module, data, steps=2, callbacks=(), **kwargs) -> tuple[L.Trainer, Record]:
+    record = Record()
+    kwargs.setdefault("enable_checkpointing", False)
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, callbacks=[record, *callbacks], **kwargs,
+    )
+    trainer.fit(module, data)
+    return trainer, record
+
+
+def scripted(module) -> tuple[RolloutCallback, ScriptedEngine]:
+    engine = ScriptedEngine(builtin_tokenizer())
+    return RolloutCallback(engine=engine), engine
+
+
+# --------------------------------------------------------------------------- rollout pieces
+
+
+def random_rollout(seed: int, n: int = 5, pad: int = 256):
+    g = torch.Generator().manual_seed(seed)
+    p_len = torch.randint(2, 7, (n,), generator=g)
+    c_len = torch.randint(1, 6, (n,), generator=g)
+    P, C = int(p_len.max()), int(c_len.max()) + 2
+    prompt_ids = torch.full((n, P), pad)
+    prompt_mask = torch.zeros(n, P, dtype=torch.long)
+    completion_ids = torch.full((n, C), pad)
+    cmask = torch.zeros(n, C, dtype=torch.long)
+    for i in range(n):
+        prompt_ids[i, P - p_len[i] :] = torch.randint(0, 256, (int(p_len[i]),), generator=g)
+        prompt_mask[i, P - p_len[i] :] = 1
+        completion_ids[i, : c_len[i]] = torch.randint(0, 256, (int(c_len[i]),), generator=g)
+        cmask[i, : c_len[i]] = 1
+    return prompt_ids, prompt_mask, completion_ids, cmask
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprobs_match_the_masked_full_forward(layout, temperature):
+    model = builtin_model("builtin:tiny").eval()
+    prompt_ids, prompt_mask, completion_ids, cmask = random_rollout(0)
+    batch = completion_batch(prompt_ids, prompt_mask, completion_ids, cmask, 256, layout, capacity=32)
+    ours, entropy = completion_logprobs(model, batch, cmask, temperature=temperature, chunk_size=7, with_entropy=True)
+    # The reference: TRL's route, left-padded prompt + completion with an attention mask and positions.
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, cmask], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, prompt_ids.size(1) - 1 : -1]
+    logp = (logits / temperature).log_softmax(-1)
+    ref = logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * cmask
+    ref_entropy = -(logp.exp() * logp).sum(-1) * cmask
+    assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert_close(entropy, ref_entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_completion_logprobs_gradient_matches_the_full_forward():
+    model = builtin_model("builtin:tiny")
+    prompt_ids, prompt_mask, completion_ids, cmask = random_rollout(1)
+    batch = completion_batch(prompt_ids, prompt_mask, completion_ids, cmask, 256)
+    completion_logprobs(model, batch, cmask)[0].sum().backward()
+    ours = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, cmask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    logp = logits[:, prompt_ids.size(1) - 1 : -1].log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    (logp * cmask).sum().backward()
+    assert_close(ours, model.model.embed_tokens.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    ids = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 1, 1, 1]])
+    mask, truncated = completion_mask(ids, [9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_hf_engine_groups_masks_and_lengths():
+    tok = builtin_tokenizer()
+    model = builtin_model("builtin:tiny")
+    prompts = [tok("Compute 1+2.\n")["input_ids"], tok("Compute 3-1+4.\n")["input_ids"]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (ids != tok.pad_token_id).long()
+    greedy = HFEngine(tok).generate(model, ids, mask, SamplingParams(max_completion_length=6, temperature=0.0, num_generations=3))
+    assert greedy.completion_ids.shape == (6, 6)
+    assert torch.equal(greedy.prompt_ids[:3], ids[:1].expand(3, -1))  # the G of a prompt are consecutive
+    assert torch.equal(greedy.completion_ids[0], greedy.completion_ids[2])  # greedy: one answer per prompt
+    assert (greedy.completion_ids[greedy.completion_mask == 0] == tok.pad_token_id).all()
+    expected, truncated = completion_mask(greedy.completion_ids, [tok.eos_token_id])
+    assert torch.equal(greedy.completion_mask, expected) and torch.equal(greedy.is_truncated, truncated)
+    torch.manual_seed(0)
+    sampled = HFEngine(tok).generate(model, ids, mask, SamplingParams(max_completion_length=5, num_generations=4, top_k=50))
+    assert sampled.completion_ids.size(0) == 8 and sampled.completion_ids.size(1) <= 5
+
+
+def test_vllm_engine_reads_outputs_and_pushes_weights_without_vllm():
+    tok = builtin_tokenizer()
+    sample = lambda ids, lp: SimpleNamespace(token_ids=ids, logprobs=[{t: SimpleNamespace(logprob=lp)} for t in ids])  # noqa: E731
+    outputs = [SimpleNamespace(outputs=[sample([65, tok.eos_token_id], -0.5), sample([66, 67, 68], -1.0)])]
+    loaded = []
+    runner = SimpleNamespace(model=SimpleNamespace(load_weights=lambda pairs: loaded.extend(n for n, _ in pairs)))
+    llm = SimpleNamespace(
+        llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))),
+        reset_prefix_cache=lambda: loaded.append("<reset>"),
+    )
+    engine = VLLMEngine("unused", tok, llm=llm)
+    prompt = torch.tensor([[tok.pad_token_id, 67]])
+    gens = engine.to_generations(outputs, prompt, (prompt != tok.pad_token_id).long(), SamplingParams(num_generations=2), [tok.eos_token_id])
+    assert gens.completion_ids.tolist() == [[65, tok.eos_token_id, tok.pad_token_id], [66, 67, 68]]
+    assert gens.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]] and gens.is_truncated.tolist() == [False, True]
+    assert_close(gens.sampling_logps, torch.tensor([[-0.5, -0.5, 0.0], [-1.0, -1.0, -1.0]]))
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(builtin_model("builtin:tiny"), LoraConfig(r=2, target_modules=["q_proj"]))
+    engine.sync_weights(lora)
+    assert loaded[-1] == "<reset>" and "model.layers.0.self_attn.q_proj.weight" in loaded
+    assert not any("lora_" in n or "base_layer" in n or n.startswith("base_model") for n in loaded)
+    assert not any(isinstance(m, torch.nn.Module) and getattr(m, "merged", False) for m in lora.modules())
+
+
+def test_sampler_repeats_each_whole_batch():
+    sampler = ShardedSampler([0] * 10, batch_size=3, shuffle=False, group_by_length=False, repeat_batches=2)
+    assert list(sampler) == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8, 6, 7, 8]  # the incomplete last batch dropped
+    assert len(sampler) == 18
+
+
+def test_prompt_batch_size_counts_completions_and_must_divide():
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=16)
+    data = PromptOnlyDataModule(DATA, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    trainer.strategy.connect(module)
+    data.trainer = trainer
+    trainer.lightning_module  # noqa: B018
+    module.trainer = trainer
+    data.setup()
+    assert len(next(iter(data.train_dataloader())).prompts) == 2
+    data.batch_size = 6
+    with pytest.raises(ValueError, match="batch_size=6 counts completions and must be divisible by num_generations=4"):
+        data.train_dataloader()
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+def test_grpo_every_loss_type_trains(loss_type):
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=16, loss_type=loss_type, beta=0.04,
+                  optimizer=adamw(1e-2))
+    before = module.configure_model() or {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer, record = fit(module, PromptOnlyDataModule(DATA, batch_size=16), steps=2, callbacks=[scripted(module)[0]])
+    m = record.metrics[-1]
+    assert m["train/reward"] == pytest.approx(0.5) and m["train/frac_reward_zero_std"] == 0.0  # scripted: half right
+    assert {"train/kl", "train/entropy", "train/completions/mean_length", "train/rewards/arithmetic_reward/mean"} <= set(m)
+    assert ("train/cispo_clip_ratio" in m) == (loss_type == "cispo")
+    assert ("train/clip_ratio/region_mean" in m) == (loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"))
+    assert any(not torch.equal(v, module.model.state_dict()[k]) for k, v in before.items())
+    assert not any(k.startswith("ref_model.") for k in module.state_dict())  # the reference stays out of checkpoints
+
+
+def test_num_iterations_reuses_the_rollout_with_its_old_logps():
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=16, num_iterations=2,
+                  optimizer=adamw(5e-2))
+    callback, engine = scripted(module)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((batch.prompts, batch.rollout))
+
+    fit(module, PromptOnlyDataModule(DATA, batch_size=8), steps=4, callbacks=[callback, Spy()])
+    assert engine.calls == 2  # four updates from two rollouts
+    assert seen[0][1] is seen[1][1] and seen[2][1] is seen[3][1] and seen[1][1] is not seen[2][1]
+    assert seen[0][0] == seen[1][0]  # the DataModule repeats the prompt batch
+    assert seen[0][1].old_logps is not None
+
+
+def test_dynamic_sampling_redraws_groups_without_reward_spread():
+    class FlatFirst(ScriptedEngine):
+        def generate(self, model, prompt_ids, prompt_mask, sampling):
+            gens = super().generate(model, prompt_ids, prompt_mask, sampling)
+            if self.calls == 1:  # every completion of the first draw is the (right) first one
+                G = sampling.num_generations
+                gens.completion_ids = gens.completion_ids[::G].repeat_interleave(G, 0)
+                gens.completion_mask = gens.completion_mask[::G].repeat_interleave(G, 0)
+            return gens
+
+    engine = FlatFirst(builtin_tokenizer())
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=16, dynamic_sampling=True)
+    _, record = fit(module, PromptOnlyDataModule(DATA, batch_size=8), steps=1, callbacks=[RolloutCallback(engine=engine)])
+    assert engine.calls == 2 and record.metrics[0]["train/frac_reward_zero_std"] == 0.0
+
+
+def test_rloo_folds_the_kl_into_the_reward():
+    module = RLOO(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=16, optimizer=adamw(1e-2))
+    callback, _ = scripted(module)
+    _, record = fit(module, PromptOnlyDataModule(DATA, batch_size=8), steps=3, callbacks=[callback])
+    m = record.metrics[-1]
+    assert {"train/kl", "train/reward", "train/clip_ratio/region_mean", "train/entropy"} <= set(m)
+    assert m["train/kl"] != 0.0  # the policy moved away from its reference after two updates
+
+
+def test_ppo_with_reward_and_value_models():
+    module = PPO(reward_model_name_or_path="builtin:tiny", value_model_name_or_path="builtin:tiny", num_ppo_epochs=2,
+                 num_mini_batches=2, max_completion_length=16, kl_estimator="k3", whiten_rewards=True, missing_eos_penalty=1.0,
+                 optimizer=adamw(1e-3))
+    trainer, record = fit(module, PromptOnlyDataModule(DATA, batch_size=8), steps=4)
+    assert trainer.global_step == 4  # manual optimisation: 2 epochs x 2 mini-batches per rollout
+    m = record.metrics[-1]
+    for key in ("objective/kl", "objective/entropy", "objective/rlhf_reward", "objective/scores", "policy/approxkl_avg",
+                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "rewards/builtin:tiny/mean"):
+        assert f"train/{key}" in m, key
+    assert any(k.startswith("value_model.") for k in module.state_dict())  # the critic is trained and saved
+
+
+def test_checkpoint_resume_continues_online_training(tmp_path):
+    for cls, kwargs, per_batch in ((GRPO, {}, 1), (PPO, {"num_ppo_epochs": 2}, 2)):
+        make = lambda: cls(reward_funcs=["arithmetic_reward"], num_generations=4 if cls is GRPO else 1,  # noqa: E731
+                           max_completion_length=16, beta=0.04 if cls is GRPO else 0.0, **kwargs)
+        ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / cls.__name__, save_last=True)
+        trainer, _ = fit(make(), PromptOnlyDataModule(DATA, batch_size=8), steps=2 * per_batch, callbacks=[ckpt],
+                         enable_checkpointing=True)
+        state = torch.load(tmp_path / cls.__name__ / "last.ckpt", weights_only=False)
+        assert not any(k.startswith("ref_model.") for k in state["state_dict"])
+        resumed = L.Trainer(max_steps=4 * per_batch, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        resumed.fit(make(), PromptOnlyDataModule(DATA, batch_size=8), ckpt_path=str(tmp_path / cls.__name__ / "last.ckpt"))
+        assert resumed.global_step == 4 * per_batch
+
+
+def test_completion_table_goes_to_wandb(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="lit-align", save_dir=str(tmp_path), offline=True)
+    tables = []
+    logger.log_table = lambda key, columns, data: tables.append((key, columns, data))
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=16, log_completions=True,
+                  log_completions_steps=1)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, PromptOnlyDataModule(DATA, batch_size=8))
+    import wandb
+
+    wandb.finish()
+    assert len(tables) == 2
+    key, columns, rows = tables[0]
+    assert key == "completions" and columns == ["step", "prompt", "completion", "arithmetic_reward", "advantage"]
+    assert len(rows) == 8 and rows[0][1].startswith("Compute")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_reward_function_errors_name_the_function():
+    def broken(prompts, completions, **kwargs):
+        raise KeyError("answer")
+
+    def short(prompts, completions, **kwargs):
+        return [1.0]
+
+    for func, message in ((broken, "reward function 'broken' raised KeyError"), (short, "'short' returned 1 values for 8")):
+        module = GRPO(reward_funcs=[func], num_generations=4, max_completion_length=4)
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            fit(module, PromptOnlyDataModule(DATA, batch_size=8), steps=1)
+
+
+def test_prompt_longer_than_the_context_is_reported():
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=2, max_completion_length=1020)
+    with pytest.raises(ValueError, match=r"has \d+ tokens; with max_completion_length=1020 it exceeds the model's context of 1024"):
+        fit(module, PromptOnlyDataModule(DATA, batch_size=4), steps=1)
+
+
+def test_bad_online_settings_are_reported():
+    with pytest.raises(ValueError, match="needs reward_funcs"):
+        fit(GRPO(num_generations=2, max_completion_length=4), PromptOnlyDataModule(DATA, batch_size=4), steps=1)
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        GRPO(reward_funcs=["arithmetic_reward"], num_generations=1)
+    with pytest.raises(ValueError, match="reward_weights has 2 values for 1 reward functions"):
+        GRPO(reward_funcs=["arithmetic_reward"], reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="cannot import 'no_such_reward'"):
+        GRPO(reward_funcs=["no_such_reward"])
+    with pytest.raises(ValueError, match="PPO needs reward_model_name_or_path or reward_funcs"):
+        PPO()
+    with pytest.raises(ValueError, match="reward_clip_range"):
+        RLOO(reward_funcs=["arithmetic_reward"], reward_clip_range=(1.0, 0.0))
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def mean_reward(record: Record, part: slice) -> float:
+    values = [m["train/reward"] for m in record.metrics[part]]
+    return sum(values) / len(values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method,kwargs,batch_size,steps",
+    [
+        ("grpo", {"num_generations": 8}, 128, 100),
+        ("rloo", {"num_generations": 4}, 64, 100),
+        ("ppo", {"num_ppo_epochs": 4, "num_mini_batches": 2, "temperature": 1.0}, 64, 240),
+    ],
+)
+def test_online_methods_raise_the_correctness_reward(sft_model, method, kwargs, batch_size, steps):
+    """From the SFT model (configs/sft.yaml), the mean correctness reward of the last quarter of a
+    short run (the configs' settings, fewer steps) is clearly above the first quarter's."""
+    L.seed_everything(0)
+    cls = {"grpo": GRPO, "rloo": RLOO, "ppo": PPO}[method]
+    module = cls(sft_model, reward_funcs=["arithmetic_reward"], max_completion_length=24, optimizer=adamw(1e-3), **kwargs)
+    data = PromptOnlyDataModule("builtin:arithmetic?size=2000&steps=1&max_operand=4", batch_size=batch_size)
+    _, record = fit(module, data, steps=steps)
+    n = len(record.metrics) // 4
+    first, last = mean_reward(record, slice(0, n)), mean_reward(record, slice(-n, None))
+    print(method, first, last)
+    assert last > first + 0.05, (first, last)
