@@ -12,22 +12,42 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from scripted_engine import ScriptedEngine  # noqa: E402  (tests/ is this script's directory)
 
 from lit_align import (  # noqa: E402
     BCO,
     DPO,
+    GRPO,
     KTO,
+    PPO,
+    RLOO,
     SFT,
     PreferenceDataModule,
     PromptCompletionDataModule,
+    PromptOnlyDataModule,
+    RolloutCallback,
     UnpairedPreferenceDataModule,
 )
+from lit_align.models.builtin import builtin_tokenizer  # noqa: E402
 
 METHODS = {
     "sft": (SFT, PromptCompletionDataModule),
     "dpo": (DPO, PreferenceDataModule),
     "kto": (KTO, UnpairedPreferenceDataModule),
     "bco": (BCO, UnpairedPreferenceDataModule),
+    "grpo": (GRPO, PromptOnlyDataModule),
+    "rloo": (RLOO, PromptOnlyDataModule),
+    "ppo": (PPO, PromptOnlyDataModule),
+    "grpo_sampled": (GRPO, PromptOnlyDataModule),
+}
+# Online methods: global batch statistics on (batch scaling, the KL, whitening) and a scripted engine,
+# so one and two processes see the same completions; grpo_sampled samples with the real engine
+# (ranks then decode different lengths) and only has to finish.
+ONLINE = {
+    "grpo": {"num_generations": 4, "beta": 0.04, "scale_rewards": "batch", "loss_type": "dapo"},
+    "rloo": {"num_generations": 4, "beta": 0.05, "normalize_advantages": True},
+    "ppo": {"num_ppo_epochs": 2, "kl_estimator": "k3", "whiten_rewards": True},
+    "grpo_sampled": {"num_generations": 4, "beta": 0.04},
 }
 
 
@@ -45,15 +65,24 @@ def main(method: str, devices: int, out: str) -> None:
     L.seed_everything(0)
     global_batch = 8
     module_cls, data_cls = METHODS[method]
-    module = module_cls(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
-    data = data_cls(
-        "builtin:arithmetic?size=32", batch_size=global_batch // devices, shuffle=False, group_by_length=False
-    )
-    record = Record()
+    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0)  # noqa: E731
+    callbacks = [Record()]
+    dataset = "builtin:arithmetic?size=32"
+    if method in ONLINE:
+        module = module_cls(reward_funcs=["arithmetic_reward"], max_completion_length=16, optimizer=optimizer, **ONLINE[method])
+        dataset = "builtin:arithmetic?size=32&steps=1&max_operand=9"
+        global_batch = 16 if method != "ppo" else 8
+        if method != "grpo_sampled":
+            callbacks.append(RolloutCallback(engine=ScriptedEngine(builtin_tokenizer())))
+    else:
+        module = module_cls(optimizer=optimizer)
+    data = data_cls(dataset, batch_size=global_batch // devices, shuffle=False, group_by_length=False)
+    record = callbacks[0]
+    max_steps = 4 if method == "ppo" else 2  # PPO: two rollouts of two epochs
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=2,
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=max_steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=1, callbacks=[record],
+        log_every_n_steps=1, callbacks=callbacks,
     )
     trainer.fit(module, data)
     if trainer.is_global_zero:

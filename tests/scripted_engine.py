@@ -8,8 +8,6 @@ exactly the completions one process sees.
 
 from __future__ import annotations
 
-import torch
-
 from lit_align.data.arithmetic import solve
 from lit_align.rollout.engines import Generations, completion_mask, eos_ids, right_pad
 

@@ -244,19 +244,20 @@ def test_ppo_with_reward_and_value_models():
     assert any(k.startswith("value_model.") for k in module.state_dict())  # the critic is trained and saved
 
 
-def test_checkpoint_resume_continues_online_training(tmp_path):
-    for cls, kwargs, per_batch in ((GRPO, {}, 1), (PPO, {"num_ppo_epochs": 2}, 2)):
-        make = lambda: cls(reward_funcs=["arithmetic_reward"], num_generations=4 if cls is GRPO else 1,  # noqa: E731
-                           max_completion_length=16, beta=0.04 if cls is GRPO else 0.0, **kwargs)
-        ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / cls.__name__, save_last=True)
-        trainer, _ = fit(make(), PromptOnlyDataModule(DATA, batch_size=8), steps=2 * per_batch, callbacks=[ckpt],
-                         enable_checkpointing=True)
-        state = torch.load(tmp_path / cls.__name__ / "last.ckpt", weights_only=False)
-        assert not any(k.startswith("ref_model.") for k in state["state_dict"])
-        resumed = L.Trainer(max_steps=4 * per_batch, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
-        resumed.fit(make(), PromptOnlyDataModule(DATA, batch_size=8), ckpt_path=str(tmp_path / cls.__name__ / "last.ckpt"))
-        assert resumed.global_step == 4 * per_batch
+@pytest.mark.parametrize("cls,kwargs,per_batch", [(GRPO, {"num_generations": 4, "beta": 0.04}, 1), (PPO, {"num_ppo_epochs": 2}, 2)])
+def test_checkpoint_resume_continues_online_training(tmp_path, cls, kwargs, per_batch):
+    def make():
+        return cls(reward_funcs=["arithmetic_reward"], max_completion_length=16, **kwargs)
+
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / cls.__name__, save_last=True)
+    trainer, _ = fit(make(), PromptOnlyDataModule(DATA, batch_size=8), steps=2 * per_batch, callbacks=[ckpt],
+                     enable_checkpointing=True)
+    state = torch.load(tmp_path / cls.__name__ / "last.ckpt", weights_only=False)
+    assert not any(k.startswith("ref_model.") for k in state["state_dict"])
+    resumed = L.Trainer(max_steps=4 * per_batch, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    resumed.fit(make(), PromptOnlyDataModule(DATA, batch_size=8), ckpt_path=str(tmp_path / cls.__name__ / "last.ckpt"))
+    assert resumed.global_step == 4 * per_batch
 
 
 def test_completion_table_goes_to_wandb(tmp_path):

@@ -165,9 +165,9 @@ def ppo_policy_loss(
     loss = _token_mean(torch.max(loss1, loss2), mask, num_items)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((loss2 > loss1).float(), mask),
-            "approxkl": 0.5 * masked_mean(diff**2, mask),
-            "ratio": masked_mean(ratio, mask),
+            "clipfrac": _token_mean((loss2 > loss1).float(), mask, num_items),
+            "approxkl": 0.5 * _token_mean(diff**2, mask, num_items),
+            "ratio": _token_mean(ratio, mask, num_items),
         }
     return loss, stats
 
@@ -180,7 +180,7 @@ def ppo_value_loss(
     loss1 = (values - returns) ** 2
     loss2 = (clipped - returns) ** 2
     loss = 0.5 * _token_mean(torch.max(loss1, loss2), mask, num_items)
-    return loss, masked_mean((loss2 > loss1).float(), mask).detach()
+    return loss, _token_mean((loss2 > loss1).float(), mask, num_items).detach()
 
 
 def _token_mean(x: Tensor, mask: Tensor, num_items) -> Tensor:

@@ -211,9 +211,13 @@ class PPO(OnlineModule):
                 if scheduler is not None:
                     scheduler.step()
                 stats.append(step_stats)
-        mean = {k: torch.stack([s[k] for s in stats]) for k in stats[0]}
-        metrics: dict[str, Tensor | float] = {k: self.global_sum(v.mean()) / self.world_size for k, v in mean.items()}
-        metrics["val/ratio_var"] = self.global_sum(mean["val/ratio"].var(unbiased=False) if len(stats) > 1 else torch.zeros((), device=self.device)) / self.world_size
+        names = list(stats[0])
+        # (optimizer steps, metrics) over all devices: each per-device value is already a share of the
+        # global token mean, so their sum over devices is the global value of that step.
+        per_step = self.global_sum(torch.stack([torch.stack([s[k] for k in names]) for s in stats])) / self.world_size
+        metrics: dict[str, Tensor | float] = dict(zip(names, per_step.mean(0)))
+        ratio = per_step[:, names.index("val/ratio")]
+        metrics["val/ratio_var"] = ratio.var() if len(stats) > 1 else torch.zeros((), device=self.device)
         self.log_metrics({**metrics, **r.metrics}, "train", n)
 
     def minibatch_loss(self, r: Rollout, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -229,7 +233,7 @@ class PPO(OnlineModule):
             "loss": loss.detach(),
             "policy/approxkl_avg": pstats["approxkl"],
             "policy/clipfrac_avg": pstats["clipfrac"],
-            "policy/entropy_avg": (entropy * mask).sum() / mask.sum(),
+            "policy/entropy_avg": (entropy * mask).sum() / tokens,
             "loss/policy_avg": pg_loss.detach(),
             "loss/value_avg": vf_loss.detach(),
             "val/clipfrac_avg": vf_clipfrac,
