@@ -28,3 +28,14 @@ def test_sft_then_dpo(tmp_path):
 def test_orpo_single_stage(tmp_path):
     metrics = load("orpo_single_stage").main(steps=3, out_dir=str(tmp_path))
     assert "train/log_odds_ratio" in metrics and "val/nll_loss" in metrics
+
+
+def test_rlhf_pipeline(tmp_path):
+    metrics = load("rlhf_pipeline").main(sft_steps=3, rm_steps=3, ppo_steps=4, out_dir=str(tmp_path))
+    assert "train/objective/scores" in metrics and "train/loss/value_avg" in metrics
+    assert (tmp_path / "reward" / "config.json").exists() and (tmp_path / "ppo" / "config.json").exists()
+
+
+def test_grpo_custom_reward(tmp_path):
+    metrics = load("grpo_custom_reward").main(sft_steps=3, grpo_steps=2, out_dir=str(tmp_path))
+    assert {"train/rewards/close_answer/mean", "train/rewards/brevity/mean", "train/reward"} <= set(metrics)
