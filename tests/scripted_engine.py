@@ -1,8 +1,8 @@
 """A deterministic generation engine for tests: completions are a function of the prompt text.
 
-Completion ``j`` of a prompt answers ``solve(prompt) + (j % 2)`` (so half of each group is right
-and rewards have spread) followed by ``j % 3`` spaces (so lengths differ within and across
-ranks), then EOS. Prompts on different ranks get different lengths, and two processes see
+Completion ``j`` of the ``c``-th call answers ``solve(prompt) + ((j + c - 1) % 2)`` (so half of
+each group is right and rewards have spread, and successive single samples alternate between
+right and wrong) followed by ``j % 3`` spaces (so lengths differ within and across ranks), then EOS. Prompts on different ranks get different lengths, and two processes see
 exactly the completions one process sees.
 """
 
@@ -24,7 +24,7 @@ class ScriptedEngine:
         for p, m in zip(prompt_ids.tolist(), prompt_mask.tolist()):
             answer = solve(tok.decode([t for t, k in zip(p, m) if k], skip_special_tokens=True))
             for j in range(sampling.num_generations):
-                text = f"Answer: {answer + j % 2}" + " " * (j % 3)
+                text = f"Answer: {answer + (j + self.calls - 1) % 2}" + " " * (j % 3)
                 rows.append((tok(text)["input_ids"] + [tok.eos_token_id])[: sampling.max_completion_length])
         ids = right_pad(rows, tok.pad_token_id, device=prompt_ids.device)
         mask, truncated = completion_mask(ids, eos_ids(tok))

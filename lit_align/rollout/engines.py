@@ -171,7 +171,8 @@ class HFEngine:
         if self.seed is not None and self.generator is None:
             self.generator = torch.Generator(prompt_ids.device).manual_seed(self.seed)
         n, device = sampling.num_generations, prompt_ids.device
-        cache, cache_arg = DynamicCache(), _cache_argument(model)
+        cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache()  # a mixture brings a pair
+        cache_arg = _cache_argument(model)
         positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{cache_arg: cache})

@@ -1,0 +1,222 @@
+"""Generalized knowledge distillation (TRL ``experimental.gkd.GKDTrainer``, trl-methods.md §11;
+Agarwal et al. 2024, "On-policy distillation of language models: learning from self-generated mistakes").
+
+Each training batch, with probability ``lmbda``, has its completions replaced by the student's own
+samples (on-policy); otherwise, with ``seq_kd``, by the teacher's samples; otherwise it is used as
+is. The loss is the generalized JSD between the student's and the frozen teacher's next-token
+distributions over the completion tokens, averaged over all of them (over every device):
+
+    loss = sum_{trained t} JSD_beta(p_student(. | y_<t) || p_teacher(. | y_<t)) / #trained
+
+computed in chunks from hidden states (:func:`lit_align.ops.distill.chunked_generalized_jsd`),
+never from ``[B, T, V]`` logits. The trained tokens of a sequence are its last completion span:
+the completion of prompt-completion data, the last assistant turn of a conversation (as TRL's
+``DataCollatorForChatML``, which trains on the last message); its prompt is everything before.
+
+Departures from TRL: the coin for on-policy batches comes from a generator seeded by the Lightning
+seed, the epoch and the batch index (TRL: Python's global ``random``), so it is reproducible and the
+same on every DDP rank. As in TRL, ``temperature`` is the sampling temperature only; the divergence
+is taken at temperature 1 (``GKDTrainer.compute_loss`` does not pass it on).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lit_align.methods.base import AlignModule
+from lit_align.models.reference import frozen_copy
+from lit_align.ops.completions import completion_batch
+from lit_align.ops.distill import LMHead, chunked_generalized_jsd, divergence_kind
+from lit_align.ops.forward import decoder_hidden, lm_head_params, target_mask
+from lit_align.ops.packing import SequenceBatch
+from lit_align.rollout.engines import GenerationEngine, HFEngine, SamplingParams
+
+Source = Literal["student", "teacher", "data"]
+
+
+def distill_targets(batch: SequenceBatch) -> Tensor:
+    """The tokens distilled, ``(R, T)`` bool: each sequence's last run of completion tokens (of assistant
+    tokens too, when the chat template marks them), so a conversation trains on its last assistant turn."""
+    mask = batch.completion_mask & (batch.sequence_ids >= 0)
+    if batch.assistant_mask is not None:
+        mask = mask & batch.assistant_mask
+    seq = batch.sequence_ids
+    continues = torch.zeros_like(mask)
+    continues[:, 1:] = mask[:, :-1] & (seq[:, 1:] == seq[:, :-1])  # (R, T) the previous token is in the same run
+    starts = mask & ~continues  # (R, T) first token of each run
+    flat = torch.arange(mask.numel(), device=mask.device).view_as(mask)  # (R, T) row-major token index
+    last_start = torch.full((int(seq.max()) + 1,), -1, dtype=torch.long, device=mask.device)
+    last_start = last_start.scatter_reduce(0, seq[starts], flat[starts], "amax")  # (S,)
+    return mask & (flat >= last_start[seq.clamp(min=0)])
+
+
+def left_padded_prompts(batch: SequenceBatch, targets: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Each sequence's tokens before its first target, left-padded: ``(S, P)`` ids and mask (sequence order)."""
+    ids, seq, tgt = batch.input_ids.flatten().tolist(), batch.sequence_ids.flatten().tolist(), targets.flatten().tolist()
+    prompts: dict[int, list[int]] = {}
+    done: set[int] = set()
+    for token, s, is_target in zip(ids, seq, tgt):
+        if s < 0 or s in done:
+            continue
+        if is_target:
+            done.add(s)
+        else:
+            prompts.setdefault(s, []).append(token)
+    rows = [prompts.get(s, []) for s in range(int(batch.sequence_ids.max()) + 1)]
+    if not all(rows):
+        raise ValueError(
+            "GKD samples completions from each sequence's prompt (the tokens before its completion), and a "
+            "sequence of this batch has none: use prompt-completion or conversational data"
+        )
+    width = max(len(r) for r in rows)
+    prompt_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompt_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        prompt_mask[i, width - len(r):] = 1
+    return prompt_ids.to(batch.input_ids.device), prompt_mask.to(batch.input_ids.device)
+
+
+def check_shared_vocabulary(student: nn.Module, teacher: nn.Module, student_name: str, teacher_name: str) -> None:
+    s, t = (m.config.get_text_config().vocab_size for m in (student, teacher))
+    if s != t:
+        raise ValueError(
+            f"teacher {teacher_name!r} has a vocabulary of {t} tokens, student {student_name!r} {s}; GKD "
+            "needs a shared tokenizer (it compares full next-token distributions)"
+        )
+
+
+class GKD(AlignModule):
+    """Distillation of a frozen teacher into the policy, on-policy with probability ``lmbda``."""
+
+    default_lr = 2e-5  # GKDConfig inherits SFTConfig's learning rate
+    disable_dropout_default = True
+    frozen_submodules = ("teacher",)
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher_model_name_or_path: str | None = None,
+        temperature: float = 0.9,
+        lmbda: float = 0.5,
+        beta: float = 0.5,
+        max_new_tokens: int = 128,
+        seq_kd: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            teacher_model_name_or_path: The teacher (required): a Hub id, a local Hugging Face model
+                directory or ``builtin:...``; loaded frozen with the policy's dtype, kept out of
+                checkpoints. It must share the policy's tokenizer; it may be larger.
+            temperature: Sampling temperature of the student's (and, with ``seq_kd``, the teacher's)
+                completions. As in TRL, the divergence itself is taken at temperature 1.
+            lmbda: Probability that a training batch is replaced by the student's own completions
+                (0: never, 1: always, fully on-policy).
+            beta: Interpolation of the generalized JSD in [0, 1]: 0 is the forward KL(teacher || student),
+                1 the reverse KL(student || teacher).
+            max_new_tokens: Longest sampled completion, in tokens.
+            seq_kd: Sequence-level KD: batches that are not on-policy get the teacher's completions
+                instead of the data's.
+        """
+        super().__init__(*args, **kwargs)
+        if not teacher_model_name_or_path:
+            raise ValueError(
+                "GKD needs a teacher: set teacher_model_name_or_path (a Hub id, a local model directory or "
+                "builtin:...) sharing the student's tokenizer"
+            )
+        divergence_kind(beta)  # checks beta is in [0, 1]
+        if not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1] (the probability of an on-policy batch), got {lmbda}")
+        self.teacher_model_name_or_path = teacher_model_name_or_path
+        self.temperature = temperature
+        self.lmbda = lmbda
+        self.beta = beta
+        self.max_new_tokens = max_new_tokens
+        self.seq_kd = seq_kd
+        # TRL's generation config: pure sampling (top_k 0, top_p 1) at ``temperature``.
+        self.sampling = SamplingParams(max_completion_length=max_new_tokens, temperature=temperature)
+        self.teacher: nn.Module | None = None
+        self._engine: GenerationEngine | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        self.teacher = frozen_copy(self.teacher_model_name_or_path, self.dtype_name, self.attn_implementation)
+        check_shared_vocabulary(self.model, self.teacher, self.model_name_or_path, self.teacher_model_name_or_path)
+
+    @property
+    def engine(self) -> GenerationEngine:
+        if self._engine is None:
+            self._engine = HFEngine(self.tokenizer, seed=self.base_seed + self.global_rank)
+        return self._engine
+
+    @property
+    def base_seed(self) -> int:
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (the CLI's seed_everything)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # -- where a batch's completions come from ------------------------------------------------------
+    def batch_source(self, batch_idx: int) -> Source:
+        """``student`` with probability ``lmbda``, else ``teacher`` (``seq_kd``) or ``data``; the same
+        draw on every rank, from the seed, the epoch and the batch index."""
+        key = ((self.base_seed * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx) % 2**63
+        draw = torch.rand((), generator=torch.Generator().manual_seed(key)).item()
+        if draw < self.lmbda:
+            return "student"
+        return "teacher" if self.seq_kd else "data"
+
+    def generate_completions(self, batch: SequenceBatch, model: nn.Module) -> SequenceBatch:
+        """The batch's prompts with completions sampled from ``model`` (up to and including EOS)."""
+        prompt_ids, prompt_mask = left_padded_prompts(batch, distill_targets(batch), self.pad_token_id)
+        gens = self.engine.generate(model, prompt_ids, prompt_mask, self.sampling)
+        return completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)
+
+    # -- loss -----------------------------------------------------------------------------------
+    def token_divergence(self, batch: SequenceBatch, mask: Tensor) -> Tensor:
+        """Generalized JSD at the positions ``mask`` ``(R, T-1)`` whose next token is distilled: ``(n,)``."""
+        student = decoder_hidden(self.model, batch)[:, :-1][mask]  # (n, H)
+        with torch.no_grad():
+            teacher = decoder_hidden(self.teacher, batch)[:, :-1][mask]  # (n, H_t)
+        return chunked_generalized_jsd(
+            student,
+            teacher,
+            LMHead(**lm_head_params(self.model)),
+            LMHead(**lm_head_params(self.teacher)),
+            beta=self.beta,
+            chunk_size=self.chunk_size,
+        )
+
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
+        source = self.batch_source(batch_idx)
+        if source != "data":
+            batch = self.generate_completions(batch, self.model if source == "student" else self.teacher)
+        return self.shared_step(batch, "train")
+
+    def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
+        if self.teacher is None:
+            raise RuntimeError("GKD has no teacher: configure_model() loads it (the Trainer calls it)")
+        mask = target_mask(batch, distill_targets(batch))  # (R, T-1)
+        jsd = self.token_divergence(batch, mask)  # (n,)
+        loss_sum = jsd.sum()
+        local = torch.stack(
+            [loss_sum.detach(), mask.sum().float(), torch.tensor(float(batch.num_tokens), device=mask.device)]
+        )
+        total_loss, n_targets, n_tokens = self.global_sum(local)
+        n = n_targets.clamp(min=1)
+        # Global token mean; times the world size because DDP averages the ranks' gradients.
+        loss = loss_sum / n * self.world_size
+        if stage == "train":
+            self.num_tokens_seen += int(n_tokens)
+        metrics = {"loss": total_loss / n, "num_tokens": float(self.num_tokens_seen) if stage == "train" else n_tokens}
+        self.log_metrics(metrics, stage, batch_size=batch.num_examples)
+        return loss
