@@ -1,4 +1,9 @@
-"""GRPO throughput and memory: TRL 1.16 ``GRPOTrainer`` against lit-align ``GRPO``, side by side.
+"""GRPO (and OnlineDPO) throughput and memory: TRL 1.16 against lit-align, side by side.
+
+``--method grpo`` (default): ``GRPOTrainer`` against ``GRPO``; ``--method online_dpo``:
+``trl.experimental.online_dpo.OnlineDPOTrainer`` against ``OnlineDPO`` (two completions per prompt,
+reward ``arithmetic_reward``, sigmoid loss, beta 0.1, a frozen reference on both sides; run it with
+``--num-generations 2``). The GRPO workload:
 
 Same model (``builtin:tiny-32k``, fp32, the same seeded weights on both sides: TRL loads the
 ``save_pretrained`` copy), the same prompts (the synthetic arithmetic task, one-step sums of
@@ -79,10 +84,17 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "lit_kl": ("lit", f"lit-align GRPO, beta={KL_BETA}", {"beta": KL_BETA}),
 }
 DEFAULT_CONFIGS = ["trl_default", "trl_fast", "lit"]
+# OnlineDPO (--method online_dpo): TRL's experimental OnlineDPOTrainer against lit-align OnlineDPO.
+# TRL generates without its KV cache when gradient checkpointing is on (its default).
+ONLINE_DPO_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "trl_default": ("trl", "TRL OnlineDPOTrainer defaults (gradient checkpointing: no KV cache in generate)", {}),
+    "trl_fast": ("trl", "TRL OnlineDPOTrainer, gradient_checkpointing=False", {"gradient_checkpointing": False}),
+    "lit": ("lit", "lit-align OnlineDPO defaults", {}),
+}
 
 
 def _beta(name: str) -> float:
-    return CONFIGS[name][2].get("beta", 0.0)
+    return CONFIGS.get(name, ("", "", {}))[2].get("beta", 0.0)
 
 
 # --------------------------------------------------------------------------- children
@@ -254,11 +266,124 @@ def run_lit(args: argparse.Namespace, overrides: dict) -> dict:
     }
 
 
+def run_trl_online_dpo(args: argparse.Namespace, overrides: dict) -> dict:
+    import datasets
+    from transformers import TrainerCallback
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    clock, phases = StepClock(), Phases()
+
+    def count(call_args, out):  # _generate(self, model, prompts) -> (prompt_ids, prompt_mask, completion_ids, mask, ...)
+        return int(out[3].sum()), int(out[1].sum())
+
+    OnlineDPOTrainer._generate = phases.timed("gen_s", OnlineDPOTrainer._generate, count)
+    OnlineDPOTrainer._calculate_rewards_from_functions = phases.timed(
+        "score_s", OnlineDPOTrainer._calculate_rewards_from_functions
+    )
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock.start()
+
+        def on_step_end(self, *a, **k):
+            phases.step_end(clock)
+
+    config = OnlineDPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_online_dpo_trl_"),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        per_device_train_batch_size=args.batch_size // 2,  # prompts; each gets two completions
+        max_new_tokens=args.max_completion_length,
+        learning_rate=args.lr,
+        beta=[0.1],
+        loss_type="sigmoid",
+        max_steps=args.warmup + args.steps,
+        logging_steps=1000,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        generation_kwargs={"min_new_tokens": args.max_completion_length},
+        **overrides,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = OnlineDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(args.model_dir),
+        processing_class=AutoTokenizer.from_pretrained(args.model_dir),
+        reward_funcs=[_reward_func()],
+        args=config,
+        train_dataset=datasets.Dataset.from_list(read_jsonl(args.data)),
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    extra = {"gradient_checkpointing": bool(trainer.args.gradient_checkpointing), "beta": 0.1, "reference_model": True}
+    return {"clock": clock, "phases": phases, "extra": extra}
+
+
+def run_lit_online_dpo(args: argparse.Namespace, overrides: dict) -> dict:
+    import lightning as L
+    import torch
+
+    from lit_align import OnlineDPO, PromptOnlyDataModule
+    from lit_align.methods.online_preference import OnlinePreferenceModule
+    from lit_align.rollout.engines import HFEngine
+
+    clock, phases = StepClock(), Phases()
+
+    def count(call_args, gens):
+        return int(gens.completion_mask.sum()), int(gens.prompt_mask.sum())
+
+    HFEngine.generate = phases.timed("gen_s", HFEngine.generate, count)
+    OnlinePreferenceModule.prefer = phases.timed("score_s", OnlinePreferenceModule.prefer)
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            phases.step_end(clock)
+
+    L.seed_everything(0, verbose=False)
+    module = OnlineDPO(
+        args.model,
+        reward_funcs=[_reward_func()],
+        max_new_tokens=args.max_completion_length,
+        beta=0.1,
+        loss_type="sigmoid",
+        generation_kwargs={"min_new_tokens": args.max_completion_length},
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        **overrides,
+    )
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps, accelerator="cpu", devices=1, precision="32-true", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Clock()],
+    )
+    trainer.fit(module, PromptOnlyDataModule(args.data, batch_size=args.batch_size // 2))
+    extra = {"gradient_checkpointing": bool(module.gradient_checkpointing), "beta": 0.1, "reference_model": module.ref_model is not None}
+    return {"clock": clock, "phases": phases, "extra": extra}
+
+
+RUNNERS = {
+    ("grpo", "trl"): run_trl,
+    ("grpo", "lit"): run_lit,
+    ("online_dpo", "trl"): run_trl_online_dpo,
+    ("online_dpo", "lit"): run_lit_online_dpo,
+}
+
+
+def method_configs(method: str) -> dict[str, tuple[str, str, dict]]:
+    return CONFIGS if method == "grpo" else ONLINE_DPO_CONFIGS
+
+
 def child_main(args: argparse.Namespace) -> None:
     offline_env()
     set_threads(args.threads)
-    framework, description, overrides = CONFIGS[args.child]
-    out = (run_trl if framework == "trl" else run_lit)(args, overrides)
+    framework, description, overrides = method_configs(args.method)[args.child]
+    out = RUNNERS[(args.method, framework)](args, overrides)
     clock: StepClock = out["clock"]
     if len(clock.times) != args.warmup + args.steps:
         raise RuntimeError(
@@ -328,6 +453,8 @@ def child_argv(args: argparse.Namespace, name: str) -> list[str]:
         str(args.lr),
         "--threads",
         str(args.threads),
+        "--method",
+        args.method,
     ]
 
 
@@ -337,7 +464,7 @@ def parent_main(args: argparse.Namespace) -> None:
         runs: dict[str, list[Result]] = {name: [] for name in args.configs}
         for rep in range(args.repeats):  # round-robin, so a slow spell of a shared machine hits every config
             for name in args.configs:
-                print(f"[{rep + 1}/{args.repeats}] {name}: {CONFIGS[name][1]} ...", flush=True)
+                print(f"[{rep + 1}/{args.repeats}] {name}: {method_configs(args.method)[name][1]} ...", flush=True)
                 result = run_child(child_argv(args, name), verbose=args.verbose)
                 runs[name].append(result)
                 p = phases(result)
@@ -440,8 +567,9 @@ def report(settings: dict, runs: dict[str, list[Result]], pick: str) -> None:
     s = settings
     print()
     print(
-        f"GRPO, {s['model']}, fp32, {s['batch_size']} completions per step ({s['num_generations']} per prompt), "
-        f"{s['max_completion_length']} completion tokens (min_new_tokens = max), loss dapo, lr {s['lr']}, "
+        f"{s.get('method', 'grpo')}, {s['model']}, fp32, {s['batch_size']} completions per step ({s['num_generations']} per prompt), "
+        f"{s['max_completion_length']} completion tokens (min_new_tokens = max), "
+        f"{'loss dapo' if s.get('method', 'grpo') == 'grpo' else 'loss sigmoid, beta 0.1'}, lr {s['lr']}, "
         f"{s['steps']} timed steps after {s['warmup']} warm-up, torch threads {s['threads']}, "
         f"{s['cpu_count']} CPUs; {pick} of {s['repeats']} run(s) per configuration"
     )
@@ -485,6 +613,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate (TRL's GRPO default)")
     p.add_argument("--model", default="builtin:tiny-32k")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
+    p.add_argument(
+        "--method",
+        choices=["grpo", "online_dpo"],
+        default="grpo",
+        help="grpo (GRPOTrainer vs GRPO) or online_dpo (OnlineDPOTrainer vs OnlineDPO: two completions per\n"
+        "prompt, so --batch-size completions are --batch-size / 2 prompts; use --num-generations 2)",
+    )
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (round-robin; see --pick)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 timed steps, 1 warm-up")
@@ -506,6 +641,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--batch-size {args.batch_size} must be divisible by --num-generations {args.num_generations}"
         )
+    if args.method == "online_dpo" and args.lr == 1e-6:
+        args.lr = 5e-7  # TRL's OnlineDPO default
     if args.quick and not args.child:
         args.steps, args.warmup = 2, 1
     return args
