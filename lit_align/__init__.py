@@ -11,6 +11,7 @@ from lit_align.data.formats import (
 from lit_align.methods.bco import BCO
 from lit_align.methods.cpo import CPO
 from lit_align.methods.dpo import DPO
+from lit_align.methods.gkd import GKD
 from lit_align.methods.grpo import GRPO
 from lit_align.methods.kto import KTO
 from lit_align.methods.nash_md import NashMD
@@ -30,6 +31,7 @@ __all__ = [
     "BCO",
     "CPO",
     "DPO",
+    "GKD",
     "GRPO",
     "KTO",
     "NashMD",
