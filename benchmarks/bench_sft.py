@@ -10,6 +10,7 @@ runs in its own process; see ``benchmarks/README.md`` for what is measured and t
     python benchmarks/bench_sft.py --steps 20 --batch-size 8
     python benchmarks/bench_sft.py --quick             # smoke run (a few steps, short sequences)
     python benchmarks/bench_sft.py --configs trl_nogc lit --profile /tmp/prof   # per-op profiles
+    python benchmarks/bench_sft.py --method gkd        # GKD: TRL GKDTrainer vs lit-align GKD (lmbda=0)
 
 Configurations (``--configs``, default: trl_default trl_fast lit lit_packed):
 
@@ -231,11 +232,99 @@ def run_lit(args: argparse.Namespace, overrides: dict) -> dict:
     }
 
 
+# GKD (--method gkd): TRL's experimental GKDTrainer against lit-align GKD on the same rows as
+# conversations (user: prompt, assistant: completion; TRL's GKD collator takes messages only), a frozen
+# teacher of the same size (the same weights: the cost does not depend on them), beta 0.5, lmbda 0
+# (distillation on the data: the divergence, not sampling, is what is compared here).
+GKD_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "trl_default": ("trl", "TRL GKDTrainer defaults (gradient checkpointing), lmbda=0", {}),
+    "trl_fast": ("trl", "TRL GKDTrainer, gradient_checkpointing=False, lmbda=0", {"gradient_checkpointing": False}),
+    "lit": ("lit", "lit-align GKD defaults, lmbda=0", {}),
+}
+
+
+def _messages(rows: list[dict]) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in rows]
+
+
+def run_trl_gkd(args: argparse.Namespace, overrides: dict) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    clock = StepClock()
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock.start()
+
+        def on_step_end(self, *a, **k):
+            clock.step_end(clock_tokens.pop() if clock_tokens else 0)
+
+    clock_tokens: list[int] = []
+    compute_loss = GKDTrainer.compute_loss
+
+    def counting(self, model, inputs, *a, **k):  # real tokens of the batch (attention mask)
+        clock_tokens[:] = [int(inputs["attention_mask"].sum())]
+        return compute_loss(self, model, inputs, *a, **k)
+
+    GKDTrainer.compute_loss = counting
+    config = GKDConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_gkd_trl_"), report_to="none", use_cpu=True, bf16=False,
+        per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps, learning_rate=args.lr,
+        max_grad_norm=1.0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        max_length=args.max_length, lmbda=0.0, beta=0.5, **overrides,
+    )
+    trainer = GKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(args.model_dir),
+        teacher_model=AutoModelForCausalLM.from_pretrained(args.model_dir),
+        processing_class=AutoTokenizer.from_pretrained(args.model_dir),
+        args=config, train_dataset=datasets.Dataset.from_list(_messages(read_jsonl(args.data))), callbacks=[Clock()],
+    )
+    trainer.train()
+    return {"clock": clock, "extra": {"gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}}
+
+
+def run_lit_gkd(args: argparse.Namespace, overrides: dict) -> dict:
+    import lightning as L
+    import torch
+
+    from lit_align import GKD, LanguageModelingDataModule
+
+    clock = StepClock()
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.step_end(batch.num_tokens)
+
+    rows = Path(args.data).with_name("messages.jsonl")
+    write_jsonl(_messages(read_jsonl(args.data)), rows)
+    module = GKD(args.model, teacher_model_name_or_path=args.model_dir, lmbda=0.0, beta=0.5,
+                 optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0))
+    data = LanguageModelingDataModule(str(rows), batch_size=args.batch_size, max_length=args.max_length)
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps, accelerator="cpu", devices=1, precision="32-true", gradient_clip_val=1.0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[Clock()],
+    )
+    trainer.fit(module, data)
+    return {"clock": clock, "extra": {"gradient_checkpointing": bool(module.gradient_checkpointing)}}
+
+
+def method_configs(method: str) -> dict[str, tuple[str, str, dict]]:
+    return GKD_CONFIGS if method == "gkd" else CONFIGS
+
+
 def child_main(args: argparse.Namespace) -> None:
     offline_env()
     set_threads(args.threads)
-    framework, description, overrides = CONFIGS[args.child]
-    out = (run_trl if framework == "trl" else run_lit)(args, overrides)
+    framework, description, overrides = method_configs(args.method)[args.child]
+    runners = {("sft", "trl"): run_trl, ("sft", "lit"): run_lit, ("gkd", "trl"): run_trl_gkd, ("gkd", "lit"): run_lit_gkd}
+    out = runners[(args.method, framework)](args, overrides)
     clock: StepClock = out["clock"]
     if len(clock.times) != args.warmup + args.steps:
         raise RuntimeError(
@@ -308,6 +397,8 @@ def child_argv(args: argparse.Namespace, name: str) -> list[str]:
         str(args.max_length),
         "--threads",
         str(args.threads),
+        "--method",
+        args.method,
     ]
     if args.profile:
         argv += ["--profile", args.profile]
@@ -320,7 +411,7 @@ def parent_main(args: argparse.Namespace) -> None:
         runs: dict[str, list[Result]] = {name: [] for name in args.configs}
         for rep in range(args.repeats):  # round-robin, so a slow spell of a shared machine hits every config
             for name in args.configs:
-                print(f"[{rep + 1}/{args.repeats}] {name}: {CONFIGS[name][1]} ...", flush=True)
+                print(f"[{rep + 1}/{args.repeats}] {name}: {method_configs(args.method)[name][1]} ...", flush=True)
                 result = run_child(child_argv(args, name), verbose=args.verbose)
                 runs[name].append(result)
                 print(
@@ -348,7 +439,7 @@ def report(settings: dict, runs: dict[str, list[Result]], pick: str) -> None:
     s = settings
     print()
     print(
-        f"SFT, {s['model']}, fp32, batch size {s['batch_size']}, max_length {s['max_length']}, lr {s['lr']}, "
+        f"{s.get('method', 'sft').upper()}, {s['model']}, fp32, batch size {s['batch_size']}, max_length {s['max_length']}, lr {s['lr']}, "
         f"{s['steps']} timed steps after {s['warmup']} warm-up, torch threads {s['threads']}, "
         f"{s['cpu_count']} CPUs; {pick} of {s['repeats']} run(s) per configuration"
     )
@@ -385,7 +476,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rows")
     p.add_argument("--model", default="builtin:tiny-32k")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=sorted(CONFIGS))
+    p.add_argument("--method", choices=["sft", "gkd"], default="sft", help="sft, or gkd (GKDTrainer vs GKD, lmbda=0)")
+    p.add_argument("--configs", nargs="+", default=None, choices=sorted(set(CONFIGS) | set(GKD_CONFIGS)))
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (round-robin; see --pick)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 timed steps, 1 warm-up, short rows")
     p.add_argument("--json", help="also write every run to this JSON file")
@@ -402,10 +494,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--verbose", action="store_true", help="show the children's stderr")
     # internal: a child runs one configuration
-    p.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=sorted(set(CONFIGS) | set(GKD_CONFIGS)), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.configs is None:
+        args.configs = DEFAULT_CONFIGS if args.method == "sft" else list(GKD_CONFIGS)
     if args.quick and not args.child:
         args.steps, args.warmup = 3, 1
         args.prompt_len, args.completion_len = [64, 192], [8, 32]
