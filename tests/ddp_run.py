@@ -17,6 +17,7 @@ from scripted_engine import ScriptedEngine  # noqa: E402  (tests/ is this script
 from lit_align import (  # noqa: E402
     BCO,
     DPO,
+    GKD,
     GRPO,
     KTO,
     PPO,
@@ -39,6 +40,7 @@ METHODS = {
     "rloo": (RLOO, PromptOnlyDataModule),
     "ppo": (PPO, PromptOnlyDataModule),
     "grpo_sampled": (GRPO, PromptOnlyDataModule),
+    "gkd": (GKD, PromptCompletionDataModule),
 }
 # Online methods: global batch statistics on (batch scaling, the KL, whitening) and a scripted engine,
 # so one and two processes see the same completions; grpo_sampled samples with the real engine
@@ -74,6 +76,8 @@ def main(method: str, devices: int, out: str) -> None:
         global_batch = 16 if method != "ppo" else 8
         if method != "grpo_sampled":
             callbacks.append(RolloutCallback(engine=ScriptedEngine(builtin_tokenizer())))
+    elif method == "gkd":  # distillation on the data (lmbda=0), from a teacher the test wrote
+        module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.0, optimizer=optimizer)
     else:
         module = module_cls(optimizer=optimizer)
     data = data_cls(dataset, batch_size=global_batch // devices, shuffle=False, group_by_length=False)

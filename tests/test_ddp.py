@@ -1,7 +1,7 @@
 """Two-process DDP on CPU (gloo) gives the same losses, metrics and weights as one process on the same
 global batch: SFT's global token normalisation, DPO's pair means, KTO's KL estimate (``train/kl``),
 BCO's running reward mean (``train/delta``), GRPO's batch-scaled advantages and DAPO token count,
-RLOO's normalised advantages and PPO's whitening are all computed over both ranks."""
+RLOO's normalised advantages, PPO's whitening and GKD's token mean are all computed over both ranks."""
 
 import json
 import subprocess
@@ -20,8 +20,19 @@ def run(method: str, devices: int, out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "bco", "grpo", "rloo", "ppo"])
-def test_ddp_two_processes_match_one(method, tmp_path):
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd"])
+def test_ddp_two_processes_match_one(method, tmp_path, monkeypatch):
+    if method == "gkd":  # a teacher that differs from the student: builtin:tiny with seeded noise
+        from lit_align.models.builtin import builtin_model, builtin_tokenizer
+
+        teacher = builtin_model("builtin:tiny")
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(0)
+            for p in teacher.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        teacher.save_pretrained(tmp_path / "teacher")
+        builtin_tokenizer().save_pretrained(tmp_path / "teacher")
+        monkeypatch.setenv("LIT_ALIGN_TEST_TEACHER", str(tmp_path / "teacher"))
     one = run(method, 1, tmp_path / "one.json")
     two = run(method, 2, tmp_path / "two.json")
     assert len(one["losses"]) == len(two["losses"]) == 2  # PPO: one entry per rollout
