@@ -30,7 +30,7 @@ SHORT = ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.va
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_runs(config, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # the configs' relative run directories land in tmp_path
-    if "runs/sft/hf_model" in config.read_text():  # online methods start from configs/sft.yaml's export
+    if "name_or_path: runs/sft/hf_model" in config.read_text():  # online methods and GKD start from sft.yaml's export
         (tmp_path / "runs" / "sft").mkdir(parents=True)
         (tmp_path / "runs" / "sft" / "hf_model").symlink_to(request.getfixturevalue("sft_model"))
     cli = build_cli(["fit", f"--config={config}", *SHORT])
