@@ -312,6 +312,9 @@ def test_bad_online_settings_are_reported():
         GRPO(reward_funcs=["no_such_reward"])
     with pytest.raises(ValueError, match="PPO needs reward_model_name_or_path or reward_funcs"):
         PPO()
+    with pytest.raises(ValueError, match="num_iterations > 1 reuses each micro-batch's rollout"):
+        fit(GRPO(reward_funcs=["arithmetic_reward"], num_generations=2, max_completion_length=4, num_iterations=2),
+            PromptOnlyDataModule(DATA, batch_size=4), steps=1, accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="reward_clip_range"):
         RLOO(reward_funcs=["arithmetic_reward"], reward_clip_range=(1.0, 0.0))
 

@@ -149,6 +149,14 @@ class OnlineModule(AlignModule):
             callbacks.append(SyncReferenceModel(self.ref_model_mixup_alpha, self.ref_model_sync_steps))
         return callbacks
 
+    def on_fit_start(self) -> None:
+        if self.num_iterations > 1 and self.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                "num_iterations > 1 reuses each micro-batch's rollout on consecutive steps; with "
+                f"accumulate_grad_batches={self.trainer.accumulate_grad_batches} the reuses would fall in the same "
+                "optimizer step. Use accumulate_grad_batches=1 (raise batch_size instead) or num_iterations=1"
+            )
+
     def make_engine(self) -> GenerationEngine:
         if self.use_vllm:
             return VLLMEngine(self.model_name_or_path, self.tokenizer, dtype=self.dtype_name, seed=self.global_rank, **self.vllm_settings)
