@@ -17,7 +17,15 @@ import functools
 import lightning as L
 import torch
 
-from lit_align import PPO, SFT, PreferenceDataModule, PromptCompletionDataModule, PromptOnlyDataModule, RewardModel, SaveHFModel
+from lit_align import (
+    PPO,
+    SFT,
+    PreferenceDataModule,
+    PromptCompletionDataModule,
+    PromptOnlyDataModule,
+    RewardModel,
+    SaveHFModel,
+)
 
 TASK = "builtin:arithmetic?size=2000&steps=1&max_operand=9"
 

@@ -23,6 +23,7 @@ from lit_align import (  # noqa: E402
     PPO,
     RLOO,
     SFT,
+    OnlineDPO,
     PreferenceDataModule,
     PromptCompletionDataModule,
     PromptOnlyDataModule,
@@ -41,6 +42,7 @@ METHODS = {
     "ppo": (PPO, PromptOnlyDataModule),
     "grpo_sampled": (GRPO, PromptOnlyDataModule),
     "gkd": (GKD, PromptCompletionDataModule),
+    "online_dpo": (OnlineDPO, PromptOnlyDataModule),
 }
 # Online methods: global batch statistics on (batch scaling, the KL, whitening) and a scripted engine,
 # so one and two processes see the same completions; grpo_sampled samples with the real engine
@@ -50,6 +52,7 @@ ONLINE = {
     "rloo": {"num_generations": 4, "beta": 0.05, "normalize_advantages": True},
     "ppo": {"num_ppo_epochs": 2, "kl_estimator": "k3", "whiten_rewards": True},
     "grpo_sampled": {"num_generations": 4, "beta": 0.04},
+    "online_dpo": {"beta": 0.1, "missing_eos_penalty": 1.0},
 }
 
 
@@ -71,9 +74,10 @@ def main(method: str, devices: int, out: str) -> None:
     callbacks = [Record()]
     dataset = "builtin:arithmetic?size=32"
     if method in ONLINE:
-        module = module_cls(reward_funcs=["arithmetic_reward"], max_completion_length=16, optimizer=optimizer, **ONLINE[method])
+        length = {"max_new_tokens" if method == "online_dpo" else "max_completion_length": 16}
+        module = module_cls(reward_funcs=["arithmetic_reward"], optimizer=optimizer, **length, **ONLINE[method])
         dataset = "builtin:arithmetic?size=32&steps=1&max_operand=9"
-        global_batch = 16 if method != "ppo" else 8
+        global_batch = {"ppo": 8, "online_dpo": 4}.get(method, 16)  # online_dpo: prompts
         if method != "grpo_sampled":
             callbacks.append(RolloutCallback(engine=ScriptedEngine(builtin_tokenizer())))
     elif method == "gkd":  # distillation on the data (lmbda=0), from a teacher the test wrote

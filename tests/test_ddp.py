@@ -20,7 +20,7 @@ def run(method: str, devices: int, out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo"])
 def test_ddp_two_processes_match_one(method, tmp_path, monkeypatch):
     if method == "gkd":  # a teacher that differs from the student: builtin:tiny with seeded noise
         from lit_align.models.builtin import builtin_model, builtin_tokenizer
