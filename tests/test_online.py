@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lit_align import GRPO, PPO, RLOO, PromptOnlyDataModule, RolloutCallback
+from lit_align import GRPO, PPO, RLOO, OnlineDPO, PromptOnlyDataModule, RolloutCallback
 from lit_align.data.sampler import ShardedSampler
 from lit_align.models.builtin import builtin_model, builtin_tokenizer
 from lit_align.ops.completions import completion_batch, completion_logprobs
@@ -245,10 +245,17 @@ def test_ppo_with_reward_and_value_models():
     assert any(k.startswith("value_model.") for k in module.state_dict())  # the critic is trained and saved
 
 
-@pytest.mark.parametrize("cls,kwargs,per_batch", [(GRPO, {"num_generations": 4, "beta": 0.04}, 1), (PPO, {"num_ppo_epochs": 2}, 2)])
+@pytest.mark.parametrize(
+    "cls,kwargs,per_batch",
+    [
+        (GRPO, {"num_generations": 4, "beta": 0.04, "max_completion_length": 16}, 1),
+        (PPO, {"num_ppo_epochs": 2, "max_completion_length": 16}, 2),
+        (OnlineDPO, {"max_new_tokens": 16}, 1),
+    ],
+)
 def test_checkpoint_resume_continues_online_training(tmp_path, cls, kwargs, per_batch):
     def make():
-        return cls(reward_funcs=["arithmetic_reward"], max_completion_length=16, **kwargs)
+        return cls(reward_funcs=["arithmetic_reward"], **kwargs)
 
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / cls.__name__, save_last=True)
     trainer, _ = fit(make(), PromptOnlyDataModule(DATA, batch_size=8), steps=2 * per_batch, callbacks=[ckpt],
