@@ -357,3 +357,14 @@ def test_online_methods_raise_the_correctness_reward(sft_model, method, kwargs, 
     first, last = mean_reward(record, slice(0, n)), mean_reward(record, slice(-n, None))
     print(method, first, last)
     assert last > first + 0.05, (first, last)
+
+
+def test_select_sequences_equals_collating_the_subset_again():
+    from lit_align.ops.completions import select_sequences
+
+    prompt_ids, prompt_mask, completion_ids, cmask = random_rollout(3, n=6)
+    index = torch.tensor([4, 1, 3])
+    picked = select_sequences(completion_batch(prompt_ids, prompt_mask, completion_ids, cmask, 256), index)
+    again = completion_batch(prompt_ids[index], prompt_mask[index], completion_ids[index], cmask[index], 256)
+    for name in ("input_ids", "position_ids", "sequence_ids", "completion_mask", "attention_mask"):
+        assert torch.equal(getattr(picked, name), getattr(again, name)), name

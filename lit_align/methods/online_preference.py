@@ -19,6 +19,7 @@ from lit_align.losses.advantages import weighted_rewards
 from lit_align.losses.online_preference import check_online_loss_type
 from lit_align.methods.online import OnlineModule
 from lit_align.rewards.judges import PairwiseJudge, check_judgement, load_judge
+from lit_align.rewards.registry import compute_rewards
 from lit_align.rollout.engines import GenerationEngine, Generations
 from lit_align.rollout.types import Rollout
 
@@ -130,8 +131,6 @@ class OnlinePreferenceModule(OnlineModule):
             values = check_judgement(self.judge.judge(batch.prompts, pairs), E, type(self.judge).__name__)
             return torch.tensor(values, device=self.device), torch.full((2 * E,), float("nan"), device=self.device)
         columns = {k: v * 2 for k, v in batch.extras.items()}
-        from lit_align.rewards.registry import compute_rewards
-
         rewards = compute_rewards(self.reward_funcs, batch.prompts * 2, completions, ids, columns, self.device)
         scores = weighted_rewards(rewards, self.reward_weights).nan_to_num(0.0)
         if self.missing_eos_penalty is not None:

@@ -28,7 +28,12 @@ from lit_align.losses.advantages import gae, masked_whiten, weighted_rewards
 from lit_align.losses.policy import ppo_policy_loss, ppo_value_loss
 from lit_align.methods.online import OnlineModule
 from lit_align.models.heads import load_classifier
-from lit_align.ops.completions import completion_hidden, completion_logprobs, completion_values
+from lit_align.ops.completions import (
+    completion_hidden,
+    completion_logprobs,
+    completion_values,
+    select_sequences,
+)
 from lit_align.rewards.model import RewardModelScorer
 from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Rollout
@@ -223,7 +228,7 @@ class PPO(OnlineModule):
     def minibatch_loss(self, r: Rollout, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         g = r.generations
         sub = Generations(g.prompt_ids[idx], g.prompt_mask[idx], g.completion_ids[idx], g.completion_mask[idx], g.is_truncated[idx])
-        logps, entropy, values = self.policy_and_values(sub, self.sequences(sub), with_entropy=True)
+        logps, entropy, values = self.policy_and_values(sub, select_sequences(r.sequences, idx), with_entropy=True)
         mask = r.loss_mask[idx]
         tokens = self.global_sum(mask.sum()) / self.world_size  # token means over all devices' mini-batches
         pg_loss, pstats = ppo_policy_loss(logps, r.old_logps[idx], r.advantages[idx], mask, self.cliprange, tokens)

@@ -44,6 +44,18 @@ def completion_batch(
     )
 
 
+def select_sequences(batch: SequenceBatch, index: Tensor) -> SequenceBatch:
+    """The sequences ``index`` of a padded :func:`completion_batch` (one sequence per row), renumbered
+    ``0..len(index)-1``: a mini-batch without collating its tokens again."""
+    if batch.num_sequences != batch.input_ids.size(0):
+        raise ValueError("select_sequences needs the padded layout (one sequence per row)")
+    width = int((batch.sequence_ids[index] >= 0).sum(1).max())  # right padding: drop columns no row uses
+    rows = {k: v[index, :width] for k, v in batch.to_dict().items() if isinstance(v, Tensor) and v.dim() == 2}
+    ids = rows["sequence_ids"]
+    rows["sequence_ids"] = torch.where(ids >= 0, torch.arange(len(index), device=ids.device)[:, None], ids)
+    return SequenceBatch(**rows, num_sequences=len(index), num_examples=len(index))
+
+
 def _targets(batch: SequenceBatch) -> Tensor:
     """Positions ``t`` whose next token is a completion token of the same sequence: ``(R, T-1)``."""
     same = batch.sequence_ids[:, 1:] == batch.sequence_ids[:, :-1]

@@ -40,6 +40,10 @@ class GeometricMixture(nn.Module):
             raise ValueError(f"mixture_coef must be in [0, 1], got {alpha}")
         self.policy, self.ref, self.alpha = policy, ref, alpha
         self.ref_context = ref_context
+        from lit_align.rollout.engines import _cache_argument
+
+        # Resolved once: forward runs once per decoded token.
+        self.cache_args = (_cache_argument(policy), _cache_argument(ref))
         self.config = policy.config
         self.generation_config = getattr(policy, "generation_config", None)
 
@@ -50,12 +54,10 @@ class GeometricMixture(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
         cache: PairCache | None = None, use_cache: bool = True, logits_to_keep: int = 0, **kwargs: Any,
     ) -> SimpleNamespace:
-        from lit_align.rollout.engines import _cache_argument
-
         common = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   "use_cache": use_cache, "logits_to_keep": logits_to_keep}
-        policy = self.policy(**common, **{_cache_argument(self.policy): cache.policy if cache else None}).logits
+        policy = self.policy(**common, **{self.cache_args[0]: cache.policy if cache else None}).logits
         with self.ref_context() if self.ref_context is not None else contextlib.nullcontext():
-            ref = self.ref(**common, **{_cache_argument(self.ref): cache.ref if cache else None}).logits
+            ref = self.ref(**common, **{self.cache_args[1]: cache.ref if cache else None}).logits
         mixed = self.alpha * ref.float() + (1 - self.alpha) * policy.float()
         return SimpleNamespace(logits=torch.log_softmax(mixed, dim=-1))
