@@ -1,5 +1,5 @@
 """End-to-end parity of lit-align KTO and the reward model with TRL 1.16 ``KTOTrainer`` and ``RewardTrainer``
-(trl-methods.md §4, §5), fp32, ``builtin:tiny``.
+(docs/methods.md §4, §5), fp32, ``builtin:tiny``.
 
 Same conventions as ``test_parity_preference.py`` (whose fixtures and helpers are imported): both sides start
 from the same weights and read the same raw rows in the same order, each through its own pipeline and forward.

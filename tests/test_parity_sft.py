@@ -1,4 +1,4 @@
-"""Parity of lit-align SFT with TRL 1.16 ``SFTTrainer`` (trl-methods.md §2), in fp32 on ``builtin:tiny``.
+"""Parity of lit-align SFT with TRL 1.16 ``SFTTrainer`` (docs/methods.md §2), in fp32 on ``builtin:tiny``.
 
 Both sides start from the same weights: ``builtin:tiny`` saved with ``save_pretrained`` (and its byte
 tokenizer beside it) is what TRL loads as a path, while lit-align builds it in memory from the seed.

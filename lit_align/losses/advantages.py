@@ -1,6 +1,6 @@
 """Advantage estimators of the online methods: pure functions of rewards (and values).
 
-- :func:`group_advantages`: GRPO's group-relative advantages (trl-methods.md §6), both
+- :func:`group_advantages`: GRPO's group-relative advantages (docs/methods.md §6), both
   multi-objective aggregations and the three reward scalings;
 - :func:`rloo_advantages`: RLOO's leave-one-out baseline (§7);
 - :func:`gae`: PPO's generalised advantage estimation (§14) with :func:`masked_whiten`.

@@ -1,5 +1,5 @@
 """BCO: binary classifier optimisation (Jung et al. 2024) on unpaired rows, as TRL 0.29.1
-``trl.experimental.bco`` (removed from TRL in 1.x; trl-methods.md §12).
+``trl.experimental.bco`` (removed from TRL in 1.x; docs/methods.md §12).
 
 With ``r = b (logp - ref_logp)`` the implicit reward of a row (summed over its completion) and
 ``delta`` the running mean of all rewards seen in training (:class:`RunningMoments`)::

@@ -1,4 +1,4 @@
-"""DPO and its 14 siblings on per-pair log-probs (TRL 1.16 ``DPOTrainer._compute_loss``, trl-methods.md §3).
+"""DPO and its 14 siblings on per-pair log-probs (TRL 1.16 ``DPOTrainer._compute_loss``, docs/methods.md §3).
 
 Everything here is a pure function of per-pair (or per-target-token) tensors; the forward pass,
 LD-DPO/WPO token bookkeeping and cross-device reduction belong to the caller. Pairs are indexed

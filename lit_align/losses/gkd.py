@@ -1,4 +1,4 @@
-"""The GKD loss on full logits (TRL ``GKDTrainer.generalized_jsd_loss``, trl-methods.md §11).
+"""The GKD loss on full logits (TRL ``GKDTrainer.generalized_jsd_loss``, docs/methods.md §11).
 
 The readable definition, for small inputs and as the reference of the chunked op
 :func:`lit_align.ops.distill.chunked_generalized_jsd` (which the GKD module uses: it never builds

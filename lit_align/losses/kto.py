@@ -1,4 +1,4 @@
-"""KTO and unpaired APO-zero on per-row log-probs (TRL 1.16 ``KTOTrainer._compute_loss``, trl-methods.md §4).
+"""KTO and unpaired APO-zero on per-row log-probs (TRL 1.16 ``KTOTrainer._compute_loss``, docs/methods.md §4).
 
 Rows are unpaired: each has a completion ``y`` for a prompt ``x`` and a bool label (desirable or
 not). With ``r = logp - ref_logp`` (summed over the completion), ``b = beta`` and ``z`` the KL

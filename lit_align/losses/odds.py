@@ -1,5 +1,5 @@
 """Reference-free preference losses: CPO (+SimPO, AlphaPO) and ORPO (TRL 1.16 ``trl.experimental``,
-trl-methods.md §8-9).
+docs/methods.md §8-9).
 
 Inputs are per-pair *summed* completion log-probs ``(E,)`` and completion lengths ``(E,)`` (target
 tokens); the functions average them per token where TRL does: CPO for ``ipo``/``simpo``/``alphapo``,

@@ -1,4 +1,4 @@
-"""Losses of the online preference methods (trl-methods.md §10, §15): pure functions of
+"""Losses of the online preference methods (docs/methods.md §10, §15): pure functions of
 per-sequence log-probs.
 
 - OnlineDPO: the DPO ``sigmoid`` / ``ipo`` loss on the judged pair of two policy samples, with

@@ -5,7 +5,7 @@ mask ``(N, T)`` of 0/1, advantages ``(N,)`` (GRPO, RLOO) or ``(N, T)`` (PPO).
 
 - :func:`grpo_loss`: the clipped surrogate of GRPO and its variants (``loss_type``), token
   or sequence (GSPO) importance sampling, the k3 KL to the reference, and each variant's
-  normalisation exactly as TRL's ``GRPOTrainer._compute_loss`` (trl-methods.md §6);
+  normalisation exactly as TRL's ``GRPOTrainer._compute_loss`` (docs/methods.md §6);
 - :func:`rloo_loss`: RLOO's sequence-level clipped surrogate (§7);
 - :func:`ppo_policy_loss`, :func:`ppo_value_loss`: PPO's clipped policy and value losses (§14).
 

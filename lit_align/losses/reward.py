@@ -1,5 +1,5 @@
 """Reward-model losses: the outcome reward model's Bradley-Terry loss (TRL 1.16
-``RewardTrainer.compute_loss``, trl-methods.md §5) and the process reward model's per-step
+``RewardTrainer.compute_loss``, docs/methods.md §5) and the process reward model's per-step
 classification loss (TRL 0.29.1 ``trl.experimental.prm``, removed from TRL in 1.x; §13).
 
 Bradley-Terry: with scalar rewards ``r_c``, ``r_r`` ``(E,)`` of the chosen and rejected sequence of

@@ -1,4 +1,4 @@
-"""SFT losses on per-target log-probs (TRL ``SFTTrainer.compute_loss``, trl-methods.md §2).
+"""SFT losses on per-target log-probs (TRL ``SFTTrainer.compute_loss``, docs/methods.md §2).
 
 Both return the *sum* over targets; the caller divides by the global target count
 (over devices, as TRL's ``num_items_in_batch`` with ``average_tokens_across_devices``).

@@ -1,4 +1,4 @@
-"""Binary Classifier Optimization (TRL's removed ``BCOTrainer``, trl-methods.md §12).
+"""Binary Classifier Optimization (TRL's removed ``BCOTrainer``, docs/methods.md §12).
 
 Unpaired feedback as binary classification of the implicit reward ``r = beta (log pi - log pi_ref)``
 shifted by ``delta``, the running mean of all rewards seen (global over devices, kept in the

@@ -1,4 +1,4 @@
-"""Direct Preference Optimization and its variants (TRL ``DPOTrainer``, trl-methods.md §3).
+"""Direct Preference Optimization and its variants (TRL ``DPOTrainer``, docs/methods.md §3).
 
 One forward over ``[chosen; rejected]`` (any layout: padded, packed or padding-free, which
 TRL turns off for DPO), the reference log-probs from :class:`ReferenceModule`, and the loss

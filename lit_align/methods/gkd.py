@@ -1,4 +1,4 @@
-"""Generalized knowledge distillation (TRL ``experimental.gkd.GKDTrainer``, trl-methods.md §11;
+"""Generalized knowledge distillation (TRL ``experimental.gkd.GKDTrainer``, docs/methods.md §11;
 Agarwal et al. 2024, "On-policy distillation of language models: learning from self-generated mistakes").
 
 Each training batch, with probability ``lmbda``, has its completions replaced by the student's own

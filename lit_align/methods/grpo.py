@@ -3,7 +3,7 @@
 Each prompt gets ``num_generations`` completions; a completion's advantage is its reward
 relative to its group; the policy follows a clipped importance-weighted surrogate,
 optionally with the k3 KL to a reference. Loss types, normalisations and metric names are
-TRL's ``GRPOTrainer`` (trl-methods.md §6). Data: ``PromptOnlyDataModule``.
+TRL's ``GRPOTrainer`` (docs/methods.md §6). Data: ``PromptOnlyDataModule``.
 """
 
 from __future__ import annotations

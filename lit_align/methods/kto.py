@@ -1,4 +1,4 @@
-"""Kahneman-Tversky Optimization (TRL ``KTOTrainer``, trl-methods.md §4).
+"""Kahneman-Tversky Optimization (TRL ``KTOTrainer``, docs/methods.md §4).
 
 Unpaired feedback: each completion is desirable or not. With ``r = log pi(y|x) - log pi_ref(y|x)``
 and ``z`` the batch estimate of KL(pi || pi_ref) from mismatched pairs (prompt ``x_i`` with

@@ -3,7 +3,7 @@
 Per prompt one sample from the policy and one from the geometric mixture of policy and
 reference (``mixture_coef``); the judge's probability ``P`` that the policy's sample wins drives
 a REINFORCE update with the 0.5 control variate, plus the KL to the reference as a REINFORCE
-term (trl-methods.md §15; TRL removed it, this is its last algorithm).
+term (docs/methods.md §15; TRL removed it, this is its last algorithm).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """OnlineDPO (Guo et al. 2024): DPO on pairs the policy samples itself, ranked online.
 
 Two samples per prompt from the policy; the judge (or reward functions / models) picks the
-better; the DPO ``sigmoid`` or ``ipo`` loss on the pair against the reference (trl-methods.md §10).
+better; the DPO ``sigmoid`` or ``ipo`` loss on the pair against the reference (docs/methods.md §10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Online preference methods: OnlineDPO, NashMD, XPO (trl-methods.md §10, §15).
+"""Online preference methods: OnlineDPO, NashMD, XPO (docs/methods.md §10, §15).
 
 Each prompt gets two samples, from the policy and from a second source (the policy again
 for OnlineDPO, the policy-reference geometric mixture for NashMD, the reference for XPO); a

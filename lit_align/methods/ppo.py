@@ -8,7 +8,7 @@ step each on the clipped policy loss plus ``vf_coef`` times the clipped value lo
 (manual optimisation: several steps per rollout). The critic is a value head on the
 policy's backbone (one forward gives log-probs and values) or a separate value model.
 
-Departures from TRL (trl-methods.md §14), for correctness: the score is added at the last
+Departures from TRL (docs/methods.md §14), for correctness: the score is added at the last
 completion token, not one position past it (TRL's ``sequence_length + 1`` puts it on a
 padding state the policy never acts from); ``objective/entropy`` and ``policy/approxkl_avg``
 average over completion tokens only (TRL's include padding filled with ``INVALID_LOGPROB``).

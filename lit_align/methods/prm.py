@@ -1,4 +1,4 @@
-"""Process reward model (TRL's removed ``PRMTrainer``, trl-methods.md §13).
+"""Process reward model (TRL's removed ``PRMTrainer``, docs/methods.md §13).
 
 Token classification with two classes on the backbone: each step of a solution is followed by
 ``step_separator`` and its label (correct or not) sits on the step's last token. The loss is the

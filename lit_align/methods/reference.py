@@ -1,6 +1,6 @@
 """Methods that compare the policy with a reference (DPO, KTO, ...): how the reference is had.
 
-Four ways, cheapest first (trl-methods.md §1):
+Four ways, cheapest first (docs/methods.md §1):
 
 - LoRA runs use the policy's own base with adapters disabled: no second model;
 - ``precompute_ref_log_probs``: one pass before training, cached on disk by data and model;

@@ -1,4 +1,4 @@
-"""Outcome reward model (TRL ``RewardTrainer``, trl-methods.md §5).
+"""Outcome reward model (TRL ``RewardTrainer``, docs/methods.md §5).
 
 A causal LM's backbone with a one-output ``score`` head, trained with the Bradley-Terry loss
 ``-log sigmoid(r_c - r_r - margin)`` (+ ``center_rewards_coefficient * mean((r_c + r_r)^2)``).

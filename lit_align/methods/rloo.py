@@ -2,7 +2,7 @@
 
 Each completion's baseline is the mean reward of the *other* completions of its prompt;
 the KL to the reference (k1, summed over the completion) is subtracted from the reward at
-rollout time; the update is a sequence-level clipped ratio (trl-methods.md §7).
+rollout time; the update is a sequence-level clipped ratio (docs/methods.md §7).
 Data: ``PromptOnlyDataModule``.
 """
 

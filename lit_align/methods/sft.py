@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (TRL ``SFTTrainer``, trl-methods.md §2).
+"""Supervised fine-tuning (TRL ``SFTTrainer``, docs/methods.md §2).
 
 loss = sum over target tokens of -log p(y_t) (``nll``) or -sg(p) log p (``dft``), divided by
 the number of target tokens over all devices. Targets are the completion tokens of

@@ -2,7 +2,7 @@
 
 Per prompt one sample from the policy and one from the frozen reference; the judge ranks
 them; the loss is DPO (``sigmoid`` / ``ipo``) on the ranked pair plus ``alpha`` times the
-policy's log-probability of the reference's sample (trl-methods.md §15; TRL removed it).
+policy's log-probability of the reference's sample (docs/methods.md §15; TRL removed it).
 """
 
 from __future__ import annotations
