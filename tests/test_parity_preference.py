@@ -1,4 +1,4 @@
-"""End-to-end parity of lit-align DPO, CPO and ORPO with TRL 1.16 (trl-methods.md §3, §8, §9), fp32, ``builtin:tiny``.
+"""End-to-end parity of lit-align DPO, CPO and ORPO with TRL 1.16 (docs/methods.md §3, §8, §9), fp32, ``builtin:tiny``.
 
 Both sides start from the same weights (``builtin:tiny`` saved with ``save_pretrained`` is what TRL loads
 by path; lit-align builds it from the seed) and read the same raw preference rows in the same order,
@@ -10,6 +10,9 @@ each through its own data pipeline and model forward. Checked, from the cheapest
 2. the first-step loss and every metric TRL logs, to 1e-5 (sums of ~200 log-probs: 1e-6 relative), for
    every DPO ``loss_type``, the f-divergences, label smoothing, LD-DPO, WPO and a weighted list, and for
    every CPO ``loss_type`` and ORPO;
+2b. CPO/ORPO with a tokenizer that has a BOS token it does not add (TRL's CPO/ORPO put it before every
+   prompt): tokenization, first-step loss and metrics, and ``PreferenceDataModule`` following the module
+   being trained through a real ``lightning.Trainer`` fit (CPO/ORPO: BOS, DPO: none);
 3. lit-align alone: packed and padding-free layouts and precomputed reference log-probs give the padded,
    live-reference loss (TRL's ``precompute_ref_log_probs`` too);
 4. three AdamW steps with matched hyper-parameters: per-step losses and final weights to 1e-4.
@@ -36,6 +39,7 @@ import torch
 
 from lit_align import CPO, DPO, ORPO, PreferenceDataModule
 from lit_align.data.arithmetic import arithmetic_rows
+from lit_align.data.tokenize import add_bos
 from lit_align.models.builtin import builtin_model, builtin_tokenizer
 from lit_align.ops.forward import target_mask
 from lit_align.ops.packing import SequenceBatch
@@ -182,14 +186,14 @@ def _recording(cls: type) -> type:
     return _RECORDING[cls]
 
 
-def _training_args(out_dir, max_steps: int) -> dict:
+def _training_args(out_dir, max_steps: int, batch_size: int = BATCH) -> dict:
     return dict(
         output_dir=str(out_dir),
         report_to="none",
         use_cpu=True,
         bf16=False,
         gradient_checkpointing=False,
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
         dataloader_drop_last=False,
         train_sampling_strategy="sequential",  # the same batch order as shuffle=False on our side
@@ -210,12 +214,20 @@ def _training_args(out_dir, max_steps: int) -> dict:
 
 
 def _trl(
-    trainer_cls, config_cls, model_dir: str, rows: list[dict], out_dir, max_steps: int = 1, ref_dir=None, **kw
+    trainer_cls,
+    config_cls,
+    model_dir: str,
+    rows: list[dict],
+    out_dir,
+    max_steps: int = 1,
+    ref_dir=None,
+    batch_size: int = BATCH,
+    **kw,
 ):
     """A TRL trainer on ``rows``; ``ref_dir``: DPO's reference loaded from there (default: the policy's path)."""
     import datasets
 
-    args = config_cls(**_training_args(out_dir, max_steps), **kw)
+    args = config_cls(**_training_args(out_dir, max_steps, batch_size), **kw)
     extra = {}
     if ref_dir is not None:
         from transformers import AutoModelForCausalLM
@@ -236,35 +248,39 @@ def _trl_dpo(model_dir, rows, out_dir, **kw) -> DPOTrainer:
 
 
 def _dpo_batch(trainer: DPOTrainer, start: int = 0) -> dict[str, torch.Tensor]:
-    ds = trainer.train_dataset
+    ds, size = trainer.train_dataset, trainer.args.per_device_train_batch_size
     keys = [
         k
         for k in ("prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps")
         if k in ds.column_names
     ]
     return trainer.data_collator(
-        [{k: ds[i][k] for k in keys} for i in range(start, min(start + BATCH, len(ds)))]
+        [{k: ds[i][k] for k in keys} for i in range(start, min(start + size, len(ds)))]
     )
 
 
 def _legacy_batch(trainer: CPOTrainer | ORPOTrainer) -> dict[str, torch.Tensor]:
     """CPO/ORPO's collated batch, as ``concatenated_forward`` lays it out: ``[chosen; rejected]``, right-padded."""
-    ds = trainer.train_dataset
-    batch = trainer.data_collator([ds[i] for i in range(min(BATCH, len(ds)))])
+    ds, size = trainer.train_dataset, trainer.args.per_device_train_batch_size
+    batch = trainer.data_collator([ds[i] for i in range(min(size, len(ds)))])
     pad = trainer.padding_value if isinstance(trainer, ORPOTrainer) else trainer.pad_token_id
     cat = trainer.concatenated_inputs(batch, padding_value=pad)
     return {k.replace("concatenated_", ""): v for k, v in cat.items()}
 
 
-def _lit_data(rows: list[dict], tmp_path, max_length: int | None = 1024, **kwargs) -> PreferenceDataModule:
+def _lit_data(
+    rows: list[dict], tmp_path, max_length: int | None = 1024, tokenizer=None, batch_size: int = BATCH, **kwargs
+) -> PreferenceDataModule:
+    """Prepared outside a Trainer (so ``add_bos_to_prompt`` must be given where it matters); ``tokenizer``:
+    default the builtin byte tokenizer."""
     data = PreferenceDataModule(
         _write_jsonl(rows, tmp_path / "rows.jsonl"),
-        batch_size=BATCH,
+        batch_size=batch_size,
         shuffle=False,
         group_by_length=False,
         max_length=max_length,
         **kwargs,
-    ).connect(builtin_tokenizer(MODEL))
+    ).connect(tokenizer or builtin_tokenizer(MODEL))
     data.setup("fit")
     return data
 
@@ -547,11 +563,10 @@ CPO_CASES = {
 
 
 def _legacy_first_step(trainer) -> tuple[float, dict[str, float]]:
+    ds, size = trainer.train_dataset, trainer.args.per_device_train_batch_size
     trainer.model.train()
     with torch.no_grad():
-        loss = trainer.compute_loss(
-            trainer.model, trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)])
-        )
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator([ds[i] for i in range(min(size, len(ds)))]))
     return loss.item(), {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
 
 
@@ -577,6 +592,164 @@ def test_orpo_first_step_matches_trl(beta: float, policy_dir: str, tmp_path) -> 
     loss, metrics = _lit_first_step(ORPO(policy_dir, beta=beta), _lit_batch(_lit_data(rows, tmp_path)))
     assert loss.item() == _approx(ref_loss)
     _assert_metrics(metrics, ref_metrics, (*REWARD_METRICS, "log_odds_ratio", "log_odds_chosen"))
+
+
+# --------------------------------------------------------------------------- 2b. CPO and ORPO: a tokenizer with a BOS token
+#
+# TRL's CPO/ORPO (legacy ``tokenize_row``) tokenize the prompt with ``add_special_tokens=False`` and then put
+# ``bos_token_id`` before it when the tokenizer has one and the prompt does not already start with it
+# (``trl.experimental.utils.add_bos_token_if_needed``): the completions start one token later, and ORPO's NLL over
+# the whole chosen sequence gains a target (the prompt's first token, predicted from BOS). The byte tokenizer has no
+# BOS token, so the tests above cannot see this; here it declares ``<|endoftext|>`` its BOS token without adding it
+# (as SmolLM2's ``<|im_start|>``). CPO and ORPO declare the rule (``add_bos_to_prompt``), PreferenceDataModule follows.
+
+BOS_TOKEN = "<|endoftext|>"  # an existing special token of the byte tokenizer
+BOS_EDGE_STANDARD = [
+    {"prompt": BOS_TOKEN + "Q: 1+1?", "chosen": " 2", "rejected": " 3"},  # starts with BOS: not a second one
+    {"prompt": "", "chosen": "Yes.", "rejected": "No."},  # empty prompt: BOS alone, the first token is scored
+]
+
+
+@pytest.fixture(scope="module")
+def bos_policy_dir(policy_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``policy_dir``'s weights beside the byte tokenizer with ``bos_token=<|endoftext|>``, which it does not add."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bos_policy")
+    AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).save_pretrained(path)
+    tokenizer = builtin_tokenizer(MODEL)
+    tokenizer.bos_token = BOS_TOKEN
+    tokenizer.save_pretrained(path)
+    loaded = AutoTokenizer.from_pretrained(path)
+    assert loaded.bos_token_id == 259 and loaded("ab")["input_ids"] == [97, 98]  # defined, not added
+    return str(path)
+
+
+def _bos_tokenizer(path: str):
+    from lit_align.models.loading import load_tokenizer
+
+    return load_tokenizer(path)  # what a lit-align module loads from that path
+
+
+def test_add_bos() -> None:
+    assert add_bos([5, 6], 1) == [1, 5, 6]  # a prompt without BOS gets it
+    assert add_bos([1, 5, 6], 1) == [1, 5, 6]  # already there: not twice
+    assert add_bos([5, 1], 1) == [1, 5, 1]  # only the first token counts
+    assert add_bos([5, 6], None) == [5, 6]  # a tokenizer without a BOS token: unchanged
+    assert add_bos([], 1) == [1]  # an empty prompt gets it too (TRL: ``prompt_len_input_ids == 0``)
+    assert add_bos([], None) == []
+    prompt = [5, 6]
+    add_bos(prompt, 1)
+    assert prompt == [5, 6]  # pure
+
+
+def test_bos_rule_changes_nothing_without_a_bos_token(tmp_path) -> None:
+    """The builtin tokenizer has no BOS token: ``add_bos_to_prompt=True`` gives the same sequences."""
+    for kind, rows in {"standard": [*_rows("standard"), *BOS_EDGE_STANDARD], "chat": EDGE_CONVERSATIONAL}.items():
+        with_rule = _lit_data(rows, tmp_path / kind / "on", add_bos_to_prompt=True).datasets["train"]
+        without = _lit_data(rows, tmp_path / kind / "off").datasets["train"]
+        assert with_rule.to_list() == without.to_list(), kind
+
+
+@pytest.mark.parametrize("trainer_cls", [CPOTrainer, ORPOTrainer], ids=["cpo", "orpo"])
+@pytest.mark.parametrize("kind", ["standard", "bos_edge", "edge_standard", "implicit_standard", "conversational"])
+def test_cpo_orpo_tokenization_matches_trl_with_bos(kind: str, trainer_cls, bos_policy_dir: str, tmp_path) -> None:
+    """Every sequence starts with exactly one BOS, as TRL's; conversational rows differ only by TRL's second EOS
+    (section 5: the byte tokenizer's chat template does not start with BOS, so they get one too)."""
+    config_cls, module_cls = (CPOConfig, CPO) if trainer_cls is CPOTrainer else (ORPOConfig, ORPO)
+    rows = BOS_EDGE_STANDARD if kind == "bos_edge" else _rows(kind)
+    trainer = _trl(trainer_cls, config_cls, bos_policy_dir, rows, tmp_path / "trl")
+    tokenizer = _bos_tokenizer(bos_policy_dir)
+    data = _lit_data(rows, tmp_path, tokenizer=tokenizer, add_bos_to_prompt=module_cls.add_bos_to_prompt)
+    ours = data.datasets["train"]
+    bos = tokenizer.bos_token_id
+    assert all(ids[0] == bos and ids[1] != bos for pair in ours["input_ids"] for ids in pair)
+    if kind != "conversational":
+        _assert_same_legacy_tokenization(trainer, data)
+        return
+    theirs = trainer.train_dataset
+    for i in range(len(rows)):
+        for j, side in enumerate(("chosen", "rejected")):
+            assert theirs[i][f"{side}_input_ids"] == [*ours[i]["input_ids"][j], EOS]
+            assert [int(t != -100) for t in theirs[i][f"{side}_labels"]] == [*ours[i]["completion_mask"][j], 1]
+
+
+def _bos_rows() -> list[dict]:
+    """A first batch with the BOS edge rows (a prompt starting with BOS, an empty prompt) among arithmetic rows."""
+    return [*_rows("standard", BATCH - len(BOS_EDGE_STANDARD)), *BOS_EDGE_STANDARD]
+
+
+@pytest.mark.parametrize("case", list(CPO_CASES))
+def test_cpo_first_step_matches_trl_with_bos(case: str, bos_policy_dir: str, tmp_path) -> None:
+    config = CPO_CASES[case]
+    rows = _bos_rows()
+    trainer = _trl(CPOTrainer, CPOConfig, bos_policy_dir, rows, tmp_path / "trl", **config)
+    ref_loss, ref_metrics = _legacy_first_step(trainer)
+    data = _lit_data(rows, tmp_path, tokenizer=_bos_tokenizer(bos_policy_dir), add_bos_to_prompt=CPO.add_bos_to_prompt)
+    loss, metrics = _lit_first_step(CPO(bos_policy_dir, **config), _lit_batch(data))
+    assert loss.item() == _approx(ref_loss)
+    assert metrics["loss"] == _approx(ref_loss)
+    _assert_metrics(metrics, ref_metrics, REWARD_METRICS)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_first_step_matches_trl_with_bos(beta: float, bos_policy_dir: str, tmp_path) -> None:
+    """The NLL covers the whole chosen sequence from BOS on: the prompt's first token is a target on both sides."""
+    rows = _bos_rows()
+    trainer = _trl(ORPOTrainer, ORPOConfig, bos_policy_dir, rows, tmp_path / "trl", beta=beta)
+    ref_loss, ref_metrics = _legacy_first_step(trainer)
+    data = _lit_data(
+        rows, tmp_path, tokenizer=_bos_tokenizer(bos_policy_dir), add_bos_to_prompt=ORPO.add_bos_to_prompt
+    )
+    loss, metrics = _lit_first_step(ORPO(bos_policy_dir, beta=beta), _lit_batch(data))
+    assert loss.item() == _approx(ref_loss)
+    _assert_metrics(metrics, ref_metrics, (*REWARD_METRICS, "log_odds_ratio", "log_odds_chosen"))
+
+
+@pytest.mark.parametrize("method", ["cpo", "orpo", "dpo"])
+def test_preference_data_follows_the_module_bos_rule(method: str, bos_policy_dir: str, tmp_path) -> None:
+    """``add_bos_to_prompt=None`` (the default): the DataModule asks the module being trained. A real fit
+    (lr=0) of CPO/ORPO logs TRL's first-step loss; DPO declares no rule and tokenizes as TRL's DPO (which adds
+    no BOS the tokenizer does not add itself)."""
+    rows = _bos_rows()
+    trainer_cls, config_cls, module_cls = {
+        "cpo": (CPOTrainer, CPOConfig, CPO),
+        "orpo": (ORPOTrainer, ORPOConfig, ORPO),
+        "dpo": (DPOTrainer, DPOConfig, DPO),
+    }[method]
+    trainer = _trl(trainer_cls, config_cls, bos_policy_dir, rows, tmp_path / "trl")
+    data = PreferenceDataModule(
+        _write_jsonl(rows, tmp_path / "rows.jsonl"), batch_size=BATCH, shuffle=False, group_by_length=False
+    )  # no tokenizer, not set up: both come from the module when the fit starts
+    module = module_cls(bos_policy_dir, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    record = _fit(module, data, steps=1)
+    bos = data.tokenizer.bos_token_id
+    assert bos == 259
+    starts = {ids[0] for pair in data.datasets["train"]["input_ids"] for ids in pair}
+    if method == "dpo":
+        assert starts != {bos}  # only the row whose prompt text starts with BOS
+        _assert_same_dpo_tokenization(trainer, data)
+    else:
+        assert starts == {bos}
+        _assert_same_legacy_tokenization(trainer, data)
+        assert record.losses[0] == _approx(_legacy_first_step(trainer)[0])
+
+
+def test_preference_data_prepared_before_the_fit_follows_the_module(bos_policy_dir: str, tmp_path) -> None:
+    """Set up outside a Trainer (``add_bos_to_prompt=None``: no module, no BOS), then fit by CPO: the
+    DataModule prepares the rows again with CPO's rule rather than train on DPO-style prompts."""
+    rows = _bos_rows()
+    data = PreferenceDataModule(
+        _write_jsonl(rows, tmp_path / "rows.jsonl"), batch_size=BATCH, shuffle=False, group_by_length=False
+    ).connect(_bos_tokenizer(bos_policy_dir))
+    data.setup("fit")
+    bos = data.tokenizer.bos_token_id
+    assert {ids[0] for pair in data.datasets["train"]["input_ids"] for ids in pair} != {bos}
+    module = CPO(bos_policy_dir, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    _fit(module, data, steps=1)
+    assert {ids[0] for pair in data.datasets["train"]["input_ids"] for ids in pair} == {bos}
+    trainer = _trl(CPOTrainer, CPOConfig, bos_policy_dir, rows, tmp_path / "trl")
+    _assert_same_legacy_tokenization(trainer, data)
 
 
 # --------------------------------------------------------------------------- 3. layouts and precomputed reference

@@ -1,4 +1,4 @@
-"""The six data formats, one DataModule each, named by format (DESIGN.md, TRL §16)."""
+"""The six data formats, one DataModule each, named by format (docs/architecture.md, docs/methods.md §16)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,8 @@ class PreferenceDataModule(AlignDataModule):
     Sequence ``i`` of a batch of ``E`` pairs is prompt+chosen of pair ``i``, sequence ``E+i``
     prompt+rejected (TRL's concatenated layout). With ``packing`` both are packed within the
     batch into rows of ``max_length``. An optional ``margin`` column reaches the reward model.
+    Prompts are tokenized as TRL's DPO does; for CPO and ORPO (``add_bos_to_prompt``) they also
+    get the tokenizer's BOS token, as TRL's CPO/ORPO give them.
     """
 
     format = "preference"
@@ -113,6 +115,35 @@ class PreferenceDataModule(AlignDataModule):
         Column("rejected", TEXT_OR_CHAT),
         Column("margin", ("any",), optional=True),
     ]
+
+    def __init__(self, *args: Any, add_bos_to_prompt: bool | None = None, **kwargs: Any) -> None:
+        """
+        Args:
+            add_bos_to_prompt: Put the tokenizer's BOS token before every prompt that does not start
+                with it (TRL's CPO/ORPO rule; no effect with a tokenizer that has no BOS token). None:
+                when the module being trained asks for it (its ``add_bos_to_prompt``: CPO and ORPO);
+                set it when preparing data without a Trainer.
+        """
+        super().__init__(*args, **kwargs)
+        self.add_bos_to_prompt = add_bos_to_prompt
+        self._bos = bool(add_bos_to_prompt)  # resolved against the module being trained in _prepare
+
+    def _wants_bos(self) -> bool:
+        if self.add_bos_to_prompt is not None:
+            return self.add_bos_to_prompt
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "add_bos_to_prompt", False))
+
+    def setup(self, stage: str | None = None) -> None:
+        # Prepared before the fit (without a Trainer: no BOS) and now trained by CPO/ORPO, or the
+        # reverse: prepare again, rather than train on prompts tokenized for another method.
+        if self.datasets and self._wants_bos() != self._bos:
+            self.datasets, self.num_dropped = {}, {}
+        super().setup(stage)
+
+    def _prepare(self, ds, label, tokenizer):
+        self._bos = self._wants_bos()
+        return super()._prepare(ds, label, tokenizer)
 
     def check_row_values(self, row: dict, index: int, label: str) -> None:
         check_same_form(row, index, ["prompt", "chosen", "rejected"], label)
@@ -126,7 +157,7 @@ class PreferenceDataModule(AlignDataModule):
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
         if prompt is None:
             prompt, chosen, rejected = extract_prompt(chosen, rejected)
-        seqs = tokenize_pair(tokenizer, prompt, chosen, rejected, row)
+        seqs = tokenize_pair(tokenizer, prompt, chosen, rejected, row, bos=self._bos)
         return seqs, ({"margin": float(row["margin"] or 0.0)} if "margin" in row else {})
 
 

@@ -1,4 +1,4 @@
-"""Tokenization rules of TRL (``trl-methods.md`` §2, §16), one small function per case.
+"""Tokenization rules of TRL (``docs/methods.md`` §2, §16), one small function per case.
 
 - Standard text: EOS is appended to the text or the completion when missing.
 - Conversational rows go through the tokenizer's chat template; a prompt is rendered
@@ -7,6 +7,9 @@
 - The completion starts where the tokenized prompt and the tokenized prompt+completion
   first differ (the *token* common prefix), which is not always the end of the prompt;
   a one-time warning says so when it is not.
+- CPO and ORPO (TRL's legacy ``tokenize_row``) also put the tokenizer's BOS token before a
+  prompt that does not start with it (:func:`add_bos`), even when the tokenizer does not
+  add it itself; the other methods tokenize as TRL's DPO does, without that rule.
 """
 
 from __future__ import annotations
@@ -69,6 +72,15 @@ def add_eos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
     return text if eos is None or text.endswith(eos) else text + eos
 
 
+def add_bos(prompt_ids: list[int], bos_token_id: int | None) -> list[int]:
+    """``prompt_ids`` with ``bos_token_id`` in front unless they already start with it: TRL's
+    ``add_bos_token_if_needed`` (CPO, ORPO). An empty prompt gets it too; a tokenizer without a
+    BOS token (``bos_token_id`` None) leaves the prompt as it is."""
+    if bos_token_id is None or (prompt_ids and prompt_ids[0] == bos_token_id):
+        return list(prompt_ids)
+    return [bos_token_id, *prompt_ids]
+
+
 def tokenize_text(
     tokenizer: PreTrainedTokenizerBase, text: str | list[dict], row: dict, assistant_mask: bool
 ) -> dict[str, list[int]]:
@@ -118,9 +130,12 @@ def tokenize_pair(
     chosen: str | list[dict],
     rejected: str | list[dict],
     row: dict,
+    bos: bool = False,
 ) -> list[dict[str, list[int]]]:
     """Prompt+chosen and prompt+rejected, their completions starting at the same token (TRL DPO:
-    the shorter of the two common prefixes with the tokenized prompt)."""
+    the shorter of the two common prefixes with the tokenized prompt). ``bos``: the prompt part
+    gets the tokenizer's BOS token when it does not start with it (:func:`add_bos`, TRL's
+    CPO/ORPO), and the completions start one token later."""
     prompt_ids = render_prompt(tokenizer, prompt, row)
     fulls = []
     for completion in (chosen, rejected):
@@ -135,6 +150,9 @@ def tokenize_pair(
             "The tokenized prompt is not a prefix of the tokenized prompt+completion; the completions start "
             f"where they diverge and this end of the prompt is left out: {tokenizer.decode(prompt_ids[n:])!r}",
         )
+    if bos:  # both sequences share their first n tokens: one prompt, one decision
+        prompt = add_bos(fulls[0][:n], tokenizer.bos_token_id)
+        fulls, n = [prompt + ids[n:] for ids in fulls], len(prompt)
     return [{"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)} for ids in fulls]
 
 

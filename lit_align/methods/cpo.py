@@ -1,8 +1,10 @@
-"""Contrastive Preference Optimization, with SimPO and AlphaPO (TRL ``trl.experimental.cpo``, §8).
+"""Contrastive Preference Optimization, with SimPO and AlphaPO (TRL ``trl.experimental.cpo``, docs/methods.md §8).
 
 Reference-free: ``mean_i L(beta * (r_c - r_r)) + cpo_alpha * NLL(chosen)``, ``r`` the summed
 completion log-probs (per-token averages for ``ipo``/``simpo``), shaped by AlphaPO's ``alpha``.
 SimPO is ``loss_type="simpo"`` with ``cpo_alpha=0``; ``alphapo`` is SimPO with ``alpha``.
+As TRL's, every prompt starts with the tokenizer's BOS token when it has one (``add_bos_to_prompt``:
+``PreferenceDataModule`` adds it where the tokenizer or the chat template did not).
 Departures from TRL: ``logits/*`` average the logits of completion tokens, as DPO's do (TRL's
 CPO averages every position of the padded batch, padding included); conversational rows are
 tokenized as DPO's, so they do not get the second EOS that TRL's legacy CPO pipeline appends
@@ -12,7 +14,7 @@ after the chat template's closing newline.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -27,6 +29,9 @@ class CPO(AlignModule):
     """CPO / SimPO / AlphaPO on preference pairs (``PreferenceDataModule``)."""
 
     default_lr = 1e-6
+    # TRL's CPOTrainer.tokenize_row puts the tokenizer's BOS token before every prompt that does not
+    # start with it (add_bos_token_if_needed); PreferenceDataModule(add_bos_to_prompt=None) follows this.
+    add_bos_to_prompt: ClassVar[bool] = True
 
     def __init__(
         self,

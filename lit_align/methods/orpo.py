@@ -1,16 +1,18 @@
-"""Odds Ratio Preference Optimization (TRL ``trl.experimental.orpo``, trl-methods.md §9).
+"""Odds Ratio Preference Optimization (TRL ``trl.experimental.orpo``, docs/methods.md §9).
 
 Reference-free, single stage: ``NLL(chosen sequence) - beta * mean_i log sigma(log_odds_i)``
 with the odds of the per-token average log-probs of chosen and rejected (Hong et al. 2024).
-As TRL, the NLL covers the whole chosen sequence, prompt included; one forward gives both
-terms (the LM head runs over the chosen prompts and all completions). Departures from TRL:
+As TRL, the NLL covers the whole chosen sequence, prompt included, and every prompt starts with
+the tokenizer's BOS token when it has one (``add_bos_to_prompt``: ``PreferenceDataModule`` adds it
+where the tokenizer or the chat template did not), so the prompt's first token is a target too; one
+forward gives both terms (the LM head runs over the chosen prompts and all completions). Departures from TRL:
 ``logits/*`` as DPO's (completion tokens only); conversational rows get no second EOS after the
 chat template's closing newline (TRL's legacy ORPO pipeline appends one).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -25,6 +27,9 @@ class ORPO(AlignModule):
     """ORPO on preference pairs (``PreferenceDataModule``)."""
 
     default_lr = 1e-6
+    # TRL's ORPOTrainer.tokenize_row puts the tokenizer's BOS token before every prompt that does not
+    # start with it (add_bos_token_if_needed); PreferenceDataModule(add_bos_to_prompt=None) follows this.
+    add_bos_to_prompt: ClassVar[bool] = True
 
     def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
         """
