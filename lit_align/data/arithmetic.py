@@ -45,6 +45,7 @@ OPTIONS: dict[str, type] = {
     "conversational": bool,
     "max_operand": int,
     "test_size": int,
+    "noise": float,
 }
 DEFAULT_SIZE = 1000
 _TEST_BUCKETS = 8  # 1 in 8 prompts (by hash) belongs to the test split
@@ -96,12 +97,14 @@ def _parse_value(key: str, raw: str, name: str, valid: str) -> Any:
             return False
     else:
         try:
-            return int(raw)
+            value = kind(raw)
         except ValueError:
             pass
-    raise ValueError(
-        f"option {key!r} in {name!r} must be {kind.__name__}, got {raw!r}; valid options: {valid}"
-    )
+        else:
+            if kind is not float or 0.0 <= value <= 1.0:
+                return value
+    expected = "a float in [0, 1]" if kind is float else kind.__name__
+    raise ValueError(f"option {key!r} in {name!r} must be {expected}, got {raw!r}; valid options: {valid}")
 
 
 # --------------------------------------------------------------------------- the task
@@ -196,24 +199,30 @@ def arithmetic_rows(
     steps: int = 3,
     conversational: bool = False,
     max_operand: int = 20,
+    noise: float = 0.0,
 ) -> list[dict]:
     """``size`` rows of the arithmetic task in TRL format ``fmt`` (see :data:`FORMATS`).
 
     The same (split, seed, steps, max_operand) gives the same prompts in every format.
     Corrupted solutions carry an arithmetic slip at a random step through to a wrong answer.
+    ``noise``: the fraction of demonstrations (``language_modeling`` and ``prompt_completion``
+    rows) that carry such a slip, as imperfect human demonstrations do; other formats ignore it.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for builtin:arithmetic; valid splits: {', '.join(SPLITS)}")
-    if size < 0 or steps < 1 or max_operand < 1:
+    if size < 0 or steps < 1 or max_operand < 1 or not 0.0 <= noise <= 1.0:
         raise ValueError(
-            f"need size >= 0, steps >= 1, max_operand >= 1; got {size=}, {steps=}, {max_operand=}"
+            f"need size >= 0, steps >= 1, max_operand >= 1, 0 <= noise <= 1; got {size=}, {steps=}, "
+            f"{max_operand=}, {noise=}"
         )
     problems = _problems(split, size, seed, steps, max_operand)
     # A separate stream for the noise, so the prompts do not depend on the format.
     rng = random.Random(f"arithmetic-noise/{split}/{seed}/{fmt}")
     correct = _balanced_flags(rng, size)
+    # Its own stream too: noise=0 leaves every demonstration (and every other format) as it was.
+    slips = random.Random(f"arithmetic-demo-noise/{split}/{seed}")
 
     def user(text: str) -> Any:
         # Standard prompts end with a newline so prompt + completion reads as two lines
@@ -227,6 +236,8 @@ def arithmetic_rows(
     for (operands, ops), ok in zip(problems, correct):
         prompt = _prompt(operands, ops)
         good = "\n".join(_steps(operands, ops, None, 0))
+        if noise and fmt in ("language_modeling", "prompt_completion") and slips.random() < noise:
+            good = "\n".join(_steps(operands, ops, *_slip(slips, steps)))
         if fmt == "language_modeling":
             if conversational:
                 row = {"messages": user(prompt) + assistant(good)}

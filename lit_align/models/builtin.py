@@ -1,13 +1,17 @@
-"""The embedded default model: a tiny seeded Llama and a byte-level tokenizer, built in memory.
+"""The embedded default models: a tiny seeded Llama and a byte-level tokenizer, built in memory.
 
 ``builtin:tiny`` lets every example and test run offline on a CPU in seconds: nothing is
 downloaded, the tokenizer needs no files, and the weights come from a fixed seed so two
-runs start from the same model.
+runs start from the same model. ``builtin:tiny-sft`` is the same network after supervised
+fine-tuning on the arithmetic task, its weights shipped with the package
+(``assets/tiny-sft.safetensors``, made by :mod:`lit_align.models.tiny_sft`): the warm start of
+the online methods, the same on every machine.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -63,6 +67,8 @@ _TINY = dict(
 # name -> LlamaConfig kwargs (complete: LlamaConfig(**BUILTIN_MODELS[name]) is the model's config).
 BUILTIN_MODELS: dict[str, dict] = {
     "builtin:tiny": _TINY,
+    # builtin:tiny fine-tuned by lit_align/models/assets/tiny-sft.yaml (weights in BUILTIN_WEIGHTS).
+    "builtin:tiny-sft": _TINY,
     # A 32k LM head, for benchmarks where the logits/loss over a realistic vocabulary dominate.
     # The byte tokenizer only uses ids < 264; the other rows are never produced as inputs.
     "builtin:tiny-32k": {
@@ -74,6 +80,11 @@ BUILTIN_MODELS: dict[str, dict] = {
         "intermediate_size": 384,
     },
 }
+
+
+# Builtin models whose weights are shipped (trained) instead of drawn from the seed.
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_WEIGHTS: dict[str, Path] = {"builtin:tiny-sft": ASSETS / "tiny-sft.safetensors"}
 
 
 def is_builtin(name: str) -> bool:
@@ -144,18 +155,36 @@ def builtin_config(name: str = "builtin:tiny") -> LlamaConfig:
 
 
 def builtin_model(name: str = "builtin:tiny", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A freshly initialised builtin Llama, identical on every call (seed 0), in eval mode.
+    """A builtin Llama, identical on every call, in eval mode: freshly initialised from seed 0, or
+    with its shipped weights (``builtin:tiny-sft``).
 
-    The global RNG state is left untouched. Weights are drawn in float32 and then cast, so
-    every dtype holds the same weights up to rounding.
+    The global RNG state is left untouched. Weights are drawn (or loaded) in float32 and then
+    cast, so every dtype holds the same weights up to rounding.
     """
     config = builtin_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
+    if name in BUILTIN_WEIGHTS:
+        model.load_state_dict(_shipped_weights(name), strict=True)
     model.to(dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None
     )
     # Match from_pretrained, which returns models in eval mode (dropout is 0 anyway).
     return model.eval()
+
+
+def _shipped_weights(name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = BUILTIN_WEIGHTS[name]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{name} needs its shipped weights {path}, which are missing from this installation; "
+            "regenerate them with: python -m lit_align.models.tiny_sft"
+        )
+    state = load_file(str(path))
+    if "lm_head.weight" not in state:  # save_pretrained leaves tied weights out; builtin models untie them
+        raise ValueError(f"{path} is not a {name} state dict (no lm_head.weight)")
+    return state
