@@ -289,6 +289,16 @@ class PromptOnlyDataModule(AlignDataModule):
     format = "prompt_only"
     columns = [Column("prompt", TEXT_OR_CHAT)]
 
+    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
+        """
+        Args:
+            group_by_length: Batch prompts of similar length together. Off by default, as TRL's
+                samplers draw prompts at random: generation pads little, and length-sorted batches
+                make the reward curve follow prompt length (longer prompts are often harder ones)
+                rather than learning.
+        """
+        super().__init__(*args, group_by_length=group_by_length, **kwargs)
+
     def keep_columns(self, ds: datasets.Dataset) -> set[str]:
         return set(ds.column_names)
 
