@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,36 +19,50 @@ def tokenizer():
     return builtin_tokenizer()
 
 
+# The environment a learning test runs in. A learning test is a claim about a method, so it must
+# hold on any x86 CPU: benchmarks/learning_matrix.py runs every test marked ``learning`` under
+# ATEN_CPU_CAPABILITY=default|avx2|avx512, 1 and 2 threads and 3 seeds through these variables
+# (the suite itself runs seed 0 on one thread).
+LEARNING_SEED = int(os.environ.get("LIT_ALIGN_TEST_SEED", "0"))
+LEARNING_THREADS = int(os.environ.get("LIT_ALIGN_TEST_THREADS", "1"))
+LEARNING_LOG = os.environ.get("LIT_ALIGN_LEARNING_LOG")
+
+
 @contextlib.contextmanager
-def one_thread():
-    """Run with one torch thread, and restore the count after. Some test modules set one thread at
-    import, so the whole suite runs with one; the SFT start point and the learning runs pin it so
-    they train the same alone and in the suite (RL trajectories are sensitive to reduction order)."""
+def threads(n: int):
+    """Run with ``n`` torch threads, and restore the count after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def sft_model(tmp_path_factory):
-    """The starting point of the online methods, made as their configs say: ``configs/sft.yaml``
-    through the CLI (what ``lit-align fit --config configs/sft.yaml`` leaves in runs/sft/hf_model)."""
-    from pathlib import Path
+class Learning:
+    """What a learning test gets: its seed (also the data's shuffling seed), and ``record`` to
+    report the numbers its claim is about (written to ``$LIT_ALIGN_LEARNING_LOG`` for the matrix)."""
 
-    from lit_align.cli import build_cli
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seed = LEARNING_SEED
+        self.threads = LEARNING_THREADS
 
-    root = tmp_path_factory.mktemp("sft-run")
-    config = Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"
-    cwd = os.getcwd()
-    os.chdir(root)  # the config's relative run directories land here
-    with one_thread():
-        try:
-            build_cli(["fit", f"--config={config}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-                       "--trainer.logger.save_dir=runs/sft", "--trainer.enable_progress_bar=false",
-                       "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false"])
-        finally:
-            os.chdir(cwd)
-    return str(root / "runs" / "sft" / "hf_model")
+    def record(self, **values: float) -> None:
+        if LEARNING_LOG:
+            row = {"test": self.name, "seed": self.seed, "threads": self.threads,
+                   "capability": os.environ.get("ATEN_CPU_CAPABILITY", "native"),
+                   **{k: float(v) for k, v in values.items()}}
+            with open(LEARNING_LOG, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(self.name, values)
+
+
+@pytest.fixture
+def learning(request):
+    """A learning run: seeded with ``LIT_ALIGN_TEST_SEED`` and on ``LIT_ALIGN_TEST_THREADS`` threads."""
+    import lightning as L
+
+    L.seed_everything(LEARNING_SEED)
+    with threads(LEARNING_THREADS):
+        yield Learning(request.node.nodeid.split("::", 1)[-1])

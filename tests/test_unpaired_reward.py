@@ -34,17 +34,22 @@ def trainer(**kwargs):
 
 
 def learn(module, data, steps=60):
-    L.seed_everything(0)
-    seen = []
+    """Validation metrics over every training row (the DataModule's ``eval_split="train"``) before
+    and after ``steps`` steps (a batch of 16 is too few to state an accuracy on); the last training
+    step's metrics are in ``module.last_train_metrics``."""
+    t = trainer(max_steps=steps, check_val_every_n_epoch=None, val_check_interval=steps)
+    before = {k[4:]: float(v) for k, v in t.validate(module, data, verbose=False)[0].items()}
+    t.fit(module, data)
+    module.last_train_metrics = {k[6:]: float(v) for k, v in t.callback_metrics.items() if k.startswith("train/")}
+    after = {k[4:]: float(v) for k, v in t.validate(module, data, verbose=False)[0].items()}
+    return before, after
 
-    class Record(L.Callback):
-        def on_train_batch_end(self, t, *args):
-            seen.append({k[6:]: float(v) for k, v in t.callback_metrics.items() if k.startswith("train/")})
 
-    trainer(max_steps=steps, callbacks=[Record()]).fit(module, data)
-    tail = seen[-10:]  # the last ten steps, averaged: one batch of 16 is noisy
-    averaged = {k: sum(row[k] for row in tail) / len(tail) for k in tail[-1] if all(k in row for row in tail)}
-    return seen[0], averaged, seen[-1]
+ONE_STEP = "size=64&steps=1&max_operand=9"  # the sums builtin:tiny-sft was fine-tuned on
+
+
+def unpaired(learning, size=64):
+    return UnpairedPreferenceDataModule(f"builtin:arithmetic?size={size}", batch_size=16, eval_split="train", seed=learning.seed)
 
 
 def test_kl_sequences_pair_each_prompt_with_the_previous_completion():
@@ -87,18 +92,22 @@ def test_kto_warns_on_weights_outside_eq8(tmp_path):
 
 
 @pytest.mark.slow
-def test_kto_separates_desirable_from_undesirable():
-    first, last, final = learn(KTO(optimizer=adamw()), UnpairedPreferenceDataModule("builtin:arithmetic?size=64", batch_size=16))
-    assert last["rewards/margins"] > first["rewards/margins"] + 1.0
-    assert last["rewards/chosen"] > last["rewards/rejected"]
+@pytest.mark.learning
+def test_kto_separates_desirable_from_undesirable(learning):
+    before, after = learn(KTO(optimizer=adamw()), unpaired(learning))
+    learning.record(margin_before=before["rewards/margins"], margin_after=after["rewards/margins"])
+    assert after["rewards/margins"] > before["rewards/margins"] + 1.0
+    assert after["rewards/chosen"] > after["rewards/rejected"]
 
 
 @pytest.mark.slow
-def test_bco_separates_and_its_running_mean_survives_a_checkpoint(tmp_path):
+@pytest.mark.learning
+def test_bco_separates_and_its_running_mean_survives_a_checkpoint(learning, tmp_path):
     module = BCO(optimizer=adamw())
-    first, last, final = learn(module, UnpairedPreferenceDataModule("builtin:arithmetic?size=64", batch_size=16))
-    assert last["rewards/margins"] > first["rewards/margins"] + 1.0
-    assert final["delta"] == pytest.approx(module.running.mean)
+    before, after = learn(module, unpaired(learning))
+    learning.record(margin_before=before["rewards/margins"], margin_after=after["rewards/margins"])
+    assert after["rewards/margins"] > before["rewards/margins"] + 1.0
+    assert module.last_train_metrics["delta"] == pytest.approx(module.running.mean)
     checkpoint = {}
     module.on_save_checkpoint(checkpoint)
     restored = BCO()
@@ -116,27 +125,30 @@ def test_bco_udm_weights_undesirable_rows():
 
 
 @pytest.mark.slow
-def test_reward_model_learns_exports_and_scores(tmp_path):
-    module = RewardModel(optimizer=adamw(1e-3))
-    data = PreferenceDataModule("builtin:arithmetic?size=64", batch_size=16)
+@pytest.mark.learning
+def test_reward_model_learns_exports_and_scores(learning, tmp_path):
+    """A reward model started from builtin:tiny-sft (as reward models start from the SFT policy)
+    ranks the correct solution of every training pair above the slipped one."""
+    module = RewardModel("builtin:tiny-sft", optimizer=adamw(1e-3))
+    data = PreferenceDataModule(f"builtin:arithmetic?{ONE_STEP}", batch_size=16, eval_split="train", seed=learning.seed)
     export = SaveHFModel(str(tmp_path / "rm"))
-    L.seed_everything(0)
-    first, last, final = learn(module, data, steps=80)
+    before, after = learn(module, data, steps=160)
+    learning.record(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
+                    margin_before=before["margin"], margin_after=after["margin"])
     export.on_fit_end(trainer(max_steps=1), module)  # write the trained model as fit's end would
-    assert last["accuracy"] >= 0.8 and last["margin"] > first["margin"] + 1.0
+    assert after["accuracy"] >= 0.9 and after["margin"] > before["margin"] + 1.0
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels == 1
-    rows = arithmetic_rows("preference", size=64)[:8]
+    rows = arithmetic_rows("preference", size=64, steps=1, max_operand=9)[:8]
     scorer = RewardModelScorer(str(tmp_path / "rm"), device="cpu")
     good = scorer([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     bad = scorer([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     assert sum(g > b for g, b in zip(good, bad)) >= 7  # the trained pairs are ranked as trained
-    # The scorer tokenizes as training did: its scores equal the module's own.
+    # The scorer tokenizes as training did: its scores equal the module's own on the same rows.
     module.eval()
     batch = data.collate([data.datasets["train"][i] for i in range(2)])
     with torch.no_grad():
-        own = module.predict_step(batch, 0)
-    items = [data.datasets["train"][i] for i in range(2)]
-    assert own.shape == (4,) and len(items) == 2
+        own = module.predict_step(batch, 0)  # chosen 0, chosen 1, rejected 0, rejected 1
+    torch.testing.assert_close(own, torch.tensor([*good[:2], *bad[:2]]), atol=1e-5, rtol=1e-5)
 
 
 def test_reward_margin_column_is_used(tmp_path):
@@ -151,14 +163,17 @@ def test_reward_margin_column_is_used(tmp_path):
 
 
 @pytest.mark.slow
-def test_prm_learns_steps_and_scores_them():
-    module = PRM(optimizer=adamw(1e-3))
-    data = StepwiseDataModule("builtin:arithmetic?size=64", batch_size=16)
-    first, last, final = learn(module, data, steps=80)
-    assert last["accuracy"] >= 0.8 > first["accuracy"]
+@pytest.mark.learning
+def test_prm_learns_steps_and_scores_them(learning):
+    """A process reward model started from builtin:tiny-sft labels the steps of the training solutions."""
+    module = PRM("builtin:tiny-sft", optimizer=adamw(1e-3))
+    data = StepwiseDataModule(f"builtin:arithmetic?{ONE_STEP}", batch_size=16, eval_split="train", seed=learning.seed)
+    before, after = learn(module, data, steps=160)
+    learning.record(accuracy_before=before["accuracy"], accuracy_after=after["accuracy"])
+    assert after["accuracy"] >= 0.85 > 0.7 > before["accuracy"]
     batch = data.collate([data.datasets["train"][i] for i in range(3)])
     scores = module.score_steps(batch)
-    steps = [len(r["completions"]) for r in arithmetic_rows("stepwise", size=64)]
+    steps = [len(r["completions"]) for r in arithmetic_rows("stepwise", size=64, steps=1, max_operand=9)]
     assert [len(s) for s in scores] == [steps[i] for i in range(3)] or len(scores) == 3
     assert all(0.0 <= p <= 1.0 for s in scores for p in s)
 
