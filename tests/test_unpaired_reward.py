@@ -115,6 +115,16 @@ def test_bco_separates_and_its_running_mean_survives_a_checkpoint(learning, tmp_
     assert restored.running.state_dict() == module.running.state_dict() and restored.running.count == 60 * 16
 
 
+def test_unpaired_data_prepared_before_the_fit_gets_the_kl_pairs_kto_asks_for(tokenizer):
+    """Set up outside a Trainer (no module: no KL pairs), then fit by KTO: prepared again with them."""
+    data = UnpairedPreferenceDataModule("builtin:arithmetic?size=16", batch_size=8).connect(tokenizer)
+    data.setup("fit")
+    assert {len(seqs) for seqs in data.datasets["train"]["input_ids"]} == {1}
+    trainer(max_steps=1).fit(KTO(optimizer=adamw()), data)
+    assert {len(seqs) for seqs in data.datasets["train"]["input_ids"]} == {2}
+    assert "train/kl" in data.trainer.callback_metrics
+
+
 def test_bco_udm_weights_undesirable_rows():
     module = BCO(embedding_model_name_or_path="builtin:tiny", prompt_sample_size=16, optimizer=adamw())
     trainer(max_steps=2).fit(module, UnpairedPreferenceDataModule("builtin:arithmetic?size=32", batch_size=8))

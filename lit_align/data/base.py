@@ -105,6 +105,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, datasets.Dataset] = {}
         self.num_dropped: dict[str, int] = {}
+        self._prepared_for: tuple = ()
 
     # -- tokenizer ---------------------------------------------------------------------------
     def connect(self, tokenizer: PreTrainedTokenizerBase) -> AlignDataModule:
@@ -130,9 +131,17 @@ class AlignDataModule(L.LightningDataModule, ABC):
         return self.tokenizer
 
     # -- preparation -------------------------------------------------------------------------
+    def module_options(self) -> tuple:
+        """What preparing the data takes from the module being trained (CPO's BOS before prompts,
+        KTO's KL pairs). Data prepared under other options (before the fit, without a Trainer, or
+        for another module) is prepared again rather than trained on as it is."""
+        return ()
+
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        options = self.module_options()
+        if self.datasets and options == self._prepared_for:
             return
+        self.datasets, self.num_dropped, self._prepared_for = {}, {}, options
         tokenizer = self._resolve_tokenizer()
         source = self.dataset_name_or_path
         train = load_source(source, self.split, self.format)

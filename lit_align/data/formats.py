@@ -134,12 +134,8 @@ class PreferenceDataModule(AlignDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         return bool(getattr(module, "add_bos_to_prompt", False))
 
-    def setup(self, stage: str | None = None) -> None:
-        # Prepared before the fit (without a Trainer: no BOS) and now trained by CPO/ORPO, or the
-        # reverse: prepare again, rather than train on prompts tokenized for another method.
-        if self.datasets and self._wants_bos() != self._bos:
-            self.datasets, self.num_dropped = {}, {}
-        super().setup(stage)
+    def module_options(self) -> tuple:
+        return (self._wants_bos(),)
 
     def _prepare(self, ds, label, tokenizer):
         self._bos = self._wants_bos()
@@ -198,12 +194,17 @@ class UnpairedPreferenceDataModule(AlignDataModule):
         halves = {"prompt_ids": seq["input_ids"][:start], "completion_ids": seq["input_ids"][start:]}
         return [seq], {"label": bool(row["label"]), **halves}
 
+    def _wants_kl_pairs(self) -> bool:
+        if self.kl_pairs is not None:
+            return self.kl_pairs
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "needs_kl_pairs", False))
+
+    def module_options(self) -> tuple:
+        return (self._wants_kl_pairs(),)
+
     def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
-        wants = self.kl_pairs
-        if wants is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            wants = bool(getattr(module, "needs_kl_pairs", False))
-        if wants:
+        if self._wants_kl_pairs():
             ds = add_kl_sequences(ds, self.truncate)
         return ds.remove_columns(["prompt_ids", "completion_ids"])
 
