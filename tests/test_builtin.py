@@ -402,3 +402,56 @@ def test_arithmetic_dataset():
         arithmetic_dataset("builtin:arithmetic", "prompt_only", "validation")
     with pytest.raises(ValueError, match="unknown format"):
         arithmetic_dataset("builtin:arithmetic", "pairs", "train")
+
+
+# --------------------------------------------------------------------------- builtin:tiny-sft
+
+
+def _accuracy(model, temperature: float, size: int = 64) -> float:
+    """Correct answers on the training sums of builtin:tiny-sft's recipe, 4 samples per prompt."""
+    from lit_align.data.formats import collate_prompts
+    from lit_align.rollout.engines import HFEngine, SamplingParams
+
+    tok = builtin_tokenizer()
+    rows = arithmetic_rows("prompt_only", "train", size=size, steps=1, max_operand=9)
+    batch = collate_prompts([{"input_ids": [tok(r["prompt"])["input_ids"]], "prompt": r["prompt"]} for r in rows], tok.pad_token_id)
+    gen = torch.Generator().manual_seed(0)
+    engine = HFEngine(tok)
+    engine.generator = gen
+    out = engine.generate(model, batch.prompt_ids, batch.prompt_mask, SamplingParams(max_completion_length=24, temperature=temperature, num_generations=4))
+    texts = tok.batch_decode([c[m.bool()] for c, m in zip(out.completion_ids, out.completion_mask)], skip_special_tokens=True)
+    answers = [r["answer"] for r in rows for _ in range(4)]
+    return sum(arithmetic_reward(None, texts, answers)) / len(texts)
+
+
+def test_tiny_sft_knows_the_sums_but_samples_slips():
+    """The shipped warm start: the same network as builtin:tiny, other weights; greedy decoding right on
+    most training sums, sampling at temperature 1 right on far fewer (the gap the online configs close)."""
+    model = builtin_model("builtin:tiny-sft")
+    tiny = builtin_model("builtin:tiny")
+    assert model.config.to_dict() == tiny.config.to_dict()
+    assert not torch.equal(model.lm_head.weight, tiny.lm_head.weight)
+    torch.testing.assert_close(builtin_model("builtin:tiny-sft").lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    greedy, sampled = _accuracy(model, 0.0), _accuracy(model, 1.0)
+    assert greedy >= 0.8 and 0.2 <= sampled <= 0.6 and greedy - sampled >= 0.3, (greedy, sampled)
+
+
+def test_tiny_sft_recipe_runs_and_a_missing_weights_file_is_reported(tmp_path, monkeypatch):
+    from lit_align.models import builtin, tiny_sft
+
+    out = tiny_sft.regenerate(tmp_path / "w.safetensors", ["--trainer.max_steps=2"])
+    monkeypatch.setitem(builtin.BUILTIN_WEIGHTS, "builtin:tiny-sft", out)
+    builtin_model("builtin:tiny-sft")  # a recipe run's file loads as the builtin
+    monkeypatch.setitem(builtin.BUILTIN_WEIGHTS, "builtin:tiny-sft", tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"regenerate them with: python -m lit_align.models.tiny_sft"):
+        builtin_model("builtin:tiny-sft")
+
+
+def test_noise_option_slips_that_share_of_demonstrations():
+    rows = arithmetic_rows("prompt_completion", size=400, steps=1, max_operand=9, noise=0.5)
+    wrong = sum(parse_answer(r["completion"]) != solve(r["prompt"]) for r in rows) / len(rows)
+    assert 0.4 < wrong < 0.6
+    assert arithmetic_rows("prompt_completion", size=50) == arithmetic_rows("prompt_completion", size=50, noise=0.0)
+    assert arithmetic_rows("preference", size=20, noise=0.5) == arithmetic_rows("preference", size=20)
+    with pytest.raises(ValueError, match=r"option 'noise' in 'builtin:arithmetic\?noise=1.5' must be a float in \[0, 1\]"):
+        parse_builtin_dataset("builtin:arithmetic?noise=1.5")

@@ -61,6 +61,18 @@ def test_the_mission_command_from_an_empty_directory(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_sft_then_grpo_chain(tmp_path, monkeypatch):
+    """The documented chain: configs/sft.yaml, then configs/grpo.yaml from its export."""
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", f"--config={ROOT / 'configs/sft.yaml'}", *SHORT])
+    import wandb
+
+    wandb.finish()
+    cli = build_cli(["fit", f"--config={ROOT / 'configs/grpo.yaml'}", *SHORT, "--model.model_name_or_path=runs/sft/hf_model"])
+    assert cli.trainer.global_step == 3 and cli.datamodule.tokenizer_name_or_path == "runs/sft/hf_model"
+
+
+@pytest.mark.slow
 def test_sft_config_leaves_hf_model_config_and_wandb_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # An absolute save_dir: wandb resolves relative directories against the first run's cwd.

@@ -22,8 +22,8 @@ RECIPE = ASSETS / "tiny-sft.yaml"
 WEIGHTS = ASSETS / "tiny-sft.safetensors"
 
 
-def regenerate(out: Path = WEIGHTS) -> Path:
-    """Train the recipe and save its weights to ``out``."""
+def regenerate(out: Path = WEIGHTS, overrides: list[str] = ()) -> Path:
+    """Train the recipe (with CLI ``overrides`` such as ``--trainer.max_steps=3``) and save its weights to ``out``."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -34,7 +34,7 @@ def regenerate(out: Path = WEIGHTS) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         try:
-            build_cli(["fit", f"--config={RECIPE}", "--trainer.enable_progress_bar=false"])
+            build_cli(["fit", f"--config={RECIPE}", "--trainer.enable_progress_bar=false", *overrides])
         finally:
             os.chdir(cwd)
         state = load_file(str(Path(tmp) / "runs/tiny-sft/hf_model/model.safetensors"))
