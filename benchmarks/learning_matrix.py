@@ -59,8 +59,8 @@ def table(cells: list[dict]) -> str:
     tests = list(dict.fromkeys(name for c in cells for name in c["outcome"]))
     for test in tests:
         rows = [r for c in cells for r in c["records"] if r["test"].endswith(test)]
-        keys = [k for k in (rows[0] if rows else {}) if k not in ("test", "seed", "threads", "capability")]
-        ranges = ", ".join(f"{k} {span([r[k] for r in rows])}" for k in keys) or "-"
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("test", "seed", "threads", "capability")]
+        ranges = ", ".join(f"{k} {span([r[k] for r in rows if k in r])}" for k in keys) or "-"
         passed = sum(c["outcome"].get(test) == "passed" for c in cells)
         lines.append(f"| {test} | {ranges} | {passed}/{len(cells)} |")
     return "\n".join(lines)

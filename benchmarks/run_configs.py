@@ -142,8 +142,9 @@ def describe(row: dict) -> str:
 
 
 def span(values: list[float], digits: int = 3) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.{digits}f}" if lo == hi else f"{lo:.{digits}f}-{hi:.{digits}f}"
+    """``lo to hi`` of ``values`` (one number when they round alike)."""
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo} to {hi}"
 
 
 def table(rows: list[dict]) -> str:

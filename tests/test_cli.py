@@ -38,8 +38,9 @@ def test_every_config_runs_as_shipped(config, tmp_path, monkeypatch):
     cli = build_cli(["fit", f"--config={config}", *SHORT])
     if cli.model.automatic_optimization:
         assert cli.trainer.global_step == 3
-    else:  # PPO: every rollout takes num_ppo_epochs x num_mini_batches optimizer steps
-        assert cli.trainer.global_step == cli.model.num_ppo_epochs * cli.model.num_mini_batches
+    else:  # PPO: every rollout takes num_ppo_epochs x num_mini_batches optimizer steps, and runs whole
+        per_rollout = cli.model.num_ppo_epochs * cli.model.num_mini_batches
+        assert cli.trainer.global_step == -(-3 // per_rollout) * per_rollout
     assert "train/loss" in cli.trainer.callback_metrics
     assert cli.datamodule.tokenizer_name_or_path == cli.model.model_name_or_path  # linked
     # No config needs another to have run: the models and data it reads are builtin or from the Hub.

@@ -341,7 +341,9 @@ def mean_reward(record: Record, part: slice) -> float:
     [
         ("grpo", {"num_generations": 8}, 128, 120),
         ("rloo", {"num_generations": 4, "beta": 0.05}, 64, 160),
-        ("ppo", {"num_ppo_epochs": 4, "num_mini_batches": 1, "kl_coef": 0.05, "missing_eos_penalty": 1.0}, 64, 160),
+        # PPO: one sample per prompt and no group baseline, so more prompts per rollout (128) and two
+        # epochs per rollout (100 rollouts).
+        ("ppo", {"num_ppo_epochs": 2, "num_mini_batches": 1, "kl_coef": 0.05, "missing_eos_penalty": 1.0}, 128, 200),
     ],
 )
 def test_online_methods_raise_the_correctness_reward(learning, method, kwargs, batch_size, steps):
