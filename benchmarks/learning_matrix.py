@@ -16,7 +16,6 @@ recorded number over the matrix and how many cells passed. Exit status 1 if any 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_configs import capabilities, span  # noqa: E402
+from run_configs import capabilities, run_grid, span  # noqa: E402
 
 
 def run_cell(capability: str, threads: int, seed: int, select: str | None) -> dict:
@@ -52,6 +51,13 @@ def run_cell(capability: str, threads: int, seed: int, select: str | None) -> di
     return {"capability": capability, "threads": threads, "seed": seed, "seconds": round(seconds, 1),
             "returncode": proc.returncode, "outcome": outcome, "records": records,
             "tail": proc.stdout[-3000:] if proc.returncode not in (0, 5) else ""}
+
+
+def describe(cell: dict) -> str:
+    failed = [n for n, o in cell["outcome"].items() if o == "failed"]
+    line = (f"{cell['capability']:<7} t{cell['threads']} s{cell['seed']} {cell['seconds']:6.0f}s "
+            f"{sum(o == 'passed' for o in cell['outcome'].values())} passed")
+    return line + (f", FAILED: {', '.join(failed)}" if failed else "") + (f"\n{cell['tail']}" if cell["tail"] else "")
 
 
 def table(cells: list[dict]) -> str:
@@ -77,20 +83,7 @@ def main() -> None:
     args = parser.parse_args()
 
     grid = [(cap, t, s) for t in args.threads for cap in (args.capabilities or capabilities()) for s in args.seeds]
-    cells = []
-    for wide in (False, True):  # one-thread cells share the cores; wider ones take them in turn
-        batch = [cell for cell in grid if (cell[1] > 1) == wide]
-        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs // (2 if wide else 1))) as pool:
-            for cell in pool.map(lambda c: run_cell(*c, args.select), batch):
-                failed = [n for n, o in cell["outcome"].items() if o == "failed"]
-                print(f"{cell['capability']:<7} t{cell['threads']} s{cell['seed']} {cell['seconds']:6.0f}s "
-                      f"{sum(o == 'passed' for o in cell['outcome'].values())} passed"
-                      + (f", FAILED: {', '.join(failed)}" if failed else "") + (f"\n{cell['tail']}" if cell["tail"] else ""),
-                      flush=True)
-                cells.append(cell)
-                if args.out:
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(cell) + "\n")
+    cells = run_grid(grid, lambda c: run_cell(*c, args.select), lambda c: c[1] > 1, args.jobs, describe, args.out)
     print()
     print(table(cells))
     sys.exit(0 if all(c["returncode"] in (0, 5) for c in cells) else 1)

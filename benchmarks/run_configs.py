@@ -148,11 +148,15 @@ def span(values: list[float], digits: int = 3) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """Per config and promise: the range of the first- and last-quarter means over the runs, and how
+    many runs kept it. Seconds are those of the runs that had the machine's cores to themselves
+    (more than one thread, run one at a time), when there are any."""
     lines = ["| config | runs | seconds | promise | first quarter | last quarter | held |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == name]
         done = [r for r in mine if r["returncode"] == 0]
-        seconds = span([r["seconds"] for r in mine], 0)
+        alone = [r for r in mine if r["threads"] != 1] or mine
+        seconds = span([r["seconds"] for r in alone], 0)
         names = list(dict.fromkeys(k for r in done for k in r["promises"])) or ["(none)"]
         for promise in names:
             got = [r["promises"][promise] for r in done if "first" in r["promises"].get(promise, {})]
@@ -161,6 +165,23 @@ def table(rows: list[dict]) -> str:
             held = sum(p["holds"] for p in got) if promise != "(none)" else len(done)
             lines.append(f"| {name} | {len(mine)} | {seconds} | {promise} | {first} | {last} | {held}/{len(mine)} |")
     return "\n".join(lines)
+
+
+def run_grid(cells: list, run, is_wide, jobs: int, describe, out: Path | None) -> list[dict]:
+    """``run(cell)`` for every cell, printing ``describe(result)`` and appending the result to ``out`` as
+    a JSON line as each ends: one-thread cells ``jobs`` at a time (they share the cores), wider ones
+    (``is_wide(cell)``) in turn, ``jobs // 2`` at a time."""
+    results = []
+    for wide in (False, True):
+        batch = [cell for cell in cells if bool(is_wide(cell)) == wide]
+        with concurrent.futures.ThreadPoolExecutor(max(1, jobs // (2 if wide else 1))) as pool:
+            for result in pool.map(run, batch):
+                print(describe(result), flush=True)
+                results.append(result)
+                if out:
+                    with out.open("a") as f:
+                        f.write(json.dumps(result) + "\n")
+    return results
 
 
 def main() -> None:
@@ -187,18 +208,7 @@ def main() -> None:
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
     cells = [(c, cap, t, s) for c in configs for t in threads for cap in caps for s in seeds]
-    rows = []
-    # Runs on one thread share the cores; runs on more take them in turn.
-    for wide in (False, True):
-        batch = [cell for cell in cells if (cell[2] is None or cell[2] > 1) == wide]
-        workers = max(1, args.jobs // (2 if wide else 1))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for row in pool.map(lambda cell: run_one(*cell, args.keep), batch):
-                print(describe(row), flush=True)
-                rows.append(row)
-                if args.out:
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+    rows = run_grid(cells, lambda c: run_one(*c, args.keep), lambda c: c[2] is None or c[2] > 1, args.jobs, describe, args.out)
     print()
     print(table(rows))
     sys.exit(0 if all(ok(r) for r in rows) else 1)

@@ -197,6 +197,16 @@ def _kto_data(rows: list[dict], tmp_path, tokenizer, kl_pairs: bool) -> Unpaired
     return data
 
 
+def _legacy_sides(method: str, rows: list[dict], smol_dir: str, tokenizer, tmp_path, **config):
+    """TRL's CPO or ORPO trainer and lit-align's data (with the method's BOS rule) on the same rows."""
+    trainer_cls, config_cls, module_cls, _ = LEGACY[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _trl(trainer_cls, config_cls, smol_dir, rows, tmp_path / "trl", batch_size=ROWS, **config)
+        data = _lit_data(rows, tmp_path, tokenizer=tokenizer, batch_size=ROWS, add_bos_to_prompt=module_cls.add_bos_to_prompt)
+    return trainer, data
+
+
 def _no_grad_first_step(module, batch):
     with torch.no_grad():  # the forward only: no graph over a 49k vocabulary
         return _lit_first_step(module, batch)
@@ -288,18 +298,9 @@ def test_cpo_orpo_match_trl(method: str, smol_dir: str, smol_tokenizer, tmp_path
     (``add_bos_to_prompt``), so ORPO's NLL over the whole chosen sequence also scores the prompt's first token.
     Not ``logits/*``: TRL's CPO/ORPO average every position of the padded batch, padding included (documented
     departure; lit-align's are completion-token means)."""
-    trainer_cls, config_cls, module_cls, config = LEGACY[method]
+    module_cls, config = LEGACY[method][2:]
     rows = _rows("preference")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = _trl(trainer_cls, config_cls, smol_dir, rows, tmp_path / "trl", batch_size=ROWS, **config)
-        data = _lit_data(
-            rows,
-            tmp_path,
-            tokenizer=smol_tokenizer,
-            batch_size=ROWS,
-            add_bos_to_prompt=module_cls.add_bos_to_prompt,
-        )
+    trainer, data = _legacy_sides(method, rows, smol_dir, smol_tokenizer, tmp_path, **config)
     bos = smol_tokenizer.bos_token_id
     assert all(
         ids[0] == bos and ids[1] != bos for pair in data.datasets["train"]["input_ids"] for ids in pair
@@ -335,20 +336,9 @@ def test_cpo_orpo_conversational_tokenization(method: str, smol_dir: str, smol_t
     side. Tokenization only: TRL's legacy pipeline appends a second EOS after the template's closing
     ``<|im_end|>\\n`` (documented departure, lit-align tokenizes as DPO), so the losses differ by design; every
     other token, and which are trained, agree."""
-    trainer_cls, config_cls, module_cls, config = LEGACY[method]
     rows = _rows("preference", conversational=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = _trl(
-            trainer_cls, config_cls, smol_dir, rows, tmp_path / "trl", batch_size=ROWS
-        ).train_dataset
-        data = _lit_data(
-            rows,
-            tmp_path,
-            tokenizer=smol_tokenizer,
-            batch_size=ROWS,
-            add_bos_to_prompt=module_cls.add_bos_to_prompt,
-        )
+    trainer, data = _legacy_sides(method, rows, smol_dir, smol_tokenizer, tmp_path)
+    theirs = trainer.train_dataset
     ours, tok = data.datasets["train"], smol_tokenizer
     newline = tok("\n")["input_ids"]
     assert len(newline) == 1
