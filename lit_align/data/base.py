@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.sampler import ShardedSampler
+from lit_align.data.sampler import ResumableLoader, ShardedSampler
 from lit_align.data.sources import Column, DataFormatError, check_columns, check_row, load_source
 from lit_align.data.tokenize import truncate
 from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
@@ -257,7 +257,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
             )
         else:
             sampler = SequentialSampler(ds)
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=batch_size,
             sampler=sampler,
