@@ -7,15 +7,34 @@ rate for it) and writes ``training_step``/``validation_step`` from ``ops`` and `
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
 from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from lit_align.ops.state import all_ranks, own, rng_state, set_rng_state
 from lit_align.optim import LinearWarmupDecay
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing a checkpoint whole or not at all: to a temporary file
+    in the same directory, then renamed over the target. A run killed while saving leaves the
+    previous ``last.ckpt`` intact instead of a truncated one that cannot be resumed."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        if "://" in str(path):  # remote filesystems: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
 
 
 class AlignModule(L.LightningModule):
@@ -164,8 +183,22 @@ class AlignModule(L.LightningModule):
         skip = tuple(kwargs.get("prefix", "") + name + "." for name in self.frozen_submodules)
         return {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
 
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default (sharded strategies keep theirs)
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    # -- exact resumption: the checkpoint holds every rank's random generators, put back when training
+    # resumes, so a resumed run samples and drops out as the uninterrupted one. ----------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_align"] = {"num_tokens_seen": self.num_tokens_seen}
+        checkpoint["lit_align"] = {"num_tokens_seen": self.num_tokens_seen, "rng": all_ranks(rng_state())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.num_tokens_seen = checkpoint.get("lit_align", {}).get("num_tokens_seen", 0)
+        state = checkpoint.get("lit_align", {})
+        self.num_tokens_seen = state.get("num_tokens_seen", 0)
+        self._rng_to_restore = own(state.get("rng"))
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
