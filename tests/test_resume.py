@@ -81,3 +81,41 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_curve(case, devices, s
             assert metrics.keys() == straight[key].keys()
             for name, value in metrics.items():
                 assert value == pytest.approx(straight[key][name], abs=1e-6), f"{when}, step/epoch/batch/rank {key}: {name}"
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """A kill in the middle of writing ``last.ckpt`` (simulated: half the bytes, then an error)
+    leaves the previous ``last.ckpt`` loadable; Lightning's own writer would truncate it."""
+    import io
+
+    import lightning as L
+    import torch
+    from lightning.fabric.plugins.io import torch_io
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from lit_align import SFT, PromptCompletionDataModule
+    from lit_align.methods.base import AtomicCheckpointIO
+
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(SFT(), PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # installed by the module
+
+    def cut_short(checkpoint, path):
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt("killed while saving")
+
+    for writer in (AtomicCheckpointIO(), TorchCheckpointIO()):
+        path = tmp_path / type(writer).__name__ / "last.ckpt"
+        writer.save_checkpoint({"step": 1}, path)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch_io, "_atomic_save", cut_short)
+            with pytest.raises(KeyboardInterrupt):
+                writer.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+        if isinstance(writer, AtomicCheckpointIO):
+            assert torch.load(path)["step"] == 1
+        else:  # the default writer: what this guards against
+            with pytest.raises(RuntimeError):
+                torch.load(path)
