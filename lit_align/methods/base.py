@@ -188,6 +188,28 @@ class AlignModule(L.LightningModule):
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default (sharded strategies keep theirs)
             strategy.checkpoint_io = AtomicCheckpointIO()
 
+    # -- non-finite values stop the run at the step they appear, saying what and where --------------
+    def on_before_backward(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"{type(self).__name__}: the training loss is {loss.item()} at step {self.trainer.global_step} "
+                f"(epoch {self.trainer.current_epoch}); nothing was trained on it. Look for a learning rate "
+                "that is too high, a data value that is not finite, or a reward that is not"
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # fp16 loss scaling: inf gradients are expected, and the scaler skips them
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise FloatingPointError(
+                f"{type(self).__name__}: gradients are not finite at step {self.trainer.global_step} "
+                f"({len(bad)} parameters, first {bad[:3]}); the optimizer step was not taken. Look for a "
+                "learning rate that is too high or a loss that overflows in this precision"
+            )
+
     # -- exact resumption: the checkpoint holds every rank's random generators, put back when training
     # resumes, so a resumed run samples and drops out as the uninterrupted one. ----------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
