@@ -3,7 +3,7 @@ step's ``train/`` metrics to ``OUT_DIR/losses.jsonl``.
 
 With ``resume STRAIGHT_DIR`` the same process first trains uninterrupted into ``STRAIGHT_DIR``,
 then, from a fresh module, DataModule and seed, resumes ``OUT_DIR/ckpt/last.ckpt`` (one process
-start instead of two).
+start instead of two); ``resume -`` only resumes.
 
 Launched by tests/test_resume.py as a plain script (so the test can SIGKILL it mid-run, and
 Lightning's ``ddp`` strategy can re-execute it for the second rank).
@@ -86,7 +86,8 @@ def main(name: str, devices: int, out: str, max_steps: int, every: int, straight
     if straight is None:
         fit(name, devices, out, max_steps, every, None)
         return
-    fit(name, devices, Path(straight), max_steps, every, None)
+    if straight != "-":
+        fit(name, devices, Path(straight), max_steps, every, None)
     fit(name, devices, out, max_steps, every, str(out / "ckpt" / "last.ckpt"))
 
 

@@ -119,3 +119,45 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
         else:  # the default writer: what this guards against
             with pytest.raises(RuntimeError):
                 torch.load(path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    """SIGINT mid-run: Lightning's graceful shutdown, and the module saves ``last.ckpt`` first."""
+    import torch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = [sys.executable, str(SCRIPT), "sft", "1", str(out), "500", "1000"]  # no periodic checkpoint
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "losses.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) > 5):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    step = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert 5 <= step < 500, stderr[-2000:]
+    args = [sys.executable, str(SCRIPT), "sft", "1", str(out), str(step + 3), "1000", "resume", "-"]
+    resumed = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max(s for s, *_ in losses(out)) == step + 3
+
+
+def test_an_unwritable_output_directory_fails_before_the_first_step(tmp_path):
+    import lightning as L
+
+    from lit_align import SFT, PromptCompletionDataModule, SaveHFModel
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for callbacks, root, what in (
+        ([SaveHFModel(dirpath=str(blocker / "hf"))], tmp_path, "SaveHFModel's dirpath"),
+        ([L.pytorch.callbacks.ModelCheckpoint(dirpath=blocker / "ckpt")], tmp_path, "ModelCheckpoint's dirpath"),
+        ([], blocker / "root", "default_root_dir"),
+    ):
+        module = SFT()
+        trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, callbacks=callbacks, default_root_dir=root)
+        with pytest.raises(OSError, match=f"{what} .* is not writable .*; the run would train and then lose"):
+            trainer.fit(module, PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
+        assert trainer.global_step == 0 and getattr(module, "model", None) is None  # before the model loaded

@@ -15,8 +15,10 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lit_align.models.export import check_writable, is_interrupt
 from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from lit_align.ops.state import all_ranks, own, rng_state, set_rng_state
 from lit_align.optim import LinearWarmupDecay
@@ -35,6 +37,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial = path.with_name(f".{path.name}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
         os.replace(partial, path)
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C or SIGTERM during a fit: save ``last.ckpt`` to resume from (next to the other
+    checkpoints, else under ``default_root_dir/checkpoints``) and say where. A second Ctrl-C
+    stops the save at once; the atomic writer leaves no half-written file."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not (is_interrupt(exception) and trainer.state.fn == "fit" and trainer.global_step > 0):
+            return
+        if trainer.world_size > 1 and isinstance(exception, KeyboardInterrupt):
+            # Saving gathers from every rank, and a Ctrl-C may not have reached them all (Lightning
+            # passes SIGTERM on to every rank, so that one is saved).
+            rank_zero_info("Interrupted: no checkpoint saved (Ctrl-C with several processes); send SIGTERM to save one")
+            return
+        directory = getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        path = os.path.join(directory, "last.ckpt")
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"Interrupted at step {trainer.global_step}: saved a checkpoint to {path}; resume with --ckpt_path {path}")
 
 
 class AlignModule(L.LightningModule):
@@ -184,9 +205,22 @@ class AlignModule(L.LightningModule):
         return {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
 
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
+        trainer = self.trainer
+        strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default (sharded strategies keep theirs)
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit" and trainer.is_global_zero:  # every output place, before the model loads
+            check_writable(trainer.default_root_dir, "The trainer's default_root_dir")
+            for callback in trainer.checkpoint_callbacks:
+                if getattr(callback, "dirpath", None):
+                    check_writable(callback.dirpath, f"{type(callback).__name__}'s dirpath")
+            for logger in trainer.loggers:
+                if getattr(logger, "save_dir", None):
+                    check_writable(logger.save_dir, f"{type(logger).__name__}'s save_dir")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks every method brings (subclasses add theirs to this list)."""
+        return [SaveOnInterrupt()]
 
     # -- non-finite values stop the run at the step they appear, saying what and where --------------
     def on_before_backward(self, loss: Tensor) -> None:
