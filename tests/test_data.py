@@ -192,6 +192,36 @@ def test_empty_dataset(tmp_path, tokenizer):
         setup(PromptCompletionDataModule(str(path)), tokenizer)
 
 
+def test_a_malformed_jsonl_line_is_reported_with_its_number(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "p", "completion": "a"}\n\n{"prompt": "q", "completion": "b"}\n{"prompt": "r", "completion": \n')
+    with pytest.raises(DataFormatError, match=r"bad.jsonl: line 4, column \d+: not valid JSON"):
+        setup(PromptCompletionDataModule(str(path)), tokenizer)
+    path.write_text('{"prompt": "p", "completion": "a"}\n["q", "b"]\n')
+    with pytest.raises(DataFormatError, match=r"line 2: expected a JSON object"):
+        setup(PromptCompletionDataModule(str(path)), tokenizer)
+
+
+def test_a_csv_with_only_a_header_is_empty(tmp_path, tokenizer):
+    path = tmp_path / "header.csv"
+    path.write_text("prompt,completion\n")
+    with pytest.raises(DataFormatError, match=r"header.csv: the dataset is empty \(only a header row"):
+        setup(PromptCompletionDataModule(str(path)), tokenizer)
+
+
+def test_eval_split_fraction_from_the_command_line(tmp_path, tokenizer):
+    """``--data.eval_split=0.1`` is a fraction, as the error for single files advises (it was the split '0.1')."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(PromptCompletionDataModule, "data")
+    assert parser.parse_args(["--data.eval_split=0.1"]).data.eval_split == 0.1
+    assert parser.parse_args(["--data.eval_split=test"]).data.eval_split == "test"
+    rows = [{"prompt": f"p{i}", "completion": "a"} for i in range(20)]
+    dm = setup(PromptCompletionDataModule(write_jsonl(tmp_path / "d.jsonl", rows), eval_split="0.1"), tokenizer)
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (18, 2)
+
+
 def test_rows_too_long_are_dropped_and_counted(tmp_path, tokenizer):
     rows = [{"prompt": "x" * 50, "completion": "y"}, {"prompt": "x", "completion": "y"}]
     dm = setup(PromptCompletionDataModule(write_jsonl(tmp_path / "l.jsonl", rows), max_length=20), tokenizer)

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.sampler import ShardedSampler
+from lit_align.data.sampler import ResumableLoader, ShardedSampler
 from lit_align.data.sources import Column, DataFormatError, check_columns, check_row, load_source
 from lit_align.data.tokenize import truncate
 from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
@@ -42,7 +42,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         self,
         dataset_name_or_path: str = "builtin:arithmetic",
         split: str = "train",
-        eval_split: str | float | None = None,
+        eval_split: float | str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         max_length: int | None = 1024,
@@ -89,7 +89,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
             raise ValueError("packing needs max_length: it is the length of a packed row")
         self.dataset_name_or_path = dataset_name_or_path
         self.split = split
-        self.eval_split = eval_split
+        self.eval_split = _fraction_or_name(eval_split)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.max_length = max_length
@@ -257,7 +257,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
             )
         else:
             sampler = SequentialSampler(ds)
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=batch_size,
             sampler=sampler,
@@ -285,6 +285,16 @@ class AlignDataModule(L.LightningDataModule, ABC):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+def _fraction_or_name(eval_split: float | str | None) -> float | str | None:
+    """``"0.1"`` (from a command line or an environment) is the fraction 0.1, not a split name."""
+    if isinstance(eval_split, str):
+        try:
+            return float(eval_split)
+        except ValueError:
+            return eval_split
+    return eval_split
 
 
 def collate_examples(items: list[dict], pad_token_id: int, layout: str, capacity: int | None) -> SequenceBatch:

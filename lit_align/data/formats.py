@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,9 @@ class PreferenceDataModule(AlignDataModule):
                 f"{label}: row {index}: 'chosen' and 'rejected' are identical; a preference pair needs "
                 "two different completions"
             )
+        margin = row.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)):
+            raise DataFormatError(f"{label}: row {index}: 'margin' is {margin!r}; expected a finite number (or null)")
 
     def tokenize_row(self, row: dict, tokenizer) -> dict | None:
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]

@@ -7,15 +7,19 @@ positions ``r, r+W, r+2W, ...`` of one global order, so the ``W`` local batches 
 together are exactly the global batch one process would see with ``batch_size * W``.
 Online methods that reuse a rollout for several steps (``num_iterations``) get each
 batch ``repeat_batches`` times in a row.
+
+:class:`ResumableLoader` makes the position in the epoch part of the checkpoint: resumed after
+a kill, training continues with the batch after the last one trained, none seen twice or skipped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class ShardedSampler(DistributedSampler):
@@ -45,6 +49,7 @@ class ShardedSampler(DistributedSampler):
             raise ValueError(f"repeat_batches must be >= 1, got {repeat_batches}")
         self.repeat_batches = repeat_batches
         self.epoch = 0
+        self.skip = 0  # indices of this rank's order to leave out, once (set by ResumableLoader)
 
     @staticmethod
     def _world() -> tuple[int, int]:
@@ -82,10 +87,51 @@ class ShardedSampler(DistributedSampler):
         order = self.global_order()
         order += order[: self._per_rank() * world - len(order)]  # pad so every rank gets as many (as DistributedSampler)
         mine = order[rank::world]
-        if self.repeat_batches == 1:
-            return iter(mine)
-        # Each whole batch k times in a row (an incomplete last batch is dropped: repeated, it would
-        # merge with its own copy into one batch of the loader).
-        size = self.batch_size
-        batches = [mine[s : s + size] for s in range(0, len(mine) - size + 1, size)]
-        return iter([i for b in batches for _ in range(self.repeat_batches) for i in b])
+        if self.repeat_batches > 1:
+            # Each whole batch k times in a row (an incomplete last batch is dropped: repeated, it would
+            # merge with its own copy into one batch of the loader).
+            size = self.batch_size
+            batches = [mine[s : s + size] for s in range(0, len(mine) - size + 1, size)]
+            mine = [i for b in batches for _ in range(self.repeat_batches) for i in b]
+        skip, self.skip = self.skip, 0
+        return iter(mine[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with its place in the epoch in the checkpoint.
+
+    Lightning saves ``state_dict()`` of a loader that has one: here the sampler's epoch and how many
+    batches of it were handed out. ``load_state_dict`` (on resume) makes the next pass over that
+    epoch start after them. Batches are counted where they leave the loader, so worker prefetching
+    does not count; Lightning takes no batch ahead from a loader whose length it knows.
+    """
+
+    _resume: dict[int, int] | None = None
+    _position: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        epoch = sampler.epoch
+        done = (self._resume or {}).get(epoch, 0)
+        self._resume = None
+        sampler.skip = done * self.batch_size
+        self._position = (epoch, done)
+        if done:
+            # Starting an epoch draws the workers' base seed from torch's generator. The uninterrupted
+            # run drew it before the checkpoint's generator state was taken; drawing it again here
+            # would shift every later sample and dropout mask of the resumed run.
+            with torch.random.fork_rng(devices=[]):
+                batches = super().__iter__()
+        else:
+            batches = super().__iter__()
+        for batch in batches:
+            done += 1
+            self._position = (epoch, done)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self._position or (self.sampler.epoch, 0)
+        return {"epoch": epoch, "batches": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = {int(state_dict["epoch"]): int(state_dict["batches"])}

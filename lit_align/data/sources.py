@@ -8,6 +8,7 @@ expected, so a user can open the file and fix it.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,7 @@ def load_source(name_or_path: str, split: str, fmt: str) -> datasets.Dataset:
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # datasets raises StopIteration, ArrowInvalid, ... on bad files
-            if builder != "parquet" and not path.read_text(errors="replace").strip():
-                raise DataFormatError(f"{name_or_path}: the dataset is empty") from err
-            raise DataFormatError(f"{name_or_path}: could not be read as {builder}: {err!r}") from err
+            raise DataFormatError(f"{name_or_path}: {_unreadable(path, builder, err)}") from err
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             saved = datasets.load_from_disk(str(path))
@@ -109,6 +108,29 @@ def load_source(name_or_path: str, split: str, fmt: str) -> datasets.Dataset:
             f"could not load dataset {name_or_path!r} (split {split!r}) from the Hugging Face Hub: {err}. "
             "Expected a Hub id, a local directory, a .jsonl/.json/.parquet/.csv file, or builtin:arithmetic"
         ) from err
+
+
+def _unreadable(path: Path, builder: str, err: Exception) -> str:
+    """Why a data file could not be loaded, pointing at the line where that can be found."""
+    if builder == "parquet":
+        return f"could not be read as parquet: {err!r}"
+    lines = path.read_text(errors="replace").splitlines()
+    rows = [line for line in lines if line.strip()]
+    if not rows:
+        return "the dataset is empty"
+    if builder == "csv" and len(rows) == 1:
+        return f"the dataset is empty (only a header row: {rows[0][:120]!r})"
+    if builder == "json" and path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as bad:
+                return f"line {number}, column {bad.colno}: not valid JSON ({bad.msg}): {line[:120]!r}"
+            if not isinstance(value, dict):
+                return f"line {number}: expected a JSON object (one row per line), got {type(value).__name__}: {line[:120]!r}"
+    return f"could not be read as {builder}: {err!r}"
 
 
 def check_columns(ds: datasets.Dataset, columns: list[Column], source: str, owner: str) -> None:

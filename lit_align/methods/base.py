@@ -7,15 +7,55 @@ rate for it) and writes ``training_step``/``validation_step`` from ``ops`` and `
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lit_align.models.export import check_writable, is_interrupt
 from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from lit_align.ops.state import all_ranks, own, rng_state, set_rng_state
 from lit_align.optim import LinearWarmupDecay
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing a checkpoint whole or not at all: to a temporary file
+    in the same directory, then renamed over the target. A run killed while saving leaves the
+    previous ``last.ckpt`` intact instead of a truncated one that cannot be resumed."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        if "://" in str(path):  # remote filesystems: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C or SIGTERM during a fit: save ``last.ckpt`` to resume from (next to the other
+    checkpoints, else under ``default_root_dir/checkpoints``) and say where. A second Ctrl-C
+    stops the save at once; the atomic writer leaves no half-written file."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not (is_interrupt(exception) and trainer.state.fn == "fit" and trainer.global_step > 0):
+            return
+        if trainer.world_size > 1 and isinstance(exception, KeyboardInterrupt):
+            # Saving gathers from every rank, and a Ctrl-C may not have reached them all (Lightning
+            # passes SIGTERM on to every rank, so that one is saved).
+            rank_zero_info("Interrupted: no checkpoint saved (Ctrl-C with several processes); send SIGTERM to save one")
+            return
+        directory = getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        path = os.path.join(directory, "last.ckpt")
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"Interrupted at step {trainer.global_step}: saved a checkpoint to {path}; resume with --ckpt_path {path}")
 
 
 class AlignModule(L.LightningModule):
@@ -164,8 +204,57 @@ class AlignModule(L.LightningModule):
         skip = tuple(kwargs.get("prefix", "") + name + "." for name in self.frozen_submodules)
         return {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
 
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default (sharded strategies keep theirs)
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit" and trainer.is_global_zero:  # every output place, before the model loads
+            check_writable(trainer.default_root_dir, "The trainer's default_root_dir")
+            for callback in trainer.checkpoint_callbacks:
+                if getattr(callback, "dirpath", None):
+                    check_writable(callback.dirpath, f"{type(callback).__name__}'s dirpath")
+            for logger in trainer.loggers:
+                if getattr(logger, "save_dir", None):
+                    check_writable(logger.save_dir, f"{type(logger).__name__}'s save_dir")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks every method brings (subclasses add theirs to this list)."""
+        return [SaveOnInterrupt()]
+
+    # -- non-finite values stop the run at the step they appear, saying what and where --------------
+    def on_before_backward(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"{type(self).__name__}: the training loss is {loss.item()} at step {self.trainer.global_step} "
+                f"(epoch {self.trainer.current_epoch}); nothing was trained on it. Look for a learning rate "
+                "that is too high, a data value that is not finite, or a reward that is not"
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # fp16 loss scaling: inf gradients are expected, and the scaler skips them
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise FloatingPointError(
+                f"{type(self).__name__}: gradients are not finite at step {self.trainer.global_step} "
+                f"({len(bad)} parameters, first {bad[:3]}); the optimizer step was not taken. Look for a "
+                "learning rate that is too high or a loss that overflows in this precision"
+            )
+
+    # -- exact resumption: the checkpoint holds every rank's random generators, put back when training
+    # resumes, so a resumed run samples and drops out as the uninterrupted one. ----------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_align"] = {"num_tokens_seen": self.num_tokens_seen}
+        checkpoint["lit_align"] = {"num_tokens_seen": self.num_tokens_seen, "rng": all_ranks(rng_state())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.num_tokens_seen = checkpoint.get("lit_align", {}).get("num_tokens_seen", 0)
+        state = checkpoint.get("lit_align", {})
+        self.num_tokens_seen = state.get("num_tokens_seen", 0)
+        self._rng_to_restore = own(state.get("rng"))
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None

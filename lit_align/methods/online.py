@@ -141,7 +141,7 @@ class OnlineModule(AlignModule):
             self.ref_model = frozen_copy(name, self.dtype_name, self.attn_implementation)
 
     def configure_callbacks(self) -> list:
-        callbacks: list = []
+        callbacks = super().configure_callbacks()
         if not any(isinstance(c, RolloutCallback) for c in self.trainer.callbacks):  # a user's own one wins
             every = self.log_completions_steps if self.log_completions else 0
             callbacks.append(RolloutCallback(log_completions_every_n_steps=every))

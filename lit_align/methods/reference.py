@@ -88,9 +88,10 @@ class ReferenceModule(AlignModule):
         return frozen_copy(name, self.dtype_name, self.attn_implementation)
 
     def configure_callbacks(self) -> list:
-        if not self.sync_ref_model:
-            return []
-        return [SyncReferenceModel(self.ref_model_mixup_alpha, self.ref_model_sync_steps)]
+        callbacks = super().configure_callbacks()
+        if self.sync_ref_model:
+            callbacks.append(SyncReferenceModel(self.ref_model_mixup_alpha, self.ref_model_sync_steps))
+        return callbacks
 
     # -- reference log-probs -----------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +120,7 @@ class ReferenceModule(AlignModule):
             self._precompute(self.trainer.datamodule)
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         if self.precompute_ref_log_probs and self.trainer.state.fn == "validate":
             self._precompute(self.trainer.datamodule)
 

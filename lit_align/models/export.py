@@ -42,9 +42,43 @@ class SaveHFModel(L.Callback):
         self.merge_lora = merge_lora
         self.saved_to: Path | None = None
 
+    def _dirpath(self, trainer: L.Trainer) -> str:
+        return self.dirpath or os.path.join(trainer.default_root_dir, "hf_model")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:  # before the model loads, not after training
+            check_writable(self._dirpath(trainer), "SaveHFModel's dirpath")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "hf_model")
         if trainer.is_global_zero:
-            self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, dirpath, self.merge_lora)
+            self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora)
             rank_zero_info(f"Saved the policy as a Hugging Face model directory: {self.saved_to}")
         trainer.strategy.barrier("lit_align_save_hf_model")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Ctrl-C or SIGTERM: the weights trained so far are exported (rank 0 holds them under DDP).
+        if is_interrupt(exception) and trainer.global_step > 0 and trainer.is_global_zero:
+            self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora)
+            rank_zero_info(f"Interrupted at step {trainer.global_step}: saved the policy so far to {self.saved_to}")
+
+
+def is_interrupt(exception: BaseException) -> bool:
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM as Lightning reports it."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+
+
+def check_writable(dirpath: str | os.PathLike, what: str) -> None:
+    """Create ``dirpath`` and write a file in it, or say plainly that outputs could not be saved there."""
+    path = Path(dirpath)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".lit-align-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(
+            f"{what} {str(path)!r} is not writable ({err.strerror or err}); the run would train and then lose "
+            "what it saves there. Choose a directory you can write to"
+        ) from err

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,6 +107,7 @@ def compute_rewards(
     n = len(completions)
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **(columns or {})}
     out = torch.full((n, len(funcs)), float("nan"), dtype=torch.float32)
+    nans: dict[str, list[int]] = {}
     for k, (f, values) in enumerate(zip(funcs, _call_all(funcs, kwargs))):
         name = reward_name(f)
         if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
@@ -121,5 +123,19 @@ def compute_rewards(
                 raise ValueError(f"reward function {name!r} returned {v!r} for completion {i}; expected a float or None") from err
             if math.isinf(v):
                 raise ValueError(f"reward function {name!r} returned {v} for completion {i}; rewards must be finite")
+            if math.isnan(v):
+                nans.setdefault(name, []).append(i)
             out[i, k] = v
+    for name, rows in nans.items():  # None says "not scored"; NaN is a bug that would train on as 0
+        raise ValueError(
+            f"reward function {name!r} returned nan for {len(rows)} of {n} completions (rows {rows[:8]}"
+            f"{', ...' if len(rows) > 8 else ''}); return a finite float, or None where the function does not apply"
+        )
+    unscored = out.isnan().all(dim=1).nonzero().flatten().tolist()
+    if unscored:  # TRL warns too, and counts them as 0
+        warnings.warn(
+            f"every reward function returned None for {len(unscored)} of {n} completions (rows {unscored[:8]}); "
+            "they count as reward 0. Make at least one function score every completion",
+            stacklevel=2,
+        )
     return out.to(device)

@@ -8,7 +8,8 @@ and attaches it as ``batch.rollout``; ``training_step`` computes the loss from i
 
 - Reuse: with ``num_iterations = k`` the DataModule yields every prompt batch ``k`` times in
   a row and the callback serves the same rollout to those ``k`` steps (the old log-probs
-  stored in it make the importance ratio move).
+  stored in it make the importance ratio move). A rollout still being reused is saved in the
+  checkpoint (each rank's), so a run resumed between its steps trains on the same samples.
 - Weight sync: engines holding their own copy of the weights (vLLM) get the policy's after
   every optimizer step.
 - Completions go to W&B as a table every ``log_completions_every_n_steps`` (rank 0).
@@ -22,6 +23,7 @@ from typing import Any
 
 import lightning as L
 
+from lit_align.ops.state import all_ranks, own
 from lit_align.rollout.engines import GenerationEngine
 from lit_align.rollout.types import Rollout
 
@@ -48,6 +50,8 @@ class RolloutCallback(L.Callback):
         self.num_completions_to_log = num_completions_to_log
         self._buffer: Rollout | None = None
         self._served = 0
+        self._reuse = 1
+        self._pending: dict[str, Any] | None = None  # a checkpointed rollout, restored at the next batch
         self._last_synced_step = -1
 
     def _engine(self, pl_module: L.LightningModule) -> GenerationEngine:
@@ -56,7 +60,9 @@ class RolloutCallback(L.Callback):
         return self.engine
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        reuse = getattr(pl_module, "num_iterations", 1)
+        reuse = self._reuse = getattr(pl_module, "num_iterations", 1)
+        if self._pending is not None:
+            self._buffer, self._pending = Rollout.from_state_dict(self._pending, pl_module.device), None
         if self._buffer is None or self._served >= reuse:
             self._buffer = pl_module.make_rollout(batch, self._engine(pl_module), "train")
             self._served = 0
@@ -94,10 +100,13 @@ class RolloutCallback(L.Callback):
             lg.log_table(key="completions", columns=["step", "prompt", "completion", *names, "advantage"], data=rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"served": self._served}
+        # The rollout being reused (num_iterations > 1) is part of the checkpoint, every rank's own,
+        # so a resumed run trains on it as the uninterrupted run does instead of sampling afresh.
+        buffer = self._buffer.state_dict() if self._buffer is not None and self._served < self._reuse else None
+        return {"served": self._served, "buffers": all_ranks(buffer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The buffered rollout is not checkpointed: a resumed run generates afresh.
         self._served = state_dict.get("served", 0)
+        self._pending = own(state_dict.get("buffers"))
         self._buffer = None
 

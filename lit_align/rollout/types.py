@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from lit_align.ops.packing import SequenceBatch
@@ -34,3 +36,23 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.loss_mask.size(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists and tensors (what a checkpoint loaded with ``weights_only`` may hold)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["generations"] = {f.name: getattr(self.generations, f.name) for f in fields(self.generations)}
+        state["sequences"] = self.sequences.to_dict()
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> Rollout:
+        state = _to_device(state, device)
+        return cls(**{**state, "generations": Generations(**state["generations"]), "sequences": SequenceBatch(**state["sequences"])})
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
