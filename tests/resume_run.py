@@ -13,6 +13,7 @@ Lightning's ``ddp`` strategy can re-execute it for the second rank).
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def fit(name: str, devices: int, out: Path, max_steps: int, every: int, ckpt_pat
 
 
 def main(name: str, devices: int, out: str, max_steps: int, every: int, straight: str | None) -> None:
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal (a parent started in the background, as CI
+    # scripts often are, hands its children SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     out = Path(out)
     if straight is None:
