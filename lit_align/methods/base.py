@@ -30,9 +30,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     previous ``last.ckpt`` intact instead of a truncated one that cannot be resumed."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        if "://" in str(path):  # remote filesystems: Lightning's own writer
+        if "://" in str(path):  # remote filesystems: Lightning's own writer (Path would fold the "//")
             return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         super().save_checkpoint(checkpoint, partial, storage_options)
@@ -236,7 +236,7 @@ class AlignModule(L.LightningModule):
         if scaler is not None:  # fp16 loss scaling: inf gradients are expected, and the scaler skips them
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             raise FloatingPointError(
                 f"{type(self).__name__}: gradients are not finite at step {self.trainer.global_step} "

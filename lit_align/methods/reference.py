@@ -120,7 +120,6 @@ class ReferenceModule(AlignModule):
             self._precompute(self.trainer.datamodule)
 
     def on_validation_start(self) -> None:
-        super().on_validation_start()
         if self.precompute_ref_log_probs and self.trainer.state.fn == "validate":
             self._precompute(self.trainer.datamodule)
 

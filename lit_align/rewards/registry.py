@@ -107,13 +107,13 @@ def compute_rewards(
     n = len(completions)
     kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **(columns or {})}
     out = torch.full((n, len(funcs)), float("nan"), dtype=torch.float32)
-    nans: dict[str, list[int]] = {}
     for k, (f, values) in enumerate(zip(funcs, _call_all(funcs, kwargs))):
         name = reward_name(f)
         if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
             raise ValueError(f"reward function {name!r} returned {type(values).__name__}; expected a list of {n} floats (or None)")
         if len(values) != n:
             raise ValueError(f"reward function {name!r} returned {len(values)} values for {n} completions; expected one per completion")
+        nan_rows = []
         for i, v in enumerate(values):
             if v is None:
                 continue
@@ -124,13 +124,13 @@ def compute_rewards(
             if math.isinf(v):
                 raise ValueError(f"reward function {name!r} returned {v} for completion {i}; rewards must be finite")
             if math.isnan(v):
-                nans.setdefault(name, []).append(i)
+                nan_rows.append(i)
             out[i, k] = v
-    for name, rows in nans.items():  # None says "not scored"; NaN is a bug that would train on as 0
-        raise ValueError(
-            f"reward function {name!r} returned nan for {len(rows)} of {n} completions (rows {rows[:8]}"
-            f"{', ...' if len(rows) > 8 else ''}); return a finite float, or None where the function does not apply"
-        )
+        if nan_rows:  # None says "not scored"; NaN is a bug that would train on as 0
+            raise ValueError(
+                f"reward function {name!r} returned nan for {len(nan_rows)} of {n} completions (rows {nan_rows[:8]}"
+                f"{', ...' if len(nan_rows) > 8 else ''}); return a finite float, or None where the function does not apply"
+            )
     unscored = out.isnan().all(dim=1).nonzero().flatten().tolist()
     if unscored:  # TRL warns too, and counts them as 0
         warnings.warn(
