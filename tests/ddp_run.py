@@ -1,7 +1,11 @@
-"""Run a method for two steps on one or two CPU processes and dump per-step losses, metrics and weights.
+"""Run methods for two steps each on one or two CPU processes and dump per-step losses, metrics and
+weights, one ``OUT_DIR/<method>.json`` per method.
+
+    python tests/ddp_run.py METHOD[,METHOD...] DEVICES OUT_DIR
 
 Launched by tests/test_ddp.py as a plain script: Lightning's ``ddp`` strategy re-executes
-``sys.argv`` for the second rank, which must be this script, not pytest.
+``sys.argv`` for the second rank, which must be this script, not pytest. The methods run one after
+another in the same processes (the process group is set up once), each from its own seed.
 """
 
 import json
@@ -65,8 +69,7 @@ class Record(L.Callback):
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
 
-def main(method: str, devices: int, out: str) -> None:
-    torch.set_num_threads(1)
+def run(method: str, devices: int, out: str) -> None:
     L.seed_everything(0)
     global_batch = 8
     module_cls, data_cls = METHODS[method]
@@ -96,7 +99,14 @@ def main(method: str, devices: int, out: str) -> None:
     if trainer.is_global_zero:
         weights = {k: v.flatten()[:50].tolist() for k, v in module.model.state_dict().items()}
         with open(out, "w") as f:
-            json.dump({"losses": record.losses, "metrics": record.metrics, "weights": weights}, f)
+            json.dump({"world_size": trainer.world_size, "losses": record.losses, "metrics": record.metrics, "weights": weights}, f)
+
+
+def main(methods: str, devices: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.makedirs(out_dir, exist_ok=True)
+    for method in methods.split(","):
+        run(method, devices, os.path.join(out_dir, f"{method}.json"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ BCO's running reward mean (``train/delta``), GRPO's batch-scaled advantages and 
 RLOO's normalised advantages, PPO's whitening and GKD's token mean are all computed over both ranks."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,27 +15,44 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-def run(method: str, devices: int, out: Path) -> dict:
-    subprocess.run([sys.executable, str(SCRIPT), method, str(devices), str(out)], check=True, timeout=600, capture_output=True)
-    return json.loads(out.read_text())
+METHODS = ["sft", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every method on one process and on two: two launches in all (a process start and a process
+    group cost more than two steps of a tiny model), the one-process run beside the two-process one."""
+    from lit_align.models.builtin import builtin_model, builtin_tokenizer
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    teacher = builtin_model("builtin:tiny")  # for GKD: builtin:tiny with seeded noise, unlike the student
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    teacher.save_pretrained(tmp / "teacher")
+    builtin_tokenizer().save_pretrained(tmp / "teacher")
+    env = dict(os.environ, LIT_ALIGN_TEST_TEACHER=str(tmp / "teacher"))
+    launches = {
+        devices: subprocess.Popen([sys.executable, str(SCRIPT), ",".join(methods), str(devices), str(tmp / str(devices))],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for devices, methods in ((1, METHODS), (2, [*METHODS, "grpo_sampled"]))
+    }
+    for devices, proc in launches.items():
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{devices} process(es): {err[-3000:]}"
+    return tmp
+
+
+def result(runs: Path, devices: int, method: str) -> dict:
+    return json.loads((runs / str(devices) / f"{method}.json").read_text())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo"])
-def test_ddp_two_processes_match_one(method, tmp_path, monkeypatch):
-    if method == "gkd":  # a teacher that differs from the student: builtin:tiny with seeded noise
-        from lit_align.models.builtin import builtin_model, builtin_tokenizer
-
-        teacher = builtin_model("builtin:tiny")
-        with torch.no_grad():
-            generator = torch.Generator().manual_seed(0)
-            for p in teacher.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        teacher.save_pretrained(tmp_path / "teacher")
-        builtin_tokenizer().save_pretrained(tmp_path / "teacher")
-        monkeypatch.setenv("LIT_ALIGN_TEST_TEACHER", str(tmp_path / "teacher"))
-    one = run(method, 1, tmp_path / "one.json")
-    two = run(method, 2, tmp_path / "two.json")
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_two_processes_match_one(method, runs):
+    one, two = result(runs, 1, method), result(runs, 2, method)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
     assert len(one["losses"]) == len(two["losses"]) == 2  # PPO: one entry per rollout
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
     for step, metrics in enumerate(one["metrics"]):  # every logged metric is the global one
@@ -45,8 +63,8 @@ def test_ddp_two_processes_match_one(method, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_sampled_generation_finishes_when_ranks_decode_different_lengths(tmp_path):
+def test_ddp_sampled_generation_finishes_when_ranks_decode_different_lengths(runs):
     """Each rank samples its own completions (different lengths, different stopping steps); HF
     generation needs no collective, and the reward gathers have fixed shapes, so nothing waits."""
-    two = run("grpo_sampled", 2, tmp_path / "two.json")
+    two = result(runs, 2, "grpo_sampled")
     assert len(two["losses"]) == 2 and "train/reward" in two["metrics"][-1]
