@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).with_name("resume_run.py")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-def losses(out: Path) -> dict[tuple[int, int, int, int], dict[str, float]]:
+def losses(log: Path) -> dict[tuple[int, int, int, int], dict[str, float]]:
     """Every logged ``train/`` metric by (step, epoch, batch, rank)."""
-    rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
     return {(r["step"], r["epoch"], r["batch"], r["rank"]): r["metrics"] for r in rows}
 
 
@@ -34,44 +35,85 @@ def every(case: str) -> int:
     return 3 if case == "grpo" else 2
 
 
-def train_straight_and_resume(case: str, devices: int, straight: Path, out: Path, steps: int) -> None:
-    args = [sys.executable, str(SCRIPT), case, str(devices), str(out), str(steps), str(every(case)), "resume", str(straight)]
-    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+CASES = [("sft", 1, 16), ("sft_packed", 1, 12), ("dpo_precomputed", 1, 14), ("kto", 1, 14), ("grpo", 1, 10), ("sft", 2, 14)]
+CTRL_C = ("sft", 1, 200)  # no periodic checkpoint: what resumes is what Ctrl-C saved
 
 
-def train_and_kill(case: str, devices: int, out: Path, steps: int, kill_after: int) -> int:
-    """Start a run, SIGKILL it (its whole process group) once a step past ``kill_after`` is logged."""
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "losses.jsonl"
-    args = [sys.executable, str(SCRIPT), case, str(devices), str(out), str(steps), str(every(case))]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if log.exists() and any(json.loads(line)["step"] > kill_after for line in log.read_text().splitlines()[-4:] if line.endswith("}")):
-                break
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed (exit {proc.returncode})"
-    return max(step for step, *_ in losses(out))
+def start(root: Path, case: str, devices: int, steps: int, checkpoint_every: int) -> subprocess.Popen:
+    out = root / f"{case}-{devices}" / "run"
+    out.mkdir(parents=True)
+    args = [sys.executable, str(SCRIPT), case, str(devices), str(out), str(steps), str(checkpoint_every)]
+    return subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def last_step(log: Path) -> int:
+    lines = log.read_text().splitlines()[-4:] if log.exists() else []
+    return max([json.loads(line)["step"] for line in lines if line.endswith("}")], default=-1)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory) -> Path:
+    """Every case, and a run to Ctrl-C, started at once (one thread each); each is killed with
+    SIGKILL once it has logged a step past one drawn at random (not a checkpoint step, mid-epoch;
+    for GRPO, whose rollouts serve two steps each, checkpoints fall between the two), the other gets
+    SIGINT after step 5. Then the uninterrupted runs and the resumptions: the one-process cases in
+    one process, the two-process case beside it. ``<case>-<devices>/before.jsonl`` holds what a run
+    logged before it was stopped, ``run/losses.jsonl`` what it logged after resuming."""
+    root = tmp_path_factory.mktemp("resume")
+    kill_after = {c: random.Random(f"{c[0]}-{c[1]}").choice([s for s in range(3, c[2] - 3) if s % every(c[0])]) for c in CASES}
+    procs = {c: start(root, c[0], c[1], c[2], every(c[0])) for c in CASES}
+    procs[CTRL_C + ("ctrl-c",)] = start(root / "ctrl-c", *CTRL_C, 1000)
+    deadline, stopping = time.monotonic() + 600, set()
+    while len(stopping) < len(procs) and time.monotonic() < deadline:
+        for c, proc in procs.items():
+            log = root / ("ctrl-c" if len(c) == 4 else "") / f"{c[0]}-{c[1]}" / "run" / "losses.jsonl"
+            if c in stopping or proc.poll() is not None:
+                stopping.add(c)
+            elif len(c) == 4 and last_step(log) > 5:
+                proc.send_signal(signal.SIGINT)  # once: a second Ctrl-C would stop the save
+                stopping.add(c)
+            elif len(c) == 3 and last_step(log) > kill_after[c]:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stopping.add(c)
+        time.sleep(0.005)
+    for c, proc in procs.items():
+        try:
+            stderr = proc.communicate(timeout=120)[1].decode()[-3000:]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stderr = proc.communicate()[1].decode()[-3000:]
+        expected = 1 if len(c) == 4 else -signal.SIGKILL  # Ctrl-C: Lightning's graceful shutdown, exit 1
+        assert proc.returncode == expected, f"{c}: exit {proc.returncode}, not stopped as planned\n{stderr}"
+
+    jobs = []
+    for case, devices, steps in CASES:
+        run = root / f"{case}-{devices}" / "run"
+        (run / "losses.jsonl").rename(run.parent / "before.jsonl")
+        jobs.append({"case": case, "devices": devices, "out": str(run), "steps": steps, "every": every(case),
+                     "straight": str(run.parent / "straight")})
+    ctrl_c = root / "ctrl-c" / "sft-1" / "run"
+    step = torch.load(ctrl_c / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    (ctrl_c / "losses.jsonl").rename(ctrl_c.parent / "before.jsonl")
+    jobs.append({"case": "sft", "devices": 1, "out": str(ctrl_c), "steps": step + 3, "every": 1000, "straight": "-"})
+    (root / "jobs.json").write_text(json.dumps([j for j in jobs if j["devices"] == 1]))
+    resumes = [subprocess.Popen([sys.executable, str(SCRIPT), "jobs", str(root / "jobs.json")], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    resumes += [subprocess.Popen([sys.executable, str(SCRIPT), j["case"], str(j["devices"]), j["out"], str(j["steps"]),
+                                  str(j["every"]), "resume", j["straight"]], env=ENV, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True) for j in jobs if j["devices"] > 1]
+    for proc in resumes:
+        stderr = proc.communicate(timeout=600)[1]
+        assert proc.returncode == 0, stderr[-3000:]
+    return root
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "case,devices,steps",
-    [("sft", 1, 16), ("sft_packed", 1, 12), ("dpo_precomputed", 1, 14), ("kto", 1, 14), ("grpo", 1, 10), ("sft", 2, 14)],
-)
-def test_killed_and_resumed_run_follows_the_uninterrupted_curve(case, devices, steps, tmp_path):
-    kill_after = random.Random(f"{case}-{devices}").choice([s for s in range(3, steps - 3) if s % every(case)])
-    killed_at = train_and_kill(case, devices, tmp_path / "run", steps, kill_after)
-    before = losses(tmp_path / "run")
-    (tmp_path / "run" / "losses.jsonl").unlink()
-    train_straight_and_resume(case, devices, tmp_path / "straight", tmp_path / "run", steps)
-    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "run")
-
+@pytest.mark.parametrize("case,devices,steps", CASES)
+def test_killed_and_resumed_run_follows_the_uninterrupted_curve(case, devices, steps, interrupted):
+    folder = interrupted / f"{case}-{devices}"
+    before, straight, resumed = (losses(p) for p in (folder / "before.jsonl", folder / "straight" / "losses.jsonl",
+                                                      folder / "run" / "losses.jsonl"))
+    killed_at = max(step for step, *_ in before)
     first = min(step for step, *_ in resumed)
     assert first <= killed_at, "the resumed run skipped steps"
     assert (first - 1) % every(case) == 0, "resumed from a step that no checkpoint holds"
@@ -83,13 +125,22 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_curve(case, devices, s
                 assert value == pytest.approx(straight[key][name], abs=1e-6), f"{when}, step/epoch/batch/rank {key}: {name}"
 
 
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resumes(interrupted):
+    """SIGINT mid-run: Lightning's graceful shutdown, and the module saves ``last.ckpt`` first."""
+    folder = interrupted / "ctrl-c" / "sft-1"
+    step = torch.load(folder / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert 5 <= step < CTRL_C[2]
+    assert max(s for s, *_ in losses(folder / "before.jsonl")) == step  # saved at the step it stopped
+    assert max(s for s, *_ in losses(folder / "run" / "losses.jsonl")) == step + 3  # resumed from it
+
+
 def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     """A kill in the middle of writing ``last.ckpt`` (simulated: half the bytes, then an error)
     leaves the previous ``last.ckpt`` loadable; Lightning's own writer would truncate it."""
     import io
 
     import lightning as L
-    import torch
     from lightning.fabric.plugins.io import torch_io
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -121,29 +172,6 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
                 torch.load(path)
 
 
-@pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
-    """SIGINT mid-run: Lightning's graceful shutdown, and the module saves ``last.ckpt`` first."""
-    import torch
-
-    out = tmp_path / "run"
-    out.mkdir()
-    args = [sys.executable, str(SCRIPT), "sft", "1", str(out), "200", "1000"]  # no periodic checkpoint
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = out / "losses.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) > 5):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
-    step = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
-    assert 5 <= step < 200, stderr[-2000:]
-    args = [sys.executable, str(SCRIPT), "sft", "1", str(out), str(step + 3), "1000", "resume", "-"]
-    resumed = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert max(s for s, *_ in losses(out)) == step + 3
-
-
 def test_an_unwritable_output_directory_fails_before_the_first_step(tmp_path):
     import lightning as L
 
@@ -161,3 +189,18 @@ def test_an_unwritable_output_directory_fails_before_the_first_step(tmp_path):
         with pytest.raises(OSError, match=f"{what} .* is not writable .*; the run would train and then lose"):
             trainer.fit(module, PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
         assert trainer.global_step == 0 and getattr(module, "model", None) is None  # before the model loaded
+
+
+def test_too_little_disk_for_a_checkpoint_fails_before_the_first_step(tmp_path, monkeypatch):
+    import shutil
+
+    import lightning as L
+
+    from lit_align import SFT, PromptCompletionDataModule
+
+    module = SFT()
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    with pytest.raises(OSError, match=r"ModelCheckpoint's dirpath .* has 0.00 GiB free, and one save needs about 0.0\d GiB"):
+        trainer.fit(module, PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
+    assert trainer.global_step == 0
