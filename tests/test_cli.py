@@ -1,11 +1,14 @@
 """End to end through ``lit-align``: every config runs a few steps; W&B offline logs read back."""
 
+import csv
 import glob
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import wandb
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -96,38 +99,100 @@ def test_sft_config_leaves_hf_model_config_and_wandb_run(tmp_path, monkeypatch):
     assert config["config"]["model"]["init_args"]["model_name_or_path"] == "builtin:tiny"
 
 
-def test_short_class_names_and_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "lit_align.cli", "fit", "--model", "SFT", "--model.help", "SFT"],
-        capture_output=True, text=True, check=True,
-    ).stdout
+def cli_exit(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in this process up to its exit (help, --print_config, a bad argument)."""
+    with pytest.raises(SystemExit) as stop:
+        build_cli(args)
+    out = capsys.readouterr()
+    return stop.value.code or 0, out.out, out.err
+
+
+def test_short_class_names_and_help(capsys):
+    code, out, _ = cli_exit(["fit", "--model", "SFT", "--model.help", "SFT"], capsys)
     out = " ".join(out.split())  # argparse wraps help text
-    for text in ("--model.loss_type", "Dynamic Fine-Tuning", "--model.peft", "LoRA settings"):
+    assert code == 0
+    for text in ("--model.loss_type", "Dynamic Fine-Tuning", "--model.peft", "LoRA settings", "--model.nonfinite"):
         assert text in out
-    out = subprocess.run(
-        [sys.executable, "-m", "lit_align.cli", "fit", "--data.help", "PromptCompletionDataModule"],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    code, out, _ = cli_exit(["fit", "--data.help", "PromptCompletionDataModule"], capsys)
     out = " ".join(out.split())
-    assert "--data.packing" in out and "best-fit decreasing" in out
+    assert code == 0 and "--data.packing" in out and "best-fit decreasing" in out
 
 
-def test_bad_config_value_is_reported(tmp_path, monkeypatch):
+def test_bad_config_value_is_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "lit_align.cli", "fit", f"--config={ROOT / 'configs/sft.yaml'}", "--model.init_args.loss_type=xent"],
-        capture_output=True, text=True,
-    )
-    assert proc.returncode != 0
-    assert "loss_type" in proc.stderr and "xent" in proc.stderr
+    code, _, err = cli_exit(["fit", f"--config={ROOT / 'configs/sft.yaml'}", "--model.init_args.loss_type=xent"], capsys)
+    assert code != 0
+    assert "loss_type" in err and "xent" in err
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "configs/recipes").glob("*.yaml")), ids=lambda p: p.stem)
-def test_recipes_parse(recipe):
+def test_recipes_parse(recipe, capsys):
     """Real-scale recipes need a GPU and the Hub; CI checks that they parse against the current API."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "lit_align.cli", "fit", f"--config={recipe}", "--print_config"],
-        capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "class_path: lit_align." in proc.stdout
+    code, out, err = cli_exit(["fit", f"--config={recipe}", "--print_config"], capsys)
+    assert code == 0, err[-2000:]
+    assert "class_path: lit_align." in out
+
+
+def test_a_misspelt_option_gets_a_suggestion_and_a_short_error(capsys):
+    for args, hint in (
+        (["--model.bta=0.2"], "lit_align.DPO has no argument 'bta'; did you mean 'beta'?"),
+        (["--data.batchsize=2"], "did you mean 'batch_size'"),
+        (["--trainer.maxx_steps=2"], "did you mean --trainer.max_steps"),
+    ):
+        code, _, err = cli_exit(["fit", f"--config={ROOT / 'configs/dpo.yaml'}", *args], capsys)
+        assert code == 2
+        assert hint in err and "Every option: " in err
+        assert len(err.splitlines()) < 20  # the message, not a hundred lines of usage
+
+
+def test_resume_continues_the_run_and_its_loggers(tmp_path, monkeypatch):
+    """``--ckpt_path last`` finds the run's newest checkpoint, though it sits under a W&B run id
+    that a new run would not know, and the loggers continue: the same W&B run id and CSV version,
+    the CSV's rows before the checkpoint kept and each step logged once."""
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "log_every_n_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
+            "logger": [
+                {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": "runs", "offline": True}},
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "flush_logs_every_n_steps": 1}},
+            ],
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"every_n_train_steps": 4, "save_last": True}}],
+        },
+        "model": {"class_path": "lit_align.SFT"},
+        "data": {"class_path": "lit_align.PromptCompletionDataModule",
+                 "init_args": {"dataset_name_or_path": "builtin:arithmetic?size=64&steps=1&max_operand=4", "batch_size": 4}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    first = build_cli(["fit", "--config=run.yaml", "--trainer.max_steps=6"])
+    run_id, version = first.trainer.loggers[0].version, first.trainer.loggers[1].version
+    wandb.finish()
+    last = glob.glob(f"runs/lit_align/{run_id}/checkpoints/last.ckpt") or glob.glob(f"runs/*/{run_id}/checkpoints/last.ckpt")
+    assert last, sorted(glob.glob("runs/**/*.ckpt", recursive=True))
+    assert torch.load(last[0], weights_only=False)["global_step"] == 4
+    # The run went on past its last checkpoint (step 4) to step 6: rows 4 and 5 will be logged again.
+    second = build_cli(["fit", "--config=run.yaml", "--trainer.max_steps=10", "--ckpt_path=last"])
+    assert second.trainer.loggers[0].version == run_id
+    assert second.trainer.loggers[1].version == version
+    assert len(glob.glob("runs/lightning_logs/version_*")) == 1
+    rows = list(csv.DictReader(open(f"runs/lightning_logs/version_{version}/metrics.csv")))
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == list(range(10)), steps
+    runs = sorted(glob.glob(f"runs/wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(runs) == 2  # both halves under the one run id (wandb sync joins them)
+
+
+def test_the_epoch_counter_with_max_steps_alone():
+    """Lightning's rich bar reads "Epoch 0/-2" when only max_steps bounds the run; ours "Epoch 0"."""
+    pytest.importorskip("rich")
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lit_align import SFT, PromptCompletionDataModule
+
+    bar = RichProgressBar()
+    trainer = L.Trainer(max_steps=1, callbacks=[bar], logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(SFT(), PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
+    assert trainer.max_epochs == -1 and bar._get_train_description(0) == "Epoch 0"

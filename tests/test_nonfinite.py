@@ -63,3 +63,35 @@ def test_an_exploding_learning_rate_stops_at_the_first_non_finite_value():
     with pytest.raises(FloatingPointError, match=r"SFT: (gradients are not finite|the training loss is (nan|inf)) at step \d"):
         fit(module, PromptCompletionDataModule(DATA, batch_size=4), steps=6)
     assert module.trainer.global_step < 6  # stopped at the step, not at the end
+
+
+class NaNAtStep1(SFT):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.trainer.global_step == 1 else loss
+
+
+class Snapshots(L.Callback):
+    def __init__(self):
+        self.before = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before[trainer.global_step] = [p.detach().clone() for p in module.parameters()]
+
+
+def test_nonfinite_skip_drops_the_step_and_counts_it():
+    module, snapshots = NaNAtStep1(nonfinite="skip"), Snapshots()
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[snapshots],
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="a non-finite loss or gradient at step 1; the step was skipped"):
+        trainer.fit(module, PromptCompletionDataModule(DATA, batch_size=4))
+    assert trainer.global_step == 4 and module.skipped_steps == 1
+    assert trainer.callback_metrics["train/skipped_steps"] == 1
+    unchanged = [torch.equal(a, b) for a, b in zip(snapshots.before[1], snapshots.before[2])]
+    assert all(unchanged)  # no update from the NaN batch (AdamW's moments and weight decay included)
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots.before[2], snapshots.before[3]))
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    with pytest.raises(ValueError, match="nonfinite='ignore': expected 'error' or 'skip'"):
+        SFT(nonfinite="ignore")
+    with pytest.raises(FloatingPointError, match="the training loss is nan at step 1 .* or set nonfinite: skip"):
+        fit(NaNAtStep1(), PromptCompletionDataModule(DATA, batch_size=4), steps=4)

@@ -150,6 +150,7 @@ class OnlineModule(AlignModule):
         return callbacks
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.num_iterations > 1 and self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
                 "num_iterations > 1 reuses each micro-batch's rollout on consecutive steps; with "

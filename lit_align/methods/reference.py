@@ -116,10 +116,12 @@ class ReferenceModule(AlignModule):
         return sequence_logps(model, batch, with_extras=with_extras, chunk_size=self.chunk_size)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.precompute_ref_log_probs:
             self._precompute(self.trainer.datamodule)
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         if self.precompute_ref_log_probs and self.trainer.state.fn == "validate":
             self._precompute(self.trainer.datamodule)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -82,3 +83,16 @@ def check_writable(dirpath: str | os.PathLike, what: str) -> None:
             f"{what} {str(path)!r} is not writable ({err.strerror or err}); the run would train and then lose "
             "what it saves there. Choose a directory you can write to"
         ) from err
+
+
+def check_disk_space(dirpath: str | os.PathLike, needed: int, what: str) -> None:
+    """Stop before training when ``dirpath``'s file system has less than ``needed`` bytes free."""
+    path = Path(dirpath).absolute()
+    while not path.exists() and path != path.parent:  # not created yet: its nearest existing parent
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise OSError(
+            f"{what} {str(dirpath)!r} has {free / 2**30:.2f} GiB free, and one save needs about "
+            f"{needed / 2**30:.2f} GiB; the run would train and then fail to save. Free some space or choose another directory"
+        )
