@@ -155,7 +155,8 @@ def test_resume_continues_the_run_and_its_loggers(tmp_path, monkeypatch):
         "trainer": {
             "accelerator": "cpu", "log_every_n_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
             "logger": [
-                {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": "runs", "offline": True}},
+                # absolute: wandb's writer process keeps the working directory of the first run in this process
+                {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "offline": True}},
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "flush_logs_every_n_steps": 1}},
             ],
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -168,6 +169,7 @@ def test_resume_continues_the_run_and_its_loggers(tmp_path, monkeypatch):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     first = build_cli(["fit", "--config=run.yaml", "--trainer.max_steps=6"])
     run_id, version = first.trainer.loggers[0].version, first.trainer.loggers[1].version
+    first_run = Path(first.trainer.loggers[0].experiment.dir).absolute().parent
     wandb.finish()
     last = glob.glob(f"runs/lit_align/{run_id}/checkpoints/last.ckpt") or glob.glob(f"runs/*/{run_id}/checkpoints/last.ckpt")
     assert last, sorted(glob.glob("runs/**/*.ckpt", recursive=True))
@@ -180,8 +182,10 @@ def test_resume_continues_the_run_and_its_loggers(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(f"runs/lightning_logs/version_{version}/metrics.csv")))
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == list(range(10)), steps
-    runs = sorted(glob.glob(f"runs/wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(runs) == 2  # both halves under the one run id (wandb sync joins them)
+    second_run = Path(second.trainer.loggers[0].experiment.dir).absolute().parent
+    wandb.finish()
+    assert first_run != second_run  # two offline files under the one run id (wandb sync joins them)
+    assert (first_run / f"run-{run_id}.wandb").exists() and (second_run / f"run-{run_id}.wandb").exists()
 
 
 def test_the_epoch_counter_with_max_steps_alone():
