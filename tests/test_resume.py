@@ -36,11 +36,13 @@ def every(case: str) -> int:
 
 
 CASES = [("sft", 1, 16), ("sft_packed", 1, 12), ("dpo_precomputed", 1, 14), ("kto", 1, 14), ("grpo", 1, 10), ("sft", 2, 14)]
-CTRL_C = ("sft", 1, 200)  # no periodic checkpoint: what resumes is what Ctrl-C saved
+# Ctrl-C (SIGINT to the whole process group, as a terminal sends it) after step 5 of 200, with no
+# periodic checkpoint: what resumes is what the interrupt saved.
+CTRL_C = [("sft", 1, 200), ("sft", 2, 200)]
 
 
-def start(root: Path, case: str, devices: int, steps: int, checkpoint_every: int) -> subprocess.Popen:
-    out = root / f"{case}-{devices}" / "run"
+def start(folder: Path, case: str, devices: int, steps: int, checkpoint_every: int) -> subprocess.Popen:
+    out = folder / "run"
     out.mkdir(parents=True)
     args = [sys.executable, str(SCRIPT), case, str(devices), str(out), str(steps), str(checkpoint_every)]
     return subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -51,50 +53,46 @@ def last_step(log: Path) -> int:
     return max([json.loads(line)["step"] for line in lines if line.endswith("}")], default=-1)
 
 
+def checkpoint_step(folder: Path) -> int:
+    return torch.load(folder / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> Path:
-    """Every case, and a run to Ctrl-C, started at once (one thread each); each is killed with
+    """Every case and both Ctrl-C runs start at once (one thread each). A case is killed with
     SIGKILL once it has logged a step past one drawn at random (not a checkpoint step, mid-epoch;
-    for GRPO, whose rollouts serve two steps each, checkpoints fall between the two), the other gets
-    SIGINT after step 5. Then the uninterrupted runs and the resumptions: the one-process cases in
-    one process, the two-process case beside it. ``<case>-<devices>/before.jsonl`` holds what a run
-    logged before it was stopped, ``run/losses.jsonl`` what it logged after resuming."""
+    for GRPO, whose rollouts serve two steps each, checkpoints fall between the two). Then the
+    uninterrupted runs and the resumptions: the one-process runs in one process, the two-process
+    case beside it. In each ``<folder>``, ``before.jsonl`` holds what a run logged before it was
+    stopped, ``run/losses.jsonl`` what it logged after resuming, ``straight/`` the uninterrupted run."""
     root = tmp_path_factory.mktemp("resume")
-    kill_after = {c: random.Random(f"{c[0]}-{c[1]}").choice([s for s in range(3, c[2] - 3) if s % every(c[0])]) for c in CASES}
-    procs = {c: start(root, c[0], c[1], c[2], every(c[0])) for c in CASES}
-    procs[CTRL_C + ("ctrl-c",)] = start(root / "ctrl-c", *CTRL_C, 1000)
+    runs = {root / f"{c}-{d}": (c, d, n, every(c), "kill") for c, d, n in CASES}
+    runs |= {root / f"ctrl-c-{c}-{d}": (c, d, n, 1000, "ctrl-c") for c, d, n in CTRL_C}
+    stop_after = {f: 5 if how == "ctrl-c" else random.Random(f"{c}-{d}").choice([s for s in range(3, n - 3) if s % k])
+                  for f, (c, d, n, k, how) in runs.items()}
+    procs = {f: start(f, *spec[:4]) for f, spec in runs.items()}
     deadline, stopping = time.monotonic() + 600, set()
     while len(stopping) < len(procs) and time.monotonic() < deadline:
-        for c, proc in procs.items():
-            log = root / ("ctrl-c" if len(c) == 4 else "") / f"{c[0]}-{c[1]}" / "run" / "losses.jsonl"
-            if c in stopping or proc.poll() is not None:
-                stopping.add(c)
-            elif len(c) == 4 and last_step(log) > 5:
-                proc.send_signal(signal.SIGINT)  # once: a second Ctrl-C would stop the save
-                stopping.add(c)
-            elif len(c) == 3 and last_step(log) > kill_after[c]:
-                os.killpg(proc.pid, signal.SIGKILL)
-                stopping.add(c)
+        for folder, proc in procs.items():
+            if folder not in stopping and (proc.poll() is not None or last_step(folder / "run" / "losses.jsonl") > stop_after[folder]):
+                os.killpg(proc.pid, signal.SIGINT if runs[folder][4] == "ctrl-c" else signal.SIGKILL)  # once each
+                stopping.add(folder)
         time.sleep(0.005)
-    for c, proc in procs.items():
+    for folder, proc in procs.items():
         try:
             stderr = proc.communicate(timeout=120)[1].decode()[-3000:]
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             stderr = proc.communicate()[1].decode()[-3000:]
-        expected = 1 if len(c) == 4 else -signal.SIGKILL  # Ctrl-C: Lightning's graceful shutdown, exit 1
-        assert proc.returncode == expected, f"{c}: exit {proc.returncode}, not stopped as planned\n{stderr}"
+        expected = 1 if runs[folder][4] == "ctrl-c" else -signal.SIGKILL  # Ctrl-C: Lightning's shutdown, exit 1
+        assert proc.returncode == expected, f"{folder.name}: exit {proc.returncode}, not stopped as planned\n{stderr}"
+        (folder / "run" / "losses.jsonl").rename(folder / "before.jsonl")
 
-    jobs = []
-    for case, devices, steps in CASES:
-        run = root / f"{case}-{devices}" / "run"
-        (run / "losses.jsonl").rename(run.parent / "before.jsonl")
-        jobs.append({"case": case, "devices": devices, "out": str(run), "steps": steps, "every": every(case),
-                     "straight": str(run.parent / "straight")})
-    ctrl_c = root / "ctrl-c" / "sft-1" / "run"
-    step = torch.load(ctrl_c / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
-    (ctrl_c / "losses.jsonl").rename(ctrl_c.parent / "before.jsonl")
-    jobs.append({"case": "sft", "devices": 1, "out": str(ctrl_c), "steps": step + 3, "every": 1000, "straight": "-"})
+    jobs = [{"case": c, "devices": d, "out": str(f / "run"), "steps": n, "every": k, "straight": str(f / "straight")}
+            for f, (c, d, n, k, how) in runs.items() if how == "kill"]
+    folder = root / "ctrl-c-sft-1"  # resumed to three steps past its checkpoint (the two-process one: below)
+    steps = checkpoint_step(folder) + 3
+    jobs.append({"case": "sft", "devices": 1, "out": str(folder / "run"), "steps": steps, "every": 1000, "straight": str(folder / "straight")})
     (root / "jobs.json").write_text(json.dumps([j for j in jobs if j["devices"] == 1]))
     resumes = [subprocess.Popen([sys.executable, str(SCRIPT), "jobs", str(root / "jobs.json")], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
@@ -107,18 +105,14 @@ def interrupted(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case,devices,steps", CASES)
-def test_killed_and_resumed_run_follows_the_uninterrupted_curve(case, devices, steps, interrupted):
-    folder = interrupted / f"{case}-{devices}"
+def assert_same_curve(folder: Path) -> None:
+    """What the run logged before it stopped and after it resumed equals the uninterrupted run."""
     before, straight, resumed = (losses(p) for p in (folder / "before.jsonl", folder / "straight" / "losses.jsonl",
                                                       folder / "run" / "losses.jsonl"))
-    killed_at = max(step for step, *_ in before)
     first = min(step for step, *_ in resumed)
-    assert first <= killed_at, "the resumed run skipped steps"
-    assert (first - 1) % every(case) == 0, "resumed from a step that no checkpoint holds"
+    assert first <= max(step for step, *_ in before) + 1, "the resumed run skipped steps"
     assert set(resumed) | {k for k in before if k[0] < first} == set(straight), "steps or batches missing or repeated"
-    for when, run in (("before the kill", before), ("after resuming", resumed)):
+    for when, run in (("before the stop", before), ("after resuming", resumed)):
         for key, metrics in run.items():
             assert metrics.keys() == straight[key].keys()
             for name, value in metrics.items():
@@ -126,13 +120,35 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_curve(case, devices, s
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_that_resumes(interrupted):
-    """SIGINT mid-run: Lightning's graceful shutdown, and the module saves ``last.ckpt`` first."""
-    folder = interrupted / "ctrl-c" / "sft-1"
-    step = torch.load(folder / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
-    assert 5 <= step < CTRL_C[2]
-    assert max(s for s, *_ in losses(folder / "before.jsonl")) == step  # saved at the step it stopped
-    assert max(s for s, *_ in losses(folder / "run" / "losses.jsonl")) == step + 3  # resumed from it
+@pytest.mark.parametrize("case,devices,steps", CASES)
+def test_killed_and_resumed_run_follows_the_uninterrupted_curve(case, devices, steps, interrupted):
+    folder = interrupted / f"{case}-{devices}"
+    assert checkpoint_step(folder) % every(case) == 0, "resumed from a step that no periodic checkpoint holds"
+    assert_same_curve(folder)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_at_a_step_boundary_and_resumes_to_the_same_curve(interrupted):
+    """The first Ctrl-C lets the step finish, saves ``last.ckpt`` there and exits 1, as Lightning
+    does on Ctrl-C; resuming from it continues the uninterrupted curve."""
+    folder = interrupted / "ctrl-c-sft-1"
+    step = checkpoint_step(folder)
+    assert 5 < step < CTRL_C[0][2]
+    assert max(s for s, *_ in losses(folder / "before.jsonl")) == step  # saved after the last step it logged
+    assert max(s for s, *_ in losses(folder / "run" / "losses.jsonl")) == step + 3
+    assert_same_curve(folder)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_two_processes_saves_every_rank(interrupted):
+    """Under DDP both processes get the Ctrl-C at different points of a step; they agree to stop at
+    the end of the same step and save one checkpoint with both ranks' random generators."""
+    folder = interrupted / "ctrl-c-sft-2"
+    checkpoint = torch.load(folder / "run" / "ckpt" / "last.ckpt", weights_only=True)
+    before = losses(folder / "before.jsonl")
+    assert 5 < checkpoint["global_step"] == max(s for s, *_ in before)
+    assert {rank for *_, rank in before} == {0, 1}
+    assert len(checkpoint["lit_align"]["rng"]) == 2
 
 
 def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -145,7 +161,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lit_align import SFT, PromptCompletionDataModule
-    from lit_align.methods.base import AtomicCheckpointIO
+    from lit_align.methods.checkpointing import AtomicCheckpointIO
 
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(SFT(), PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
@@ -204,3 +220,16 @@ def test_too_little_disk_for_a_checkpoint_fails_before_the_first_step(tmp_path, 
     with pytest.raises(OSError, match=r"ModelCheckpoint's dirpath .* has 0.00 GiB free, and one save needs about 0.0\d GiB"):
         trainer.fit(module, PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
     assert trainer.global_step == 0
+
+
+def test_a_second_ctrl_c_quits_without_saving_or_exporting():
+    from lit_align.methods.checkpointing import SaveOnInterrupt
+    from lit_align.models.export import QuitNow, is_interrupt
+
+    callback = SaveOnInterrupt()
+    callback._on_sigint(signal.SIGINT, None)
+    assert callback.requested  # the first: stop at the end of this step
+    with pytest.raises(QuitNow):
+        callback._on_sigint(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert is_interrupt(KeyboardInterrupt()) and not is_interrupt(QuitNow())  # SaveHFModel exports on the first only

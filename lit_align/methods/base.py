@@ -7,10 +7,6 @@ rate for it) and writes ``training_step``/``validation_step`` from ``ops`` and `
 from __future__ import annotations
 
 import functools
-import os
-import signal
-import threading
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -18,49 +14,14 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lit_align.models.export import SaveHFModel, check_disk_space, check_writable, is_interrupt
+from lit_align.methods.checkpointing import AtomicCheckpointIO, SaveOnInterrupt
+from lit_align.models.export import SaveHFModel, check_disk_space, check_writable
 from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from lit_align.ops.state import all_ranks, own, rng_state, set_rng_state
 from lit_align.optim import LinearWarmupDecay
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, writing a checkpoint whole or not at all: to a temporary file
-    in the same directory, then renamed over the target. A run killed while saving leaves the
-    previous ``last.ckpt`` intact instead of a truncated one that cannot be resumed."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # remote filesystems: Lightning's own writer (Path would fold the "//")
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)
-
-
-class SaveOnInterrupt(L.Callback):
-    """Ctrl-C or SIGTERM during a fit: save ``last.ckpt`` to resume from (next to the other
-    checkpoints, else under ``default_root_dir/checkpoints``) and say where. A second Ctrl-C
-    stops the save at once; the atomic writer leaves no half-written file."""
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not (is_interrupt(exception) and trainer.state.fn == "fit" and trainer.global_step > 0):
-            return
-        if isinstance(exception, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores a second Ctrl-C; let it stop the save
-        if trainer.world_size > 1 and isinstance(exception, KeyboardInterrupt):
-            # Saving gathers from every rank, and a Ctrl-C may not have reached them all (Lightning
-            # passes SIGTERM on to every rank, so that one is saved).
-            rank_zero_info("Interrupted: no checkpoint saved (Ctrl-C with several processes); send SIGTERM to save one")
-            return
-        directory = getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
-        path = os.path.join(directory, "last.ckpt")
-        trainer.save_checkpoint(path)
-        rank_zero_info(f"Interrupted at step {trainer.global_step}: saved a checkpoint to {path}; resume with --ckpt_path {path}")
 
 
 class AlignModule(L.LightningModule):

@@ -63,11 +63,15 @@ class SaveHFModel(L.Callback):
             rank_zero_info(f"Interrupted at step {trainer.global_step}: saved the policy so far to {self.saved_to}")
 
 
+class QuitNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, saving and exporting nothing more."""
+
+
 def is_interrupt(exception: BaseException) -> bool:
-    """Ctrl-C (KeyboardInterrupt) or SIGTERM as Lightning reports it."""
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM as Lightning reports it, whose work is worth saving."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    return isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+    return isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and not isinstance(exception, QuitNow)
 
 
 def check_writable(dirpath: str | os.PathLike, what: str) -> None:
