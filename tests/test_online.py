@@ -369,3 +369,16 @@ def test_select_sequences_equals_collating_the_subset_again():
     again = completion_batch(prompt_ids[index], prompt_mask[index], completion_ids[index], cmask[index], 256)
     for name in ("input_ids", "position_ids", "sequence_ids", "completion_mask", "attention_mask"):
         assert torch.equal(getattr(picked, name), getattr(again, name)), name
+
+
+def test_ppo_reference_arguments_follow_kl_coef():
+    """PPO(sync_ref_model=True) demanded beta > 0, an argument PPO does not read; and it accepted
+    mask_truncated_completions and beta and ignored them."""
+    module = PPO(reward_funcs=["arithmetic_reward"], sync_ref_model=True)  # kl_coef=0.05: a reference to sync
+    assert module.needs_reference and module.sync_ref_model
+    with pytest.raises(ValueError, match="sync_ref_model=True needs a reference model: set kl_coef != 0"):
+        PPO(reward_funcs=["arithmetic_reward"], sync_ref_model=True, kl_coef=0.0)
+    for name, message in (("beta", "PPO does not use beta: its KL weight is kl_coef"),
+                          ("mask_truncated_completions", "PPO does not use mask_truncated_completions")):
+        with pytest.raises(ValueError, match=message):
+            PPO(reward_funcs=["arithmetic_reward"], **{name: 0.1 if name == "beta" else True})

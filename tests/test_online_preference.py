@@ -251,3 +251,61 @@ def test_online_dpo_raises_the_correctness_reward(learning):
     first, last = sum(scores[:n]) / n, sum(scores[-n:]) / n
     learning.record(first=first, last=last, rise=last - first)
     assert last > first + 0.08, (first, last)
+
+
+# ------------------------------------------------------------------- defects of the online seams
+
+
+def test_the_vllm_engine_refuses_to_sample_anything_but_its_policy():
+    """XPO with use_vllm sampled its "reference" completion from the policy: the vLLM engine
+    ignored the model it was given. It now serves its policy only, and NashMD/XPO reject use_vllm."""
+    from lit_align.models.builtin import builtin_model
+    from lit_align.rollout.engines import VLLMEngine
+
+    tok = builtin_tokenizer()
+    policy, reference = builtin_model("builtin:tiny"), builtin_model("builtin:tiny")
+    engine = VLLMEngine("unused", tok, llm=object(), policy=policy)
+    ids = torch.tensor([[tok.pad_token_id, 67]])
+    with pytest.raises(ValueError, match="the vLLM engine samples the policy only .* asked to sample LlamaForCausalLM, another model"):
+        engine.generate(reference, ids, (ids != tok.pad_token_id).long(), SamplingParams())
+    for cls in (NashMD, XPO):
+        with pytest.raises(ValueError, match=f"{cls.__name__} cannot use use_vllm=True: it samples the reference model too"):
+            cls(reward_funcs=["arithmetic_reward"], use_vllm=True)
+
+
+def test_online_dpo_reuses_each_rollout_with_num_iterations():
+    """A preference rollout holds two samples per prompt: the reuse check counted one."""
+    module = OnlineDPO(reward_funcs=["arithmetic_reward"], max_new_tokens=8, num_iterations=2)
+    _, record = fit(module, PromptOnlyDataModule(DATA, batch_size=4), steps=4, callbacks=[scripted()])
+    assert len(record.metrics) == 4
+
+
+@pytest.mark.parametrize("cls", [OnlineDPO, NashMD, XPO])
+def test_the_completions_table_of_a_preference_rollout(cls):
+    """log_completions on fewer than 16 prompts raised IndexError: the per-pair probability sat in
+    the per-sample advantages. Each sample now has its own (P, then 1 - P), the pair its own field."""
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.rollout = batch.rollout
+
+    capture = Capture()
+    module = cls(reward_funcs=["arithmetic_reward"], max_new_tokens=8)
+    fit(module, PromptOnlyDataModule(DATA, batch_size=4), steps=1, callbacks=[scripted(), capture])
+    tables = []
+    logger = object.__new__(WandbLogger)  # a W&B logger that only collects tables
+    logger.log_table = lambda key, columns, data: tables.append((columns, data))
+    RolloutCallback()._log_table(SimpleNamespace(global_rank=0, global_step=0, loggers=[logger]), capture.rollout)
+    columns, rows = tables[0]
+    assert columns[-1] == "advantage" and len(rows) == 8  # 4 prompts x 2 samples
+    first, second = [r[-1] for r in rows[:4]], [r[-1] for r in rows[4:]]
+    assert all(a + b == pytest.approx(1.0) for a, b in zip(first, second))
+    assert torch.equal(capture.rollout.preferences, torch.tensor(first))
+
+
+@pytest.mark.parametrize("cls", [OnlineDPO, NashMD, XPO])
+def test_arguments_a_preference_method_would_ignore_are_rejected(cls):
+    with pytest.raises(ValueError, match=f"{cls.__name__} does not use mask_truncated_completions"):
+        cls(reward_funcs=["arithmetic_reward"], mask_truncated_completions=True)

@@ -130,6 +130,7 @@ class GRPO(OnlineModule):
         rollout = Rollout(
             generations=gens, sequences=seqs, loss_mask=loss_mask, advantages=adv.advantages[mine], rewards=adv.rewards[mine],
             old_logps=old, ref_logps=ref, num_items=num_items, prompts=self.repeat(batch.prompts), completions=completions,
+            rows_per_prompt=self.num_generations,
             reward_columns=self.reward_columns(rewards),
             metrics={**self.reward_metrics(all_rewards, adv.rewards, adv.zero_std), **self.completion_metrics(gens)},
         )

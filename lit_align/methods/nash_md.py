@@ -17,13 +17,15 @@ from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import nash_md_loss
 from lit_align.methods.online_preference import OnlinePreferenceModule, concat_generations, per_epoch
 from lit_align.models.reference import adapters_disabled
-from lit_align.rollout.engines import GenerationEngine, Generations, VLLMEngine
+from lit_align.rollout.engines import GenerationEngine, Generations
 from lit_align.rollout.mixture import GeometricMixture
 from lit_align.rollout.types import Rollout
 
 
 class NashMD(OnlinePreferenceModule):
     """Nash Mirror Descent on prompt-only data with a pairwise judge or reward functions."""
+
+    samples_reference = True
 
     def __init__(self, *args: Any, mixture_coef: float | list[float] = 0.5, **kwargs: Any) -> None:
         """
@@ -42,8 +44,6 @@ class NashMD(OnlinePreferenceModule):
         return per_epoch(self.mixture_coef, self.current_epoch if self._trainer is not None else 0)
 
     def sample_pair(self, batch: PromptBatch, engine: GenerationEngine) -> Generations:
-        if isinstance(engine, VLLMEngine):
-            raise ValueError("NashMD samples the policy-reference mixture with the HF engine: set use_vllm=false")
         mine = engine.generate(self.model, batch.prompt_ids, batch.prompt_mask, self.sampling)
         if self.ref_model is not None:
             mixture = GeometricMixture(self.model, self.ref_model, self.current_mixture_coef)
@@ -61,12 +61,12 @@ class NashMD(OnlinePreferenceModule):
         beta = self.current_beta
         logps = self.sequence_logps(r)[:E]
         mask, ref = r.loss_mask[:E], r.ref_logps[:E]
-        loss, score, kl = nash_md_loss(logps, ref, mask, r.advantages, beta)
+        loss, score, kl = nash_md_loss(logps, ref, mask, r.preferences, beta)
         seq, ref_seq = (logps * mask).sum(1).detach(), (ref * mask).sum(1)
         metrics = {
             "loss": loss.detach(), "loss/score": score.mean(), "loss/kl": kl.mean(),
             "logps/chosen": seq.mean(), "logps/rejected": ref_seq.mean(),
-            "rewards/probabilities": r.advantages.mean(), "objective/entropy": -seq.mean(),
+            "rewards/probabilities": r.preferences.mean(), "objective/entropy": -seq.mean(),
             "rewards/margins": (seq - ref_seq).mean(), "rewards/accuracies": (seq > ref_seq).float().mean(),
         }
         if not torch.isnan(r.rewards).any():

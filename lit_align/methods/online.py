@@ -32,6 +32,7 @@ class OnlineModule(AlignModule):
     """Base of the methods that learn from their own samples (not used directly)."""
 
     disable_dropout_default: ClassVar[bool] = False
+    kl_weight_name: ClassVar[str] = "beta"  # the argument that weighs the KL to the reference (PPO: kl_coef)
     frozen_submodules = ("ref_model",)
 
     def __init__(
@@ -87,7 +88,7 @@ class OnlineModule(AlignModule):
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
         if sync_ref_model and beta == 0.0:
-            raise ValueError("sync_ref_model=True needs a reference model: set beta > 0")
+            raise ValueError(f"sync_ref_model=True needs a reference model: set {self.kl_weight_name} != 0")
         self.reward_func_specs = list(reward_funcs or [])
         self.reward_funcs = [load_reward_func(spec) for spec in self.reward_func_specs]
         self.reward_weights = torch.tensor(
@@ -160,7 +161,8 @@ class OnlineModule(AlignModule):
 
     def make_engine(self) -> GenerationEngine:
         if self.use_vllm:
-            return VLLMEngine(self.model_name_or_path, self.tokenizer, dtype=self.dtype_name, seed=self.global_rank, **self.vllm_settings)
+            return VLLMEngine(self.model_name_or_path, self.tokenizer, dtype=self.dtype_name, seed=self.global_rank,
+                              policy=self.model, **self.vllm_settings)
         return HFEngine(self.tokenizer)
 
     # -- one rollout ---------------------------------------------------------------------------

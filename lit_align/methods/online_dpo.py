@@ -32,7 +32,7 @@ class OnlineDPO(OnlinePreferenceModule):
         beta = self.current_beta
         logps = self.sequence_logps(r)
         seq, ref = (logps * r.loss_mask).sum(1), (r.ref_logps * r.loss_mask).sum(1)
-        first = r.advantages >= 0.5
+        first = r.preferences >= 0.5
         pick = lambda a, b: torch.where(first, a, b)  # noqa: E731
         loss, metrics = pair_dpo_loss(
             pick(seq[:E], seq[E:]), pick(seq[E:], seq[:E]), pick(ref[:E], ref[E:]), pick(ref[E:], ref[:E]), beta, self.loss_type

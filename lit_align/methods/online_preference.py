@@ -51,10 +51,12 @@ class OnlinePreferenceModule(OnlineModule):
     """Base of OnlineDPO, NashMD and XPO (not used directly).
 
     Rows of a rollout: the ``E`` first samples (the policy's), then the ``E`` second samples;
-    ``rollout.advantages`` holds, per prompt, the probability that the first sample is better.
+    ``rollout.preferences`` holds, per prompt, the probability that the first sample is better
+    (``rollout.advantages`` the same per sample: ``P`` for the first, ``1 - P`` for the second).
     """
 
     default_lr = 5e-7
+    samples_reference: ClassVar[bool] = False  # NashMD and XPO draw the second sample from (a mixture with) the reference
     disable_dropout_default: ClassVar[bool] = True
 
     def __init__(
@@ -81,6 +83,12 @@ class OnlinePreferenceModule(OnlineModule):
             max_new_tokens: Longest sample (TRL's name for these methods).
             temperature: Sampling temperature (TRL default 0.9).
         """
+        if kwargs.get("mask_truncated_completions"):
+            raise ValueError(f"{type(self).__name__} does not use mask_truncated_completions: a pair is ranked whole "
+                             "(missing_eos_penalty lowers the score of a sample without EOS)")
+        if kwargs.get("use_vllm") and self.samples_reference:
+            raise ValueError(f"{type(self).__name__} cannot use use_vllm=True: it samples the reference model too, "
+                             "and the vLLM engine serves the policy only")
         betas = list(beta) if isinstance(beta, (list, tuple)) else [beta]
         super().__init__(*args, reward_funcs=reward_funcs, beta=betas[0], max_completion_length=max_new_tokens,
                          temperature=temperature, num_generations=1, **kwargs)
@@ -114,8 +122,9 @@ class OnlinePreferenceModule(OnlineModule):
             ref = self.reference_logps(seqs, gens)
         mask = gens.completion_mask.float()
         return Rollout(
-            generations=gens, sequences=seqs, loss_mask=mask, advantages=first_wins, rewards=scores,
-            ref_logps=ref, prompts=batch.prompts * 2, completions=completions,
+            generations=gens, sequences=seqs, loss_mask=mask, advantages=torch.cat([first_wins, 1 - first_wins]),
+            preferences=first_wins, rewards=scores,
+            ref_logps=ref, prompts=batch.prompts * 2, completions=completions, rows_per_prompt=2,
             metrics=self.eos_metrics(gens, E),
         )
 

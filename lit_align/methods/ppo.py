@@ -43,6 +43,7 @@ class PPO(OnlineModule):
     """Proximal Policy Optimization with a critic, a frozen reference and a reward model or functions."""
 
     default_lr = 3e-6
+    kl_weight_name = "kl_coef"
 
     def __init__(
         self,
@@ -86,8 +87,13 @@ class PPO(OnlineModule):
             num_generations, max_completion_length, temperature: TRL's PPO sampling defaults
                 (``response_length=53``, ``temperature=0.7``).
         """
-        super().__init__(
-            *args, num_generations=num_generations, max_completion_length=max_completion_length, temperature=temperature, **kwargs
+        for name in ("beta", "mask_truncated_completions"):
+            if kwargs.get(name):  # OnlineModule's arguments that PPO has no use for
+                raise ValueError(f"PPO does not use {name}" + (": its KL weight is kl_coef" if name == "beta" else ""))
+        kwargs.pop("beta", None)
+        super().__init__(  # the KL weight goes in as beta: the reference model and its checks follow it
+            *args, beta=kl_coef, num_generations=num_generations, max_completion_length=max_completion_length,
+            temperature=temperature, **kwargs,
         )
         if kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
@@ -187,6 +193,7 @@ class PPO(OnlineModule):
         rollout = Rollout(
             generations=gens, sequences=seqs, loss_mask=mask, advantages=advantages, rewards=scores, old_logps=old,
             ref_logps=ref, values=values, returns=returns, prompts=self.repeat(batch.prompts), completions=completions,
+            rows_per_prompt=self.num_generations,
             reward_columns=self.reward_columns(rewards), metrics=metrics,
         )
         self.count_tokens(rollout, stage)

@@ -78,7 +78,7 @@ class RLOO(OnlineModule):
         metrics.update(self.completion_metrics(gens))
         rollout = Rollout(
             generations=gens, sequences=seqs, loss_mask=mask, advantages=adv[mine], rewards=shaped[mine],
-            old_logps=old, ref_logps=ref, prompts=self.repeat(batch.prompts), completions=completions,
+            old_logps=old, ref_logps=ref, prompts=self.repeat(batch.prompts), completions=completions, rows_per_prompt=self.num_generations,
             reward_columns=self.reward_columns(rewards), metrics=metrics,
         )
         self.count_tokens(rollout, stage)

@@ -24,6 +24,8 @@ from lit_align.rollout.types import Rollout
 class XPO(OnlinePreferenceModule):
     """Exploratory Preference Optimization on prompt-only data with a pairwise judge or reward functions."""
 
+    samples_reference = True
+
     def __init__(self, *args: Any, alpha: float | list[float] = 1e-5, **kwargs: Any) -> None:
         """
         Args:
@@ -49,7 +51,7 @@ class XPO(OnlinePreferenceModule):
         beta = self.current_beta
         seq = (self.sequence_logps(r) * r.loss_mask).sum(1)
         ref = (r.ref_logps * r.loss_mask).sum(1)
-        model_wins = r.advantages >= 0.5
+        model_wins = r.preferences >= 0.5
         loss, dpo, xpo, metrics = xpo_loss(seq[:E], ref[:E], seq[E:], ref[E:], model_wins, beta, self.current_alpha, self.loss_type)
         kl = (seq - ref).detach()
         metrics = {"loss": loss.detach(), "loss/dpo": dpo, "loss/xpo": xpo, **metrics,

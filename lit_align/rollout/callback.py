@@ -66,7 +66,7 @@ class RolloutCallback(L.Callback):
         if self._buffer is None or self._served >= reuse:
             self._buffer = pl_module.make_rollout(batch, self._engine(pl_module), "train")
             self._served = 0
-        elif len(batch.prompts) * pl_module.num_generations != len(self._buffer):
+        elif len(batch.prompts) * self._buffer.rows_per_prompt != len(self._buffer):
             raise RuntimeError("num_iterations > 1 needs the DataModule to repeat each prompt batch (PromptOnlyDataModule does)")
         self._served += 1
         batch.rollout = self._buffer

@@ -237,8 +237,10 @@ class VLLMEngine:
         dtype: str = "auto",
         seed: int = 0,
         llm: Any = None,
+        policy: nn.Module | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.policy = policy  # the one model this engine samples (its weights arrive by sync_weights)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if llm is None:
             try:
@@ -276,6 +278,11 @@ class VLLMEngine:
         )
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations:
+        if self.policy is not None and model is not self.policy:
+            raise ValueError(
+                f"the vLLM engine samples the policy only (its weights are the policy's), but was asked to sample "
+                f"{type(model).__name__}, another model (a reference, a mixture): sample that one with the HF engine (use_vllm=False)"
+            )
         prompts = [[t for t, m in zip(p, pm) if m] for p, pm in zip(prompt_ids.tolist(), prompt_mask.tolist())]
         outputs = self.llm.generate(
             [{"prompt_token_ids": p} for p in prompts], sampling_params=self._sampling_params(sampling), use_tqdm=False

@@ -22,13 +22,15 @@ class Rollout:
     generations: Generations  # prompt ids (left-padded), completion ids and mask, sampling log-probs
     sequences: SequenceBatch  # prompt + completion joined without padding, for the training forward
     loss_mask: Tensor  # (N, C) float: completion tokens that count in the loss
-    advantages: Tensor  # (N,) (GRPO, RLOO) or (N, C) (PPO)
+    advantages: Tensor  # (N,) (GRPO, RLOO; a pair's samples: P(better), 1 - P) or (N, C) (PPO)
     rewards: Tensor  # (N,) the weighted reward (KL-shaped for RLOO, the score for PPO)
     old_logps: Tensor | None = None  # (N, C) log-probs at sampling time (None: the ratio is 1)
     ref_logps: Tensor | None = None  # (N, C) reference log-probs (None when beta == 0)
     values: Tensor | None = None  # (N, C) PPO: the critic's values at sampling time
     returns: Tensor | None = None  # (N, C) PPO: the value targets
     num_items: Tensor | None = None  # loss tokens of the global batch per device (dapo, cispo)
+    preferences: Tensor | None = None  # (N/2,) pair methods: P(the first sample is the better one)
+    rows_per_prompt: int = 1  # completions per prompt of the batch it was made from (G; 2 for a preference pair)
     prompts: list = field(default_factory=list)  # raw prompts, one per completion (for logging)
     completions: list = field(default_factory=list)  # decoded completions
     reward_columns: dict[str, Tensor] = field(default_factory=dict)  # (N,) per reward function, for the table
