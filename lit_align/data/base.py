@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.data.sampler import ResumableLoader, ShardedSampler
 from lit_align.data.sources import Column, DataFormatError, check_columns, check_row, load_source
 from lit_align.data.tokenize import truncate
+from lit_align.models.loading import tokenizer_pad_id
 from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
 
 Layout = Literal["padded", "packed", "padding_free"]
@@ -238,12 +239,11 @@ class AlignDataModule(L.LightningDataModule, ABC):
         return "packed" if self.packing else "padded"
 
     def collate(self, items: list[dict]) -> Any:
-        return collate_examples(items, self._pad_id(), self.layout, self.max_length)
+        return collate_examples(items, self.pad_token_id, self.layout, self.max_length)
 
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return 0 if pad is None else pad
+    @property
+    def pad_token_id(self) -> int:
+        return tokenizer_pad_id(self.tokenizer)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
         if name not in self.datasets:

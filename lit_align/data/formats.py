@@ -319,7 +319,7 @@ class PromptOnlyDataModule(AlignDataModule):
         return self.max_length is None or len(seq["input_ids"]) < self.max_length
 
     def collate(self, items: list[dict]) -> PromptBatch:
-        return collate_prompts(items, self._pad_id())
+        return collate_prompts(items, self.pad_token_id)
 
     def _module(self):
         return self.trainer.lightning_module if self.trainer is not None else None

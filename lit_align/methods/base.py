@@ -159,6 +159,20 @@ class AlignModule(L.LightningModule):
             return values
         return self.trainer.strategy.reduce(values.clone(), reduce_op=op)
 
+    def global_token_mean(self, local_sum: Tensor, global_count: Tensor) -> Tensor:
+        """The loss to backward for a mean over every device's tokens: this device's sum over the
+        global count, times the world size because DDP averages the devices' gradients (one
+        process and N then take the same step)."""
+        return local_sum / global_count.clamp(min=1) * self.world_size
+
+    def count_tokens(self, tokens: Tensor | float, stage: str) -> Tensor | float:
+        """The ``num_tokens`` metric from a batch's global token count: the running total in
+        training (kept in checkpoints), the batch's own count in validation and test."""
+        if stage != "train":
+            return tokens
+        self.num_tokens_seen += int(tokens)
+        return float(self.num_tokens_seen)
+
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Tensor | float], stage: str, batch_size: int) -> None:
         """Log ``metrics`` under ``<stage>/<TRL name>``. Values are already global (reduced over

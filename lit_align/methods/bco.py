@@ -92,7 +92,7 @@ class BCO(ReferenceModule):
             chunks = []
             for start in range(0, len(picked), datamodule.eval_batch_size):
                 items = [ds[i] for i in picked[start : start + datamodule.eval_batch_size]]
-                batch = collate_examples(items, datamodule._pad_id(), "padded", None)
+                batch = collate_examples(items, datamodule.pad_token_id, "padded", None)
                 batch = datamodule.transfer_batch_to_device(batch, self.device, 0)
                 chunks.append(self.prompt_embeddings(batch)[: len(items)])  # main sequences only
             embeddings[kind] = torch.cat(chunks)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.methods.base import AlignModule
+from lit_align.models.loading import tokenizer_pad_id
 from lit_align.models.reference import frozen_copy
 from lit_align.ops.completions import completion_batch
 from lit_align.ops.distill import LMHead, chunked_generalized_jsd, divergence_kind
@@ -162,8 +163,7 @@ class GKD(AlignModule):
 
     @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return tokenizer_pad_id(self.tokenizer)
 
     # -- where a batch's completions come from ------------------------------------------------------
     def batch_source(self, batch_idx: int) -> Source:
@@ -213,10 +213,7 @@ class GKD(AlignModule):
         )
         total_loss, n_targets, n_tokens = self.global_sum(local)
         n = n_targets.clamp(min=1)
-        # Global token mean; times the world size because DDP averages the ranks' gradients.
-        loss = loss_sum / n * self.world_size
-        if stage == "train":
-            self.num_tokens_seen += int(n_tokens)
-        metrics = {"loss": total_loss / n, "num_tokens": float(self.num_tokens_seen) if stage == "train" else n_tokens}
+        loss = self.global_token_mean(loss_sum, n_targets)
+        metrics = {"loss": total_loss / n, "num_tokens": self.count_tokens(n_tokens, stage)}
         self.log_metrics(metrics, stage, batch_size=batch.num_examples)
         return loss

@@ -134,7 +134,7 @@ class GRPO(OnlineModule):
             reward_columns=self.reward_columns(rewards),
             metrics={**self.reward_metrics(all_rewards, adv.rewards, adv.zero_std), **self.completion_metrics(gens)},
         )
-        self.count_tokens(rollout, stage)
+        self.count_rollout_tokens(rollout, stage)
         return rollout
 
     # -- loss --------------------------------------------------------------------------------------

@@ -129,8 +129,6 @@ def unpaired_metrics(module, policy: SequenceLogps, batch: SequenceBatch, sums, 
     totals = module.global_sum(torch.cat([torch.stack([sums[k] for k in UNPAIRED_SUM_KEYS]), token_sums]))
     values = unpaired_metric_values(dict(zip(UNPAIRED_SUM_KEYS, totals[: len(UNPAIRED_SUM_KEYS)])))
     logit_c, n_c, logit_r, n_r, entropy, n, tokens, loss_mean = totals[len(UNPAIRED_SUM_KEYS) :]
-    if stage == "train":
-        module.num_tokens_seen += int(tokens)
     if n_c > 0:
         values["logits/chosen"] = logit_c / n_c
     if n_r > 0:
@@ -139,5 +137,5 @@ def unpaired_metrics(module, policy: SequenceLogps, batch: SequenceBatch, sums, 
         "loss": loss_mean,
         **values,
         "entropy": entropy / n.clamp(min=1),
-        "num_tokens": float(module.num_tokens_seen) if stage == "train" else tokens,
+        "num_tokens": module.count_tokens(tokens, stage),
     }

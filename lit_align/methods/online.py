@@ -19,6 +19,7 @@ from lit_align.data.formats import PromptBatch
 from lit_align.data.tokenize import is_conversational
 from lit_align.losses.advantages import nanstd
 from lit_align.methods.base import AlignModule
+from lit_align.models.loading import tokenizer_pad_id
 from lit_align.models.reference import SyncReferenceModel, adapters_disabled, frozen_copy, is_peft_model
 from lit_align.ops.completions import completion_batch, completion_logprobs
 from lit_align.ops.packing import SequenceBatch
@@ -214,8 +215,7 @@ class OnlineModule(AlignModule):
 
     @property
     def pad_token_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return tokenizer_pad_id(self.tokenizer)
 
     def loss_mask(self, gens: Generations) -> Tensor:
         mask = gens.completion_mask.float()
@@ -283,7 +283,7 @@ class OnlineModule(AlignModule):
     def reward_columns(self, rewards: Tensor) -> dict[str, Tensor]:
         return {reward_name(f): rewards[:, k].detach().cpu() for k, f in enumerate(self.reward_funcs)}
 
-    def count_tokens(self, rollout: Rollout, stage: str) -> None:
+    def count_rollout_tokens(self, rollout: Rollout, stage: str) -> None:
         if stage == "train":
-            self.num_tokens_seen += int(self.global_sum(torch.tensor(float(rollout.sequences.num_tokens), device=self.device)))
-            rollout.metrics["num_tokens"] = float(self.num_tokens_seen)
+            tokens = self.global_sum(torch.tensor(float(rollout.sequences.num_tokens), device=self.device))
+            rollout.metrics["num_tokens"] = self.count_tokens(tokens, stage)

@@ -196,7 +196,7 @@ class PPO(OnlineModule):
             rows_per_prompt=self.num_generations,
             reward_columns=self.reward_columns(rewards), metrics=metrics,
         )
-        self.count_tokens(rollout, stage)
+        self.count_rollout_tokens(rollout, stage)
         return rollout
 
     # -- updates ------------------------------------------------------------------------------------
@@ -252,6 +252,17 @@ class PPO(OnlineModule):
             "val/ratio": pstats["ratio"],
         }
         return loss, stats
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # sync_gradients all-reduces every gradient itself, which would add to a sharded strategy's
+        # own reduction: one device or DDP until PPO is taught FSDP and DeepSpeed.
+        strategy = self.trainer.strategy
+        if self.world_size > 1 and not isinstance(strategy.model, DistributedDataParallel):
+            raise ValueError(
+                f"PPO runs on one device or under DDP (strategy='ddp'), not {type(strategy).__name__}: it syncs "
+                "the gradients of its several optimizer steps per rollout itself"
+            )
 
     def no_gradient_sync(self):
         """DDP reduces gradients in the backward of each forward it wraps; PPO takes several steps per

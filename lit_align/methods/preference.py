@@ -35,13 +35,11 @@ def preference_metrics(
         ]
     )
     logit_c, n_c, logit_r, n_r, correct, entropy, n, tokens = module.global_sum(sums)
-    if stage == "train":
-        module.num_tokens_seen += int(tokens)
     return {
         **dict(zip(names, means)),
         "logits/chosen": logit_c / n_c.clamp(min=1),
         "logits/rejected": logit_r / n_r.clamp(min=1),
         "mean_token_accuracy": correct / n_c.clamp(min=1),
         "entropy": entropy / n.clamp(min=1),
-        "num_tokens": float(module.num_tokens_seen) if stage == "train" else tokens,
+        "num_tokens": module.count_tokens(tokens, stage),
     }

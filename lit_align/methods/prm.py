@@ -53,7 +53,7 @@ class PRM(AlignModule):
         totals = dict(zip(names, self.global_sum(torch.stack([counts[n] for n in names]))))
         # TRL's normalisation: the cross-entropy sum over the labelled steps of every device; scaled by
         # the world size because DDP averages gradients.
-        loss = loss_sum / totals["total"].clamp(min=1) * self.world_size
+        loss = self.global_token_mean(loss_sum, totals["total"])
         metrics = {"loss": totals["loss_sum"] / totals["total"].clamp(min=1)}
         if stage == "train":
             metrics.update(prm_metric_values(totals))

@@ -54,9 +54,7 @@ class RewardModel(AlignModule):
             value = self.global_reduce(metrics[name], "sum" if op == "mean" else op)
             out[name] = value / self.world_size if op == "mean" else value
         tokens = self.global_sum(torch.tensor(float(batch.num_tokens), device=loss.device))
-        if stage == "train":
-            self.num_tokens_seen += int(tokens)
-        out["num_tokens"] = float(self.num_tokens_seen) if stage == "train" else tokens
+        out["num_tokens"] = self.count_tokens(tokens, stage)
         return out
 
     def predict_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:

@@ -81,7 +81,7 @@ class RLOO(OnlineModule):
             old_logps=old, ref_logps=ref, prompts=self.repeat(batch.prompts), completions=completions, rows_per_prompt=self.num_generations,
             reward_columns=self.reward_columns(rewards), metrics=metrics,
         )
-        self.count_tokens(rollout, stage)
+        self.count_rollout_tokens(rollout, stage)
         return rollout
 
     def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:

@@ -78,16 +78,12 @@ class SFT(AlignModule):
         )
         total_loss, total_entropy, total_correct, n_targets, n_tokens = self.global_sum(local)
         n = n_targets.clamp(min=1)
-        # Dividing by the global count and scaling by the world size makes DDP's gradient mean
-        # the gradient of the global token mean: one process and N give the same update.
-        loss = loss_sum / n * self.world_size
-        if stage == "train":
-            self.num_tokens_seen += int(n_tokens)
+        loss = self.global_token_mean(loss_sum, n_targets)
         metrics = {
             "loss": total_loss / n,
             "entropy": total_entropy / n,
             "mean_token_accuracy": total_correct / n,
-            "num_tokens": float(self.num_tokens_seen) if stage == "train" else n_tokens,
+            "num_tokens": self.count_tokens(n_tokens, stage),
         }
         self.log_metrics(metrics, stage, batch_size=batch.num_examples)
         return loss

@@ -33,6 +33,14 @@ def _check_local(name: str) -> None:
         )
 
 
+def tokenizer_pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (TRL's fallback), else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; pad falls back to EOS, as in TRL."""
     if is_builtin(name_or_path):

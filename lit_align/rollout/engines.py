@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lit_align.models.loading import tokenizer_pad_id
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -126,7 +128,7 @@ class HFEngine:
 
     def __init__(self, tokenizer: Any, use_generate: bool = False, seed: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = tokenizer_pad_id(tokenizer)
         self.use_generate = use_generate
         self.generator: torch.Generator | None = None
         self.seed = seed
@@ -241,7 +243,7 @@ class VLLMEngine:
     ) -> None:
         self.tokenizer = tokenizer
         self.policy = policy  # the one model this engine samples (its weights arrive by sync_weights)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = tokenizer_pad_id(tokenizer)
         if llm is None:
             try:
                 from vllm import LLM
