@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections import defaultdict
 from types import SimpleNamespace
@@ -36,6 +37,10 @@ from lit_align.losses.advantages import (
 )
 from lit_align.losses.policy import (
     GRPO_LOSS_TYPES,
+    NORMALISATIONS,
+    SURROGATES,
+    GRPOLossConfig,
+    GRPOLossType,
     entropy_mask,
     grpo_loss,
     k3_kl,
@@ -47,6 +52,12 @@ from lit_align.rewards import LengthPenalty, SoftOverlongPunishment, compute_rew
 from lit_align.rewards.registry import reward_name
 
 NAN = float("nan")
+
+
+def grpo(logps, old_logps, advantages, mask, ref_logps=None, token_mask=None, num_items=None, **settings):
+    """``grpo_loss`` with its settings given as TRL-named keywords."""
+    return grpo_loss(logps, old_logps, advantages, mask, GRPOLossConfig(**settings), ref_logps=ref_logps,
+                     token_mask=token_mask, num_items=num_items)
 EPS = 1e-4  # TRL's std epsilon
 
 
@@ -394,7 +405,7 @@ _ADV = torch.tensor([1.0, 2.0])
 )
 def test_grpo_loss_normalisation_hand(loss_type, kwargs, expected):
     logps = _LOGPS.clone().requires_grad_()
-    out = grpo_loss(logps, _LOGPS, _ADV, _MASK, loss_type=loss_type, **kwargs)
+    out = grpo(logps, _LOGPS, _ADV, _MASK, loss_type=loss_type, **kwargs)
     assert_close(out.loss, torch.tensor(expected))
     assert_close(out.ratio, torch.ones(2, 3))
     if loss_type == "grpo":
@@ -408,22 +419,22 @@ def test_grpo_loss_kl_and_clipping_hand():
     # one token, ratio 1.5 (old logp = logp - ln 1.5), A = 1, eps 0.2: min(1.5, 1.2) * 1 -> loss -1.2, high-clipped
     logps = torch.tensor([[0.0]])
     old = torch.tensor([[-math.log(1.5)]])
-    out = grpo_loss(logps, old, torch.tensor([1.0]), torch.ones(1, 1), loss_type="bnpo")
+    out = grpo(logps, old, torch.tensor([1.0]), torch.ones(1, 1), loss_type="bnpo")
     assert_close(out.loss, torch.tensor(-1.2))
     assert out.high_clipped.tolist() == [[True]] and out.low_clipped.tolist() == [[False]]
     # A = -1: -min(-1.5, -1.2) = 1.5 (pessimistic side unclipped); not low-clipped (ratio > 1 - eps)
-    out = grpo_loss(logps, old, torch.tensor([-1.0]), torch.ones(1, 1), loss_type="bnpo")
+    out = grpo(logps, old, torch.tensor([-1.0]), torch.ones(1, 1), loss_type="bnpo")
     assert_close(out.loss, torch.tensor(1.5))
     # ... and with delta = 1.3 the unclipped ratio is capped: 1.3
-    out = grpo_loss(logps, old, torch.tensor([-1.0]), torch.ones(1, 1), loss_type="bnpo", delta=1.3)
+    out = grpo(logps, old, torch.tensor([-1.0]), torch.ones(1, 1), loss_type="bnpo", delta=1.3)
     assert_close(out.loss, torch.tensor(1.3))
     # KL: ref = logp + ln 2 -> k3 = 1 - ln 2, times the ratio 1.5 (bias correction), times beta 0.1
     ref = torch.tensor([[math.log(2.0)]])
     kl = (1 - math.log(2.0)) * 1.5
-    out = grpo_loss(logps, old, torch.tensor([1.0]), torch.ones(1, 1), loss_type="bnpo", ref_logps=ref, beta=0.1)
+    out = grpo(logps, old, torch.tensor([1.0]), torch.ones(1, 1), loss_type="bnpo", ref_logps=ref, beta=0.1)
     assert_close(out.loss, torch.tensor(-1.2 + 0.1 * kl))
     assert_close(out.kl, torch.tensor([[kl]]))
-    out = grpo_loss(
+    out = grpo(
         logps, old, torch.tensor([1.0]), torch.ones(1, 1), loss_type="bnpo", ref_logps=ref, beta=0.1,
         use_bias_correction_kl=False,
     )
@@ -433,11 +444,23 @@ def test_grpo_loss_kl_and_clipping_hand():
 def test_grpo_loss_sequence_level_hand():
     # sequence ratio = exp(masked mean of log ratios): log ratios [0.2, 0.4, (9 masked)] -> exp(0.3)
     logps = torch.tensor([[0.2, 0.4, 9.0]])
-    out = grpo_loss(logps, torch.zeros(1, 3), torch.tensor([1.0]), torch.tensor([[1, 1, 0]]),
+    out = grpo(logps, torch.zeros(1, 3), torch.tensor([1.0]), torch.tensor([[1, 1, 0]]),
                     loss_type="grpo", importance_sampling_level="sequence", epsilon_high=1.0)
     assert out.ratio.shape == (1, 1)
     assert_close(out.ratio, torch.tensor([[math.exp(0.3)]]))
     assert_close(out.loss, torch.tensor(-math.exp(0.3)))
+
+
+def test_grpo_variant_names_have_one_source():
+    """The loss_type Literal, the surrogates and the normalisations name the same variants."""
+    from typing import get_args
+
+    from lit_align.losses.advantages import AGGREGATIONS, SCALE_REWARDS, Aggregation, ScaleRewards
+
+    assert set(get_args(GRPOLossType)) == set(GRPO_LOSS_TYPES) == set(SURROGATES) == set(NORMALISATIONS)
+    assert (set(get_args(ScaleRewards)), set(get_args(Aggregation))) == (set(SCALE_REWARDS), set(AGGREGATIONS))
+    with pytest.raises(dataclasses.FrozenInstanceError):  # frozen: built and checked once
+        GRPOLossConfig().beta = 1.0
 
 
 def test_policy_bad_input():
@@ -445,13 +468,13 @@ def test_policy_bad_input():
     m = torch.ones(2, 3)
     a = torch.zeros(2)
     with pytest.raises(ValueError, match=r"loss_type.*'grpo'.*'bnpo'.*'dr_grpo'.*'dapo'.*'cispo'.*'sapo'.*'ppo'"):
-        grpo_loss(x, x, a, m, loss_type="ppo")
+        grpo(x, x, a, m, loss_type="ppo")
     with pytest.raises(ValueError, match=r"'token' or 'sequence'.*'seq'"):
-        grpo_loss(x, x, a, m, importance_sampling_level="seq")
+        grpo(x, x, a, m, importance_sampling_level="seq")
     with pytest.raises(ValueError, match="max_completion_length"):
-        grpo_loss(x, x, a, m, loss_type="dr_grpo")
+        grpo(x, x, a, m, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="reference"):
-        grpo_loss(x, x, a, m, beta=0.1)
+        grpo(x, x, a, m, beta=0.1)
 
 
 # ---- parity with the real TRL 1.16 _compute_loss ---------------------------------------------
@@ -565,7 +588,7 @@ def test_grpo_loss_matches_trl(loss_type, level, beta, delta, top_entropy_quanti
     if top_entropy_quantile < 1.0:
         token_mask = entropy_mask(ent, mask, torch.quantile(ent[mask.bool()], 1 - top_entropy_quantile))
         assert 0 < token_mask.sum() < mask.sum()
-    out = grpo_loss(
+    out = grpo(
         ours_logps, old, adv, mask, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, delta=delta,
         importance_sampling_level=level, ref_logps=ref if beta else None, beta=beta, use_bias_correction_kl=True,
         sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, token_mask=token_mask, max_completion_length=max_len,
@@ -612,7 +635,7 @@ def test_grpo_loss_matches_trl_without_old_logps(loss_type):
     trl_loss = GRPOTrainer._compute_loss(fake, None, inputs)
     trl_loss.backward()
     ours_logps = logps0.clone().requires_grad_()
-    out = grpo_loss(ours_logps, ours_logps.detach(), adv, mask, loss_type=loss_type, num_items=mask.sum())
+    out = grpo(ours_logps, ours_logps.detach(), adv, mask, loss_type=loss_type, num_items=mask.sum())
     out.loss.backward()
     assert_close(out.loss, trl_loss.detach(), atol=1e-6, rtol=1e-6)
     assert_close(ours_logps.grad, trl_logps.grad, atol=1e-6, rtol=1e-6)
@@ -632,7 +655,7 @@ def test_grpo_clip_metric_with_small_delta_like_trl():
         "old_per_token_logps": old,
     }
     trl_loss = GRPOTrainer._compute_loss(fake, None, inputs)
-    out = grpo_loss(logps0, old, adv, mask, loss_type="bnpo", delta=1.1)
+    out = grpo(logps0, old, adv, mask, loss_type="bnpo", delta=1.1)
     assert_close(out.loss, trl_loss.detach(), atol=1e-6, rtol=1e-6)
     assert_close(_masked_metric(out.high_clipped, mask), fake._metrics["train"]["clip_ratio/high_mean"][0])
 

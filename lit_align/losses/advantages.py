@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 ScaleRewards = Literal["group", "batch", "none"]
 Aggregation = Literal["sum_then_normalize", "normalize_then_sum"]
-SCALE_REWARDS = ("group", "batch", "none")
-AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewards)
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 _EPS = 1e-4  # TRL's std epsilon
 
 

@@ -8,14 +8,27 @@ TRL's ``GRPOTrainer`` (docs/methods.md §6). Data: ``PromptOnlyDataModule``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lit_align.data.formats import PromptBatch
-from lit_align.losses.advantages import AGGREGATIONS, SCALE_REWARDS, group_advantages
-from lit_align.losses.policy import CLIPPED, GRPO_LOSS_TYPES, entropy_mask, grpo_loss
+from lit_align.losses.advantages import (
+    AGGREGATIONS,
+    SCALE_REWARDS,
+    Aggregation,
+    ScaleRewards,
+    group_advantages,
+)
+from lit_align.losses.policy import (
+    CLIPPED,
+    GRPOLossConfig,
+    GRPOLossType,
+    ImportanceSamplingLevel,
+    entropy_mask,
+    grpo_loss,
+)
 from lit_align.methods.online import OnlineModule
 from lit_align.rollout.engines import GenerationEngine, Generations
 from lit_align.rollout.types import Rollout
@@ -29,13 +42,13 @@ class GRPO(OnlineModule):
     def __init__(
         self,
         *args: Any,
-        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo",
+        loss_type: GRPOLossType = "dapo",
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
         delta: float | None = None,
-        importance_sampling_level: Literal["token", "sequence"] = "token",
-        scale_rewards: Literal["group", "batch", "none"] | bool = "group",
-        multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+        importance_sampling_level: ImportanceSamplingLevel = "token",
+        scale_rewards: ScaleRewards | bool = "group",
+        multi_objective_aggregation: Aggregation = "sum_then_normalize",
         top_entropy_quantile: float = 1.0,
         use_bias_correction_kl: bool = True,
         sapo_temperature_pos: float = 1.0,
@@ -66,8 +79,6 @@ class GRPO(OnlineModule):
         super().__init__(*args, **kwargs)
         if isinstance(scale_rewards, bool):
             scale_rewards = "group" if scale_rewards else "none"
-        if loss_type not in GRPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
         if scale_rewards not in SCALE_REWARDS:
             raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
         if multi_objective_aggregation not in AGGREGATIONS:
@@ -76,16 +87,16 @@ class GRPO(OnlineModule):
             raise ValueError(f"GRPO needs num_generations >= 2 (a group to compare with), got {self.num_generations}")
         if not 0.0 < top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+        self.loss_config = GRPOLossConfig(  # checked here, once
+            loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
+            delta=delta, importance_sampling_level=importance_sampling_level, beta=self.beta,
+            use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
+            sapo_temperature_neg=sapo_temperature_neg, max_completion_length=self.max_completion_length,
+        )
         self.loss_type = loss_type
-        self.epsilon_low = epsilon
-        self.epsilon_high = epsilon_high if epsilon_high is not None else epsilon
-        self.delta = delta
-        self.importance_sampling_level = importance_sampling_level
         self.scale_rewards = scale_rewards
         self.multi_objective_aggregation = multi_objective_aggregation
         self.top_entropy_quantile = top_entropy_quantile
-        self.use_bias_correction_kl = use_bias_correction_kl
-        self.sapo_temperatures = (sapo_temperature_pos, sapo_temperature_neg)
         self.dynamic_sampling = dynamic_sampling
         self.max_resample_rounds = max_resample_rounds
 
@@ -144,14 +155,9 @@ class GRPO(OnlineModule):
         token_mask = None
         if self.top_entropy_quantile < 1.0:
             token_mask = entropy_mask(entropy, r.loss_mask, self.entropy_threshold(entropy, r.loss_mask))
-        out = grpo_loss(
-            logps, r.old_logps if r.old_logps is not None else logps.detach(), r.advantages, r.loss_mask,
-            loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=self.delta,
-            importance_sampling_level=self.importance_sampling_level, ref_logps=r.ref_logps, beta=self.beta,
-            use_bias_correction_kl=self.use_bias_correction_kl, sapo_temperature_pos=self.sapo_temperatures[0],
-            sapo_temperature_neg=self.sapo_temperatures[1], token_mask=token_mask,
-            max_completion_length=self.max_completion_length, num_items=r.num_items,
-        )
+        old = r.old_logps if r.old_logps is not None else logps.detach()
+        out = grpo_loss(logps, old, r.advantages, r.loss_mask, self.loss_config, ref_logps=r.ref_logps,
+                        token_mask=token_mask, num_items=r.num_items)
         metrics: dict[str, Tensor | float] = {"loss": self.global_sum(out.loss.detach()) / self.world_size, **r.metrics}
         metrics["entropy"] = self.global_mean(entropy, r.loss_mask)
         if out.kl is not None:
