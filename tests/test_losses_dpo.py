@@ -15,6 +15,8 @@ import torch
 from lit_align.losses.dpo import (
     DPO_LOSSES,
     F_DIVERGENCE_LOSS_TYPES,
+    DPOLossConfig,
+    DPOLossType,
     PairLogps,
     check_dpo_config,
     dpo_loss,
@@ -99,7 +101,7 @@ def expected_loss(loss_type: str, f_div: str = "reverse_kl") -> float:
 
 def run(loss_type, **kwargs) -> tuple[torch.Tensor, dict]:
     kwargs = {"beta": BETA, "label_smoothing": EPS, "discopop_tau": TAU, **kwargs}
-    return dpo_loss(kwargs.pop("pairs", None) or pairs(), loss_type, **kwargs)
+    return dpo_loss(kwargs.pop("pairs", None) or pairs(), DPOLossConfig(loss_type, **kwargs))
 
 
 @pytest.mark.parametrize("loss_type", sorted(PER_PAIR))
@@ -386,16 +388,10 @@ def _ours(config, completion_mask, target, logps, lss, ref):
         chosen_token_logps_mean=token_logps[seq < e].mean(),
         wpo_weight=wpo_weights(token_logps, lss[target], seq, rows) if config["use_weighting"] else None,
     )
-    return dpo_loss(
-        p,
-        config["loss_type"],
-        config["loss_weights"],
-        config["beta"],
-        config["label_smoothing"],
-        config["f_div"],
-        config["f_alpha"],
-        TAU,
-    )
+    return dpo_loss(p, DPOLossConfig(
+        config["loss_type"], config["loss_weights"], config["beta"], config["label_smoothing"], config["f_div"],
+        config["f_alpha"], TAU, config["use_weighting"],
+    ))
 
 
 def _parity_cases():
@@ -453,3 +449,15 @@ def test_parity_with_trl_compute_loss():
                 atol=1e-6,
                 msg=lambda m, c=config: f"{c}: {m}",
             )
+
+
+def test_dpo_variant_names_have_one_source():
+    """The loss_type Literal (what the CLI and docs offer) and DPO_LOSSES (what runs) agree, and the
+    settings are checked once, when the frozen config is built."""
+    from typing import get_args
+
+    assert set(get_args(DPOLossType)) == set(DPO_LOSSES)
+    cfg = DPOLossConfig(["sigmoid", "sft"], [1.0, 0.5])
+    assert cfg.loss_type == ("sigmoid", "sft") and cfg.loss_weights == (1.0, 0.5)
+    with pytest.raises(ValueError, match="unknown DPO loss_type"):
+        DPOLossConfig("dpo")

@@ -88,9 +88,19 @@ class PairTerms:
     rejected_logratios: Tensor  # (E,) rl
     chosen_scores: Tensor  # (E,) cs = f(cl)
     rejected_scores: Tensor  # (E,) rs = f(rl)
-    beta: float
-    label_smoothing: float
-    discopop_tau: float
+    cfg: DPOLossConfig
+
+    @property
+    def beta(self) -> float:
+        return self.cfg.beta
+
+    @property
+    def label_smoothing(self) -> float:
+        return self.cfg.label_smoothing
+
+    @property
+    def discopop_tau(self) -> float:
+        return self.cfg.discopop_tau
 
     @property
     def delta(self) -> Tensor:
@@ -316,25 +326,39 @@ def check_dpo_config(
         raise ValueError(f"ld_alpha must lie in [0.0, 1.0] (1.0: no LD-DPO weighting); got {ld_alpha}")
 
 
-def dpo_loss(
-    pairs: PairLogps,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
-) -> tuple[Tensor, dict[str, Tensor]]:
+@dataclass(frozen=True)
+class DPOLossConfig:
+    """DPO's loss settings under TRL's names, checked once when built (:func:`check_dpo_config`;
+    ``DPO`` builds it from its arguments). ``loss_type`` is one name or several combined with
+    ``loss_weights`` (kept as tuples)."""
+
+    loss_type: str | Sequence[str] = "sigmoid"
+    loss_weights: Sequence[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence_type: FDivergence = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO (the weights themselves come with the pairs)
+    ld_alpha: float | None = None  # LD-DPO (applied to the log-probs before the loss)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss_type", tuple(_as_list(self.loss_type)))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        check_dpo_config(self.loss_type, self.loss_weights, self.f_divergence_type, self.label_smoothing,
+                         self.use_weighting, self.ld_alpha)
+
+
+def dpo_loss(pairs: PairLogps, cfg: DPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """The DPO-family loss ``sum_k w_k mean_i L_k(i)`` (times WPO weights if ``pairs.wpo_weight``).
 
     Returns the scalar loss and TRL's metrics, detached local-batch means: ``rewards/chosen`` =
     mean(b cl), ``rewards/rejected`` = mean(b rl) (log-ratios, not f-divergence scores),
     ``rewards/accuracies`` = mean(b cl > b rl), ``rewards/margins``, ``logps/chosen``, ``logps/rejected``.
     """
-    types = _as_list(loss_type)
-    check_dpo_config(types, loss_weights, f_divergence_type, label_smoothing)
-    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
+    types, beta = cfg.loss_type, cfg.beta
+    weights = list(cfg.loss_weights) if cfg.loss_weights is not None else [1.0] * len(types)
 
     chosen_logratios = pairs.chosen - pairs.ref_chosen  # (E,) cl
     rejected_logratios = pairs.rejected - pairs.ref_rejected  # (E,) rl
@@ -342,11 +366,9 @@ def dpo_loss(
         pairs=pairs,
         chosen_logratios=chosen_logratios,
         rejected_logratios=rejected_logratios,
-        chosen_scores=f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
-        rejected_scores=f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef),
-        beta=beta,
-        label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau,
+        chosen_scores=f_divergence_scores(chosen_logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef),
+        rejected_scores=f_divergence_scores(rejected_logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef),
+        cfg=cfg,
     )
     loss = 0.0
     for name, weight in zip(types, weights):

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_align.losses.dpo import PairLogps, dpo_loss
+from lit_align.losses.dpo import DPOLossConfig, PairLogps, dpo_loss
 
 OnlineLossType = Literal["sigmoid", "ipo"]
 ONLINE_LOSS_TYPES = ("sigmoid", "ipo")
@@ -35,7 +35,7 @@ def pair_dpo_loss(
     ``rewards/*``/``logps/*`` metrics."""
     check_online_loss_type(loss_type)
     ones = torch.ones_like(chosen)  # unit lengths: IPO on sums, as the online trainers use it
-    return dpo_loss(PairLogps(chosen, rejected, ref_chosen, ref_rejected, ones, ones), loss_type, beta=beta)
+    return dpo_loss(PairLogps(chosen, rejected, ref_chosen, ref_rejected, ones, ones), DPOLossConfig(loss_type, beta=beta))
 
 
 def nash_md_loss(logps: Tensor, ref_logps: Tensor, mask: Tensor, probability: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:

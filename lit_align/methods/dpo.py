@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_align.losses.dpo import DPOLossType, FDivergence, PairLogps, check_dpo_config, dpo_loss
+from lit_align.losses.dpo import DPOLossConfig, DPOLossType, FDivergence, PairLogps, dpo_loss
 from lit_align.methods.preference import preference_metrics
 from lit_align.methods.reference import ReferenceModule
 from lit_align.ops.packing import SequenceBatch
@@ -53,16 +53,15 @@ class DPO(ReferenceModule):
             discopop_tau: Temperature of the ``discopop`` loss.
         """
         super().__init__(*args, **kwargs)
-        check_dpo_config(loss_type, loss_weights, f_divergence_type, label_smoothing, use_weighting, ld_alpha)
+        self.loss_config = DPOLossConfig(  # checked here, once
+            loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+            f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha,
+        )
         self.beta = beta
         self.loss_type = loss_type
-        self.loss_weights = loss_weights
-        self.label_smoothing = label_smoothing
-        self.f_divergence_type = f_divergence_type
-        self.f_alpha_divergence_coef = f_alpha_divergence_coef
-        self.ld_alpha = ld_alpha
+        self.ld_alpha = ld_alpha  # LD-DPO and WPO act on the log-probs, before the loss
         self.use_weighting = use_weighting
-        self.discopop_tau = discopop_tau
 
     def sequence_logps(self, model: torch.nn.Module, batch: SequenceBatch, with_extras: bool = False) -> SequenceLogps:
         wpo = self.use_weighting and with_extras  # the policy's pass only; the reference needs no weights
@@ -85,15 +84,6 @@ class DPO(ReferenceModule):
             chosen_token_logps_mean=policy.plain_logps[chosen].sum() / policy.lengths[chosen].sum().clamp(min=1),
             wpo_weight=policy.wpo_weight,
         )
-        loss, metrics = dpo_loss(
-            pairs,
-            loss_type=self.loss_type,
-            loss_weights=self.loss_weights,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.discopop_tau,
-        )
+        loss, metrics = dpo_loss(pairs, self.loss_config)
         self.log_metrics(preference_metrics(self, policy, batch, stage, {"loss": loss, **metrics}), stage, e)
         return loss
