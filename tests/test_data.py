@@ -305,3 +305,20 @@ def test_sampler_shards_the_global_order(monkeypatch):
     for step in range(3):
         together = shards[0][4 * step : 4 * step + 4] + shards[1][4 * step : 4 * step + 4]
         assert sorted(together) == sorted(one[8 * step : 8 * step + 8])
+
+
+def test_a_method_declares_what_it_asks_of_its_data():
+    """One typed channel, module -> data: ``data_requirements()``, connected when a fit sets the
+    data up or by hand without a Trainer (no reading of the other object's attributes)."""
+    from lit_align import CPO, GRPO, KTO
+    from lit_align.data.base import DataRequirements
+
+    needs = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, num_iterations=2).data_requirements()
+    assert needs == DataRequirements("builtin:tiny", rows_per_prompt=4, batch_repeats=2)
+    assert KTO().data_requirements().kl_pairs and not KTO(loss_type="apo_zero_unpaired").data_requirements().kl_pairs
+    assert CPO().data_requirements().add_bos_to_prompt
+    data = PromptOnlyDataModule("builtin:arithmetic?size=32", batch_size=8).connect(requirements=needs)
+    data.setup("fit")
+    batches = [batch.prompts for batch, _ in zip(data.train_dataloader(), range(4))]
+    assert len(batches[0]) == 2  # 8 completions, 4 per prompt
+    assert batches[0] == batches[1] and batches[2] == batches[3] != batches[0]  # each batch twice in a row

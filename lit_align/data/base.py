@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import datasets
@@ -28,6 +29,19 @@ Layout = Literal["padded", "packed", "padding_free"]
 
 # No eval split is a choice, not a mistake: an empty val loader is how a DataModule says so.
 warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
+
+
+@dataclass(frozen=True)
+class DataRequirements:
+    """What the method being trained asks of its data: declared by the module
+    (``AlignModule.data_requirements()``), received once by the DataModule (``connect``) when a
+    fit sets the data up. Set them with ``connect`` to prepare data without a Trainer."""
+
+    tokenizer_name_or_path: str | None = None  # the policy's tokenizer
+    rows_per_prompt: int = 1  # completions per prompt (GRPO's num_generations): a prompt batch_size counts them
+    batch_repeats: int = 1  # each prompt batch served this many times in a row (num_iterations)
+    kl_pairs: bool = False  # KTO: mismatched (prompt, completion) pairs for the KL estimate
+    add_bos_to_prompt: bool = False  # CPO/ORPO: the tokenizer's BOS before every prompt
 
 
 class AlignDataModule(L.LightningDataModule, ABC):
@@ -104,14 +118,22 @@ class AlignDataModule(L.LightningDataModule, ABC):
         self.dataset_num_proc = dataset_num_proc
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.requirements = DataRequirements()
         self.datasets: dict[str, datasets.Dataset] = {}
         self.num_dropped: dict[str, int] = {}
         self._prepared_for: tuple = ()
 
-    # -- tokenizer ---------------------------------------------------------------------------
-    def connect(self, tokenizer: PreTrainedTokenizerBase) -> AlignDataModule:
-        """Use ``tokenizer`` (returns self, so ``data = Module(...).connect(tok)`` reads well)."""
-        self.tokenizer = tokenizer
+    # -- what the method asks of its data -------------------------------------------------------
+    def connect(
+        self, tokenizer: PreTrainedTokenizerBase | None = None, requirements: DataRequirements | None = None
+    ) -> AlignDataModule:
+        """Use ``tokenizer`` and/or the method's ``requirements`` (returns self, so
+        ``data = Module(...).connect(tok)`` reads well). A fit connects the requirements of the
+        module it trains (``data_requirements()``) when it sets the data up."""
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if requirements is not None:
+            self.requirements = requirements
         return self
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -119,10 +141,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
             return self.tokenizer
         from lit_align.models.loading import load_tokenizer
 
-        name = self.tokenizer_name_or_path
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if name is None and module is not None:
-            name = getattr(module, "model_name_or_path", None)
+        name = self.tokenizer_name_or_path or self.requirements.tokenizer_name_or_path
         if name is None:
             raise ValueError(
                 f"{type(self).__name__} has no tokenizer: call data.connect(tokenizer), pass "
@@ -139,6 +158,9 @@ class AlignDataModule(L.LightningDataModule, ABC):
         return ()
 
     def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if callable(getattr(module, "data_requirements", None)):  # a lit-align method declares them
+            self.connect(requirements=module.data_requirements())
         options = self.module_options()
         if self.datasets and options == self._prepared_for:
             return

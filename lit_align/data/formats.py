@@ -132,8 +132,7 @@ class PreferenceDataModule(AlignDataModule):
     def _wants_bos(self) -> bool:
         if self.add_bos_to_prompt is not None:
             return self.add_bos_to_prompt
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return bool(getattr(module, "add_bos_to_prompt", False))
+        return self.requirements.add_bos_to_prompt
 
     def module_options(self) -> tuple:
         return (self._wants_bos(),)
@@ -201,8 +200,7 @@ class UnpairedPreferenceDataModule(AlignDataModule):
     def _wants_kl_pairs(self) -> bool:
         if self.kl_pairs is not None:
             return self.kl_pairs
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return bool(getattr(module, "needs_kl_pairs", False))
+        return self.requirements.kl_pairs
 
     def module_options(self) -> tuple:
         return (self._wants_kl_pairs(),)
@@ -321,14 +319,11 @@ class PromptOnlyDataModule(AlignDataModule):
     def collate(self, items: list[dict]) -> PromptBatch:
         return collate_prompts(items, self.pad_token_id)
 
-    def _module(self):
-        return self.trainer.lightning_module if self.trainer is not None else None
-
     def loader_batch_size(self, train: bool) -> int:
         """``batch_size`` counts completions, as TRL's ``per_device_train_batch_size`` does: a
         batch holds ``batch_size / num_generations`` prompts of the module being trained."""
         size = super().loader_batch_size(train)
-        G = getattr(self._module(), "num_generations", 1)
+        G = self.requirements.rows_per_prompt
         if size % G:
             name = "batch_size" if train else "eval_batch_size"
             raise ValueError(
@@ -338,7 +333,7 @@ class PromptOnlyDataModule(AlignDataModule):
         return size // G
 
     def batch_repeats(self) -> int:
-        return getattr(self._module(), "num_iterations", 1)
+        return self.requirements.batch_repeats
 
 
 @dataclass

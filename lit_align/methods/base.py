@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lit_align.data.base import DataRequirements
 from lit_align.methods.checkpointing import AtomicCheckpointIO, SaveOnInterrupt
 from lit_align.models.export import SaveHFModel, check_disk_space, check_writable
 from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
@@ -32,6 +33,7 @@ class AlignModule(L.LightningModule):
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     # Frozen models loaded from their own path (reference, teacher): kept out of checkpoints.
     frozen_submodules: ClassVar[tuple[str, ...]] = ()
+    add_bos_to_prompt: ClassVar[bool] = False  # TRL's CPO/ORPO put the tokenizer's BOS before every prompt
 
     def __init__(
         self,
@@ -117,6 +119,11 @@ class AlignModule(L.LightningModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.model_name_or_path)
         return self._tokenizer
+
+    # -- data ----------------------------------------------------------------------------------
+    def data_requirements(self) -> DataRequirements:
+        """What this method asks of its data; a lit-align DataModule receives it when a fit sets it up."""
+        return DataRequirements(tokenizer_name_or_path=self.model_name_or_path, add_bos_to_prompt=self.add_bos_to_prompt)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

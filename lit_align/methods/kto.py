@@ -11,11 +11,13 @@ pairs carry no gradient.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lit_align.data.base import DataRequirements
 from lit_align.losses.kto import (
     KL_LOSS_TYPES,
     KTO_LOSSES,
@@ -65,8 +67,10 @@ class KTO(ReferenceModule):
 
     @property
     def needs_kl_pairs(self) -> bool:
-        """Read by ``UnpairedPreferenceDataModule`` to add the mismatched sequences."""
         return self.loss_type in KL_LOSS_TYPES
+
+    def data_requirements(self) -> DataRequirements:
+        return replace(super().data_requirements(), kl_pairs=self.needs_kl_pairs)  # the data adds the mismatched pairs
 
     def on_fit_start(self) -> None:
         check_unpaired_labels(self.trainer.datamodule, type(self).__name__)

@@ -10,11 +10,13 @@ whatever its loss needs, computed once per rollout, without gradients) and
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from lit_align.data.base import DataRequirements
 from lit_align.data.formats import PromptBatch
 from lit_align.data.tokenize import is_conversational
 from lit_align.losses.advantages import nanstd
@@ -130,6 +132,10 @@ class OnlineModule(AlignModule):
         self.ref_model: torch.nn.Module | None = None
 
     # -- building ------------------------------------------------------------------------------
+    def data_requirements(self) -> DataRequirements:
+        # batch_size counts completions; each prompt batch comes num_iterations times in a row
+        return replace(super().data_requirements(), rows_per_prompt=self.num_generations, batch_repeats=self.num_iterations)
+
     @property
     def needs_reference(self) -> bool:
         return self.beta != 0.0
