@@ -13,6 +13,7 @@ from lit_align.rollout.engines import Generations, completion_mask, eos_ids, rig
 
 
 class ScriptedEngine:
+    samples_any_model = True  # its completions answer the prompt, whichever model is asked
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.calls = 0

@@ -382,3 +382,45 @@ def test_ppo_reference_arguments_follow_kl_coef():
                           ("mask_truncated_completions", "PPO does not use mask_truncated_completions")):
         with pytest.raises(ValueError, match=message):
             PPO(reward_funcs=["arithmetic_reward"], **{name: 0.1 if name == "beta" else True})
+
+
+def test_generations_select_and_cat_keep_every_field():
+    """The row operations carry the sampling log-probs too (the positional rebuilds they replace
+    dropped them)."""
+    from lit_align.rollout.engines import Generations
+
+    def gens(width, start):
+        n = 2
+        return Generations(torch.ones(n, 3, dtype=torch.long), torch.ones(n, 3, dtype=torch.long),
+                           torch.arange(start, start + n * width).view(n, width), torch.ones(n, width, dtype=torch.long),
+                           torch.tensor([False, True]), torch.full((n, width), -float(start)))
+
+    a, b = gens(2, 1), gens(3, 10)
+    both = a.cat(b, pad_token_id=0)
+    assert both.completion_ids.tolist() == [[1, 2, 0], [3, 4, 0], [10, 11, 12], [13, 14, 15]]
+    assert both.completion_mask[:2, 2].tolist() == [0, 0] and both.sampling_logps[:2, 2].tolist() == [0.0, 0.0]
+    assert both.sampling_logps[2:, 0].tolist() == [-10.0, -10.0] and both.is_truncated.tolist() == [False, True] * 2
+    picked = both.select(torch.tensor([3, 0]))
+    assert picked.completion_ids.tolist() == [[13, 14, 15], [1, 2, 0]] and picked.sampling_logps[:, 0].tolist() == [-10.0, -1.0]
+    assert a.cat(Generations(*[getattr(b, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "is_truncated")]), 0).sampling_logps is None
+
+
+def test_a_module_says_when_its_engine_cannot_sample_a_model():
+    """An engine that samples only the policy (vLLM) declares it; asking it for another model is a
+    clear error before anything is sampled, whoever the engine is."""
+    from lit_align import XPO
+
+    class PolicyOnly:
+        samples_any_model = False
+
+        def generate(self, *args):
+            raise AssertionError("not reached")
+
+    module = XPO(reward_funcs=["arithmetic_reward"], max_new_tokens=4)
+    module.configure_model()
+    module.engine = PolicyOnly()
+    ids = torch.ones(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="XPO samples .* a model other than the policy, but its engine PolicyOnly samples the policy only"):
+        module.sample(module.ref_model, ids, ids)
+    with pytest.raises(ValueError, match="samples the policy only"):  # the policy's weights as the reference (LoRA)
+        module.sample(module.model, ids, ids, policy=False)

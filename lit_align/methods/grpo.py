@@ -30,7 +30,7 @@ from lit_align.losses.policy import (
     grpo_loss,
 )
 from lit_align.methods.online import OnlineModule
-from lit_align.rollout.engines import GenerationEngine, Generations
+from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Rollout
 
 
@@ -101,11 +101,11 @@ class GRPO(OnlineModule):
         self.max_resample_rounds = max_resample_rounds
 
     # -- rollout -----------------------------------------------------------------------------------
-    def make_rollout(self, batch: PromptBatch, engine: GenerationEngine, stage: str) -> Rollout:
+    def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
         if not self.dynamic_sampling or stage != "train":
-            return super().make_rollout(batch, engine, stage)
+            return super().make_rollout(batch, stage)
         self.check_prompt_budget(batch)
-        gens = engine.generate(self.model, batch.prompt_ids, batch.prompt_mask, self.sampling)
+        gens = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
         completions, rewards = self.score(batch, gens)
         for _ in range(self.max_resample_rounds):
             flat = self.flat_groups(rewards)
@@ -113,7 +113,7 @@ class GRPO(OnlineModule):
                 break
             sub = PromptBatch(batch.prompt_ids[flat], batch.prompt_mask[flat], [p for p, f in zip(batch.prompts, flat.tolist()) if f],
                               {k: [v for v, f in zip(vals, flat.tolist()) if f] for k, vals in batch.extras.items()})
-            new = engine.generate(self.model, sub.prompt_ids, sub.prompt_mask, self.sampling)
+            new = self.sample(self.model, sub.prompt_ids, sub.prompt_mask)
             new_completions, new_rewards = self.score(sub, new)
             useful = ~self.flat_groups(new_rewards)
             gens, completions, rewards = replace_groups(
@@ -215,16 +215,9 @@ def replace_groups(
     targets = flat.nonzero().squeeze(1)[useful]
     if targets.numel() == 0:
         return gens, completions, rewards
-    width = max(gens.completion_ids.size(1), new.completion_ids.size(1))
-
-    def widen(t: Tensor, value: int | float) -> Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)
-
-    ids, mask = widen(gens.completion_ids, pad_token_id), widen(gens.completion_mask, 0)
-    new_ids, new_mask = widen(new.completion_ids, pad_token_id), widen(new.completion_mask, 0)
-    truncated, rewards, completions = gens.is_truncated.clone(), rewards.clone(), list(completions)
+    rows = torch.arange(len(gens))  # into gens, then new, joined
     for j, p in zip(useful.nonzero().squeeze(1).tolist(), targets.tolist()):
-        dst, src = slice(p * G, (p + 1) * G), slice(j * G, (j + 1) * G)
-        ids[dst], mask[dst], truncated[dst], rewards[dst] = new_ids[src], new_mask[src], new.is_truncated[src], new_rewards[src]
-        completions[dst] = new_completions[src]
-    return Generations(gens.prompt_ids, gens.prompt_mask, ids, mask, truncated), completions, rewards
+        rows[p * G : (p + 1) * G] = len(gens) + torch.arange(j * G, (j + 1) * G)
+    joined = [*completions, *new_completions]
+    return (gens.cat(new, pad_token_id).select(rows.to(gens.completion_ids.device)), [joined[i] for i in rows.tolist()],
+            torch.cat([rewards, new_rewards])[rows.to(rewards.device)])

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import nash_md_loss
-from lit_align.methods.online_preference import OnlinePreferenceModule, concat_generations, per_epoch
+from lit_align.methods.online_preference import OnlinePreferenceModule, per_epoch
 from lit_align.models.reference import adapters_disabled
-from lit_align.rollout.engines import GenerationEngine, Generations
+from lit_align.rollout.engines import Generations
 from lit_align.rollout.mixture import GeometricMixture
 from lit_align.rollout.types import Rollout
 
@@ -43,14 +43,14 @@ class NashMD(OnlinePreferenceModule):
     def current_mixture_coef(self) -> float:
         return per_epoch(self.mixture_coef, self.current_epoch if self._trainer is not None else 0)
 
-    def sample_pair(self, batch: PromptBatch, engine: GenerationEngine) -> Generations:
-        mine = engine.generate(self.model, batch.prompt_ids, batch.prompt_mask, self.sampling)
+    def sample_pair(self, batch: PromptBatch) -> Generations:
+        mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
         if self.ref_model is not None:
             mixture = GeometricMixture(self.model, self.ref_model, self.current_mixture_coef)
         else:  # LoRA: the reference is the policy's base, adapters off for its forward
             mixture = GeometricMixture(self.model, self.model, self.current_mixture_coef, lambda: adapters_disabled(self.model))
-        other = engine.generate(mixture, batch.prompt_ids, batch.prompt_mask, self.sampling)
-        return concat_generations(mine, other, self.pad_token_id)
+        other = self.sample(mixture, batch.prompt_ids, batch.prompt_mask, policy=False)
+        return mine.cat(other, self.pad_token_id)
 
     def first_wins(self, first: Tensor, second: Tensor) -> Tensor:
         return torch.sigmoid(first - second)  # TRL: P = sigmoid(score_model - score_mixture)

@@ -130,6 +130,7 @@ class OnlineModule(AlignModule):
         self.log_completions = log_completions
         self.log_completions_steps = log_completions_steps
         self.ref_model: torch.nn.Module | None = None
+        self._engine: GenerationEngine | None = None
 
     # -- building ------------------------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
@@ -166,6 +167,33 @@ class OnlineModule(AlignModule):
                 "optimizer step. Use accumulate_grad_batches=1 (raise batch_size instead) or num_iterations=1"
             )
 
+    @property
+    def engine(self) -> GenerationEngine:
+        """The engine this module samples with: made on first use (``make_engine``), or the one
+        given to a ``RolloutCallback``, which hands it over."""
+        if self._engine is None:
+            self._engine = self.make_engine()
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: GenerationEngine) -> None:
+        self._engine = engine
+
+    def sample(
+        self, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, policy: bool = True,
+        sampling: SamplingParams | None = None,
+    ) -> Generations:
+        """``num_generations`` completions per prompt from ``model`` through the module's engine.
+        ``policy=False`` when ``model`` is not the trained policy (NashMD's mixture, XPO's
+        reference, also when that is the policy's weights with its adapters off)."""
+        if (not policy or model is not self.model) and not getattr(self.engine, "samples_any_model", False):
+            raise ValueError(
+                f"{type(self).__name__} samples {type(model).__name__}, a model other than the policy, but "
+                f"its engine {type(self.engine).__name__} samples the policy only; use an engine that samples "
+                "any model (HFEngine, use_vllm=False)"
+            )
+        return self.engine.generate(model, prompt_ids, prompt_mask, sampling or self.sampling)
+
     def make_engine(self) -> GenerationEngine:
         if self.use_vllm:
             return VLLMEngine(self.model_name_or_path, self.tokenizer, dtype=self.dtype_name, seed=self.global_rank,
@@ -173,12 +201,12 @@ class OnlineModule(AlignModule):
         return HFEngine(self.tokenizer)
 
     # -- one rollout ---------------------------------------------------------------------------
-    def make_rollout(self, batch: PromptBatch, engine: GenerationEngine, stage: str) -> Rollout:
+    def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
         """Sample, score and prepare the loss inputs of one prompt batch (called by the callback)."""
         if not self.reward_funcs:
             raise ValueError(f"{type(self).__name__} needs reward_funcs (or a reward model) to score completions")
         self.check_prompt_budget(batch)
-        gens = engine.generate(self.model, batch.prompt_ids, batch.prompt_mask, self.sampling)
+        gens = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
         completions, rewards = self.score(batch, gens)
         return self.build_rollout(batch, gens, completions, rewards, stage)
 

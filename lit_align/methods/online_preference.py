@@ -20,7 +20,7 @@ from lit_align.losses.online_preference import check_online_loss_type
 from lit_align.methods.online import OnlineModule
 from lit_align.rewards.judges import PairwiseJudge, check_judgement, load_judge
 from lit_align.rewards.registry import compute_rewards
-from lit_align.rollout.engines import GenerationEngine, Generations
+from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Rollout
 
 
@@ -29,22 +29,6 @@ def per_epoch(value: float | list[float], epoch: int) -> float:
     if isinstance(value, (list, tuple)):
         return float(value[min(epoch, len(value) - 1)])
     return float(value)
-
-
-def concat_generations(a: Generations, b: Generations, pad_token_id: int) -> Generations:
-    """Rows of ``a`` then rows of ``b`` (completions padded to the wider of the two)."""
-    width = max(a.completion_ids.size(1), b.completion_ids.size(1))
-
-    def widen(t: Tensor, value: int) -> Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)
-
-    return Generations(
-        torch.cat([a.prompt_ids, b.prompt_ids]),
-        torch.cat([a.prompt_mask, b.prompt_mask]),
-        torch.cat([widen(a.completion_ids, pad_token_id), widen(b.completion_ids, pad_token_id)]),
-        torch.cat([widen(a.completion_mask, 0), widen(b.completion_mask, 0)]),
-        torch.cat([a.is_truncated, b.is_truncated]),
-    )
 
 
 class OnlinePreferenceModule(OnlineModule):
@@ -111,9 +95,9 @@ class OnlinePreferenceModule(OnlineModule):
         return per_epoch(self.betas, self.current_epoch if self._trainer is not None else 0)
 
     # -- rollout ------------------------------------------------------------------------------------
-    def make_rollout(self, batch: PromptBatch, engine: GenerationEngine, stage: str) -> Rollout:
+    def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
         self.check_prompt_budget(batch)
-        gens = self.sample_pair(batch, engine)
+        gens = self.sample_pair(batch)
         E = len(batch)
         completions, ids = self.decode(batch, gens)
         first_wins, scores = self.prefer(batch, completions, ids, gens)
@@ -128,7 +112,7 @@ class OnlinePreferenceModule(OnlineModule):
             metrics=self.eos_metrics(gens, E),
         )
 
-    def sample_pair(self, batch: PromptBatch, engine: GenerationEngine) -> Generations:
+    def sample_pair(self, batch: PromptBatch) -> Generations:
         raise TypeError(f"{type(self).__name__} does not define sample_pair")
 
     def prefer(self, batch: PromptBatch, completions: list, ids: list, gens: Generations) -> tuple[Tensor, Tensor]:

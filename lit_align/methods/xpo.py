@@ -15,9 +15,9 @@ from torch import Tensor
 
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import xpo_loss
-from lit_align.methods.online_preference import OnlinePreferenceModule, concat_generations, per_epoch
+from lit_align.methods.online_preference import OnlinePreferenceModule, per_epoch
 from lit_align.models.reference import adapters_disabled
-from lit_align.rollout.engines import GenerationEngine, Generations
+from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Rollout
 
 
@@ -38,12 +38,12 @@ class XPO(OnlinePreferenceModule):
     def current_alpha(self) -> float:
         return per_epoch(self.alpha, self.current_epoch if self._trainer is not None else 0)
 
-    def sample_pair(self, batch: PromptBatch, engine: GenerationEngine) -> Generations:
-        mine = engine.generate(self.model, batch.prompt_ids, batch.prompt_mask, self.sampling)
+    def sample_pair(self, batch: PromptBatch) -> Generations:
+        mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
         context = contextlib.nullcontext() if self.ref_model is not None else adapters_disabled(self.model)
         with context:
-            theirs = engine.generate(self.ref_model or self.model, batch.prompt_ids, batch.prompt_mask, self.sampling)
-        return concat_generations(mine, theirs, self.pad_token_id)
+            theirs = self.sample(self.ref_model or self.model, batch.prompt_ids, batch.prompt_mask, policy=False)
+        return mine.cat(theirs, self.pad_token_id)
 
     def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:
         r: Rollout = batch.rollout

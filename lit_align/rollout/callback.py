@@ -2,9 +2,10 @@
 
 Lightning stays in charge of the loop. Before each training batch (a
 :class:`~lit_align.data.formats.PromptBatch` of prompts) the callback asks the module for a
-rollout (``pl_module.make_rollout(batch, engine, stage)``: sample ``num_generations``
-completions per prompt through the engine, score them, compute log-probs and advantages)
-and attaches it as ``batch.rollout``; ``training_step`` computes the loss from it.
+rollout (``pl_module.make_rollout(batch, stage)``: sample ``num_generations`` completions per
+prompt through the module's engine, score them, compute log-probs and advantages) and
+attaches it as ``batch.rollout``; ``training_step`` computes the loss from it. The module owns
+the engine; the callback schedules: when to sample, reuse, weight syncs, the completions table.
 
 - Reuse: with ``num_iterations = k`` the DataModule yields every prompt batch ``k`` times in
   a row and the callback serves the same rollout to those ``k`` steps (the old log-probs
@@ -32,8 +33,8 @@ class RolloutCallback(L.Callback):
     """Generate a rollout before every training (and validation) batch of an online method.
 
     Args:
-        engine: A :class:`~lit_align.rollout.engines.GenerationEngine` (default: the module's,
-            ``HFEngine`` or ``VLLMEngine`` with ``use_vllm=True``).
+        engine: A :class:`~lit_align.rollout.engines.GenerationEngine` handed to the module at
+            setup (default: the module's own, ``HFEngine`` or ``VLLMEngine`` with ``use_vllm=True``).
         log_completions_every_n_steps: Log a table of prompts, completions, rewards and
             advantages to W&B every this many steps (0: never).
         num_completions_to_log: Rows in that table.
@@ -54,17 +55,16 @@ class RolloutCallback(L.Callback):
         self._pending: dict[str, Any] | None = None  # a checkpointed rollout, restored at the next batch
         self._last_synced_step = -1
 
-    def _engine(self, pl_module: L.LightningModule) -> GenerationEngine:
-        if self.engine is None:
-            self.engine = pl_module.make_engine()
-        return self.engine
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.engine is not None:
+            pl_module.engine = self.engine
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         reuse = self._reuse = getattr(pl_module, "num_iterations", 1)
         if self._pending is not None:
             self._buffer, self._pending = Rollout.from_state_dict(self._pending, pl_module.device), None
         if self._buffer is None or self._served >= reuse:
-            self._buffer = pl_module.make_rollout(batch, self._engine(pl_module), "train")
+            self._buffer = pl_module.make_rollout(batch, "train")
             self._served = 0
         elif len(batch.prompts) * self._buffer.rows_per_prompt != len(self._buffer):
             raise RuntimeError("num_iterations > 1 needs the DataModule to repeat each prompt batch (PromptOnlyDataModule does)")
@@ -75,11 +75,11 @@ class RolloutCallback(L.Callback):
             self._log_table(trainer, self._buffer)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        batch.rollout = pl_module.make_rollout(batch, self._engine(pl_module), "val")
+        batch.rollout = pl_module.make_rollout(batch, "val")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step != self._last_synced_step:  # an optimizer step happened
-            self._engine(pl_module).sync_weights(pl_module.model)
+            pl_module.engine.sync_weights(pl_module.model)
             self._last_synced_step = trainer.global_step
 
     def _log_table(self, trainer: L.Trainer, rollout: Rollout) -> None:

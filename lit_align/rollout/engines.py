@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -63,9 +63,47 @@ class Generations:
     def __len__(self) -> int:
         return self.completion_ids.size(0)
 
+    def select(self, index: Tensor) -> Generations:
+        """The rows at ``index``, every field (sampling log-probs included)."""
+        return Generations(**{f.name: None if v is None else v[index] for f in fields(self) for v in [getattr(self, f.name)]})
+
+    def cat(self, other: Generations, pad_token_id: int) -> Generations:
+        """These rows, then ``other``'s (completions right-padded to the wider of the two)."""
+        width = max(self.completion_ids.size(1), other.completion_ids.size(1))
+        pads = {"completion_ids": pad_token_id, "completion_mask": 0, "sampling_logps": 0.0}
+
+        def joined(name: str) -> Tensor | None:
+            a, b = getattr(self, name), getattr(other, name)
+            if a is None or b is None:
+                return None
+            if name in pads:
+                a, b = (torch.nn.functional.pad(t, (0, width - t.size(1)), value=pads[name]) for t in (a, b))
+            return torch.cat([a, b])
+
+        return Generations(**{f.name: joined(f.name) for f in fields(self)})
+
 
 @runtime_checkable
 class GenerationEngine(Protocol):
+    """What an engine promises (an online module owns one; the rollout callback only schedules it).
+
+    ``generate(model, prompt_ids, prompt_mask, sampling)``:
+    - samples ``model``, and only it: an engine that holds its own copy of the policy (vLLM)
+      sets ``samples_any_model = False`` and refuses any other model; ``OnlineModule.sample``
+      says so before asking;
+    - takes left-padded prompts ``(E, P)`` and returns ``E * num_generations`` rows, the
+      completions of a prompt consecutive, prompts repeated to match;
+    - right-pads completions with the tokenizer's pad id; ``completion_mask`` covers the tokens
+      up to and including the first EOS (any of the tokenizer's or the model's generation
+      config's), ``is_truncated`` marks rows without one;
+    - ``sampling_logps``, when it can, holds the engine's log-prob of each sampled token.
+
+    ``sync_weights(model)`` after each optimizer step: copy the policy's weights into the engine
+    (a no-op for engines that sample the module itself).
+    """
+
+    samples_any_model: bool
+
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations: ...
 
     def sync_weights(self, model: nn.Module) -> None: ...
@@ -125,6 +163,7 @@ class HFEngine:
     """
 
     LEAN_KWARGS = frozenset({"min_new_tokens"})
+    samples_any_model = True  # the policy, a reference, a mixture of both: any causal LM
 
     def __init__(self, tokenizer: Any, use_generate: bool = False, seed: int | None = None) -> None:
         self.tokenizer = tokenizer
@@ -228,6 +267,8 @@ class VLLMEngine:
     the completions (``logprobs_mode="processed_logprobs"``, so after temperature), for
     importance-sampling checks.
     """
+
+    samples_any_model = False  # its own copy of the policy's weights
 
     def __init__(
         self,
