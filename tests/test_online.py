@@ -424,3 +424,29 @@ def test_a_module_says_when_its_engine_cannot_sample_a_model():
         module.sample(module.ref_model, ids, ids)
     with pytest.raises(ValueError, match="samples the policy only"):  # the policy's weights as the reference (LoRA)
         module.sample(module.model, ids, ids, policy=False)
+
+
+def test_the_reference_is_chosen_in_one_place():
+    """A copy when the policy is trained whole, the policy with its adapters off under LoRA: the
+    same choice for the offline and online methods (``WithReference``), no copy loaded for LoRA,
+    and sync_ref_model refused where there is no copy to sync."""
+    from lit_align import DPO
+    from lit_align.models.builtin import builtin_tokenizer
+
+    tok = builtin_tokenizer()
+    ids = torch.tensor([tok("Q: 1+2=")["input_ids"]])
+    base = builtin_model("builtin:tiny").eval()
+    for cls, kwargs in ((GRPO, {"reward_funcs": ["arithmetic_reward"], "beta": 0.04}), (DPO, {})):
+        whole = cls(**kwargs)
+        whole.configure_model()
+        assert whole.reference_model is whole.ref_model is not None
+        lora = cls(peft={"r": 2, "target_modules": ["q_proj"], "init_lora_weights": False}, **kwargs)
+        lora.configure_model()
+        assert lora.ref_model is None and lora.reference_model is lora.model
+        with torch.no_grad():
+            on = lora.model(ids).logits
+            with lora.reference_context():
+                off = lora.reference_model(ids).logits
+        assert not torch.allclose(on, off) and torch.allclose(off, base(ids).logits, atol=1e-6)
+        with pytest.raises(ValueError, match="sync_ref_model=True needs a separate reference model"):
+            cls(peft={"r": 2}, sync_ref_model=True, **kwargs)

@@ -830,7 +830,7 @@ def test_dpo_precomputed_reference_matches_live(
     cached = list((tmp_path / "cache" / "ref_logps").glob("*.pt"))
     assert len(cached) == 1
     values = torch.tensor(torch.load(cached[0]))  # (E, 2): chosen, rejected per pair
-    live_ref = live_module.reference_logps(_lit_batch(_lit_data(rows, tmp_path / "again")))
+    live_ref = live_module.reference_sequence_logps(_lit_batch(_lit_data(rows, tmp_path / "again")))
     torch.testing.assert_close(values.T.reshape(-1), live_ref, atol=1e-5, rtol=1e-6)
     # and TRL's cached columns hold the same numbers
     torch.testing.assert_close(pre_batch["ref_chosen_logps"], values[:, 0], atol=1e-5, rtol=1e-6)

@@ -66,7 +66,7 @@ def test_lora_reference_is_the_base_model(tokenizer):
     with torch.no_grad():
         expected = base.sequence_logps(base.model, batch).logps
         adapted = lora.sequence_logps(lora.model, batch).logps
-    torch.testing.assert_close(lora.reference_logps(batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora.reference_sequence_logps(batch), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(adapted, expected)  # the adapters do change the policy
 
 

@@ -91,9 +91,13 @@ class AlignModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:
+        if self.model is not None:  # Lightning may call it more than once
             return
         self.model = self.build_policy()
+        self.build_other_models()
+
+    def build_other_models(self) -> None:
+        """The models besides the policy (a reference, a teacher, a critic), built once after it."""
 
     def load_model(self) -> torch.nn.Module:
         """The trained network before LoRA (a causal LM; reward models override it)."""

@@ -103,7 +103,7 @@ class BCO(ReferenceModule):
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         e = batch.num_examples
         policy = self.sequence_logps(self.model, batch, with_extras=True)
-        ref = self.reference_logps(batch)[:e]
+        ref = self.reference_sequence_logps(batch)[:e]
         logps = policy.logps[:e]
         if stage == "train":  # delta: the running mean after this step's rewards, over all devices
             rewards = bco_rewards(logps.detach(), ref, self.beta)

@@ -71,7 +71,7 @@ class DPO(ReferenceModule):
 
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         policy = self.sequence_logps(self.model, batch, with_extras=True)
-        ref = self.reference_logps(batch)
+        ref = self.reference_sequence_logps(batch)
         e = batch.num_examples
         chosen, rejected = slice(0, e), slice(e, 2 * e)
         pairs = PairLogps(

@@ -144,10 +144,8 @@ class GKD(AlignModule):
         self.teacher: nn.Module | None = None
         self._engine: GenerationEngine | None = None
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()
+    def build_other_models(self) -> None:
+        super().build_other_models()
         self.teacher = frozen_copy(self.teacher_model_name_or_path, self.dtype_name, self.attn_implementation)
         check_shared_vocabulary(self.model, self.teacher, self.model_name_or_path, self.teacher_model_name_or_path)
 

@@ -134,7 +134,7 @@ class GRPO(OnlineModule):
             if self.num_iterations > 1:  # otherwise the ratio's denominator is logp.detach()
                 old = self.token_logps(self.model, seqs, gens)[0]
             if self.beta != 0.0:
-                ref = self.reference_logps(seqs, gens)
+                ref = self.reference_token_logps(seqs, gens)
         all_rewards, mine = self.gather(rewards)
         adv = group_advantages(all_rewards, self.reward_weights, self.num_generations, self.scale_rewards, self.multi_objective_aggregation)
         num_items = self.global_sum(loss_mask.sum()) / self.world_size

@@ -85,7 +85,7 @@ class KTO(ReferenceModule):
         if self.needs_kl_pairs and batch.num_sequences != 2 * e:
             raise ValueError("loss_type='kto' needs the KL pairs: use UnpairedPreferenceDataModule (kl_pairs=None or True)")
         policy = self.sequence_logps(self.model, batch, with_extras=True)
-        ref = self.reference_logps(batch)
+        ref = self.reference_sequence_logps(batch)
         kl = None
         if self.needs_kl_pairs:  # z: mean over devices of each device's batch mean, clamped, no gradient
             kl = clamp_kl(self.global_sum(kl_estimate(policy.logps[e:].detach(), ref[e:])) / self.world_size)

@@ -16,7 +16,6 @@ from torch import Tensor
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import nash_md_loss
 from lit_align.methods.online_preference import OnlinePreferenceModule, per_epoch
-from lit_align.models.reference import adapters_disabled
 from lit_align.rollout.engines import Generations
 from lit_align.rollout.mixture import GeometricMixture
 from lit_align.rollout.types import Rollout
@@ -45,10 +44,8 @@ class NashMD(OnlinePreferenceModule):
 
     def sample_pair(self, batch: PromptBatch) -> Generations:
         mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
-        if self.ref_model is not None:
-            mixture = GeometricMixture(self.model, self.ref_model, self.current_mixture_coef)
-        else:  # LoRA: the reference is the policy's base, adapters off for its forward
-            mixture = GeometricMixture(self.model, self.model, self.current_mixture_coef, lambda: adapters_disabled(self.model))
+        # the reference forward runs in its context (LoRA: the policy's base, adapters off)
+        mixture = GeometricMixture(self.model, self.reference_model, self.current_mixture_coef, self.reference_context)
         other = self.sample(mixture, batch.prompt_ids, batch.prompt_mask, policy=False)
         return mine.cat(other, self.pad_token_id)
 

@@ -9,7 +9,6 @@ whatever its loss needs, computed once per rollout, without gradients) and
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -21,8 +20,8 @@ from lit_align.data.formats import PromptBatch
 from lit_align.data.tokenize import is_conversational
 from lit_align.losses.advantages import nanstd
 from lit_align.methods.base import AlignModule
+from lit_align.methods.reference import WithReference
 from lit_align.models.loading import tokenizer_pad_id
-from lit_align.models.reference import SyncReferenceModel, adapters_disabled, frozen_copy, is_peft_model
 from lit_align.ops.completions import completion_batch, completion_logprobs
 from lit_align.ops.packing import SequenceBatch
 from lit_align.rewards.registry import compute_rewards, load_reward_func, reward_name
@@ -31,7 +30,7 @@ from lit_align.rollout.engines import GenerationEngine, Generations, HFEngine, S
 from lit_align.rollout.types import Rollout
 
 
-class OnlineModule(AlignModule):
+class OnlineModule(WithReference, AlignModule):
     """Base of the methods that learn from their own samples (not used directly)."""
 
     disable_dropout_default: ClassVar[bool] = False
@@ -53,10 +52,6 @@ class OnlineModule(AlignModule):
         generation_kwargs: dict[str, Any] | None = None,
         num_iterations: int = 1,
         beta: float = 0.0,
-        ref_model_name_or_path: str | None = None,
-        sync_ref_model: bool = False,
-        ref_model_mixup_alpha: float = 0.6,
-        ref_model_sync_steps: int = 512,
         mask_truncated_completions: bool = False,
         use_vllm: bool = False,
         vllm_gpu_memory_utilization: float = 0.3,
@@ -79,8 +74,6 @@ class OnlineModule(AlignModule):
             generation_kwargs: Extra keyword arguments for the engine's generate call.
             num_iterations: Updates per rollout (the old log-probs are stored with the rollout).
             beta: Weight of the KL to the reference; 0 loads no reference model.
-            ref_model_name_or_path: The reference (default the policy's path; LoRA runs use the base).
-            sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO style reference updates.
             mask_truncated_completions: Leave completions without EOS out of the loss.
             use_vllm: Generate with a colocated vLLM engine (CUDA; weights synced after each step).
             vllm_gpu_memory_utilization, vllm_tensor_parallel_size, vllm_max_model_length: vLLM settings.
@@ -90,7 +83,7 @@ class OnlineModule(AlignModule):
         super().__init__(*args, **kwargs)
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-        if sync_ref_model and beta == 0.0:
+        if self.sync_ref_model and beta == 0.0:
             raise ValueError(f"sync_ref_model=True needs a reference model: set {self.kl_weight_name} != 0")
         self.reward_func_specs = list(reward_funcs or [])
         self.reward_funcs = [load_reward_func(spec) for spec in self.reward_func_specs]
@@ -116,10 +109,6 @@ class OnlineModule(AlignModule):
         self.temperature = temperature
         self.num_iterations = num_iterations
         self.beta = beta
-        self.ref_model_name_or_path = ref_model_name_or_path
-        self.sync_ref_model = sync_ref_model
-        self.ref_model_mixup_alpha = ref_model_mixup_alpha
-        self.ref_model_sync_steps = ref_model_sync_steps
         self.mask_truncated_completions = mask_truncated_completions
         self.use_vllm = use_vllm
         self.vllm_settings = {
@@ -129,7 +118,6 @@ class OnlineModule(AlignModule):
         }
         self.log_completions = log_completions
         self.log_completions_steps = log_completions_steps
-        self.ref_model: torch.nn.Module | None = None
         self._engine: GenerationEngine | None = None
 
     # -- building ------------------------------------------------------------------------------
@@ -141,21 +129,15 @@ class OnlineModule(AlignModule):
     def needs_reference(self) -> bool:
         return self.beta != 0.0
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()
-        if self.needs_reference and self.peft is None:
-            name = self.ref_model_name_or_path or self.model_name_or_path
-            self.ref_model = frozen_copy(name, self.dtype_name, self.attn_implementation)
+    @property
+    def loads_reference(self) -> bool:
+        return self.needs_reference
 
     def configure_callbacks(self) -> list:
         callbacks = super().configure_callbacks()
         if not any(isinstance(c, RolloutCallback) for c in self.trainer.callbacks):  # a user's own one wins
             every = self.log_completions_steps if self.log_completions else 0
             callbacks.append(RolloutCallback(log_completions_every_n_steps=every))
-        if self.sync_ref_model:
-            callbacks.append(SyncReferenceModel(self.ref_model_mixup_alpha, self.ref_model_sync_steps))
         return callbacks
 
     def on_fit_start(self) -> None:
@@ -264,12 +246,10 @@ class OnlineModule(AlignModule):
         )
 
     @torch.no_grad()
-    def reference_logps(self, seqs: SequenceBatch, gens: Generations) -> Tensor:
-        context = contextlib.nullcontext() if self.ref_model is not None else adapters_disabled(self.model)
-        if self.ref_model is None and not is_peft_model(self.model):
-            raise RuntimeError("no reference model: beta != 0 loads one in configure_model")
-        with context:
-            return self.token_logps(self.ref_model or self.model, seqs, gens)[0]
+    def reference_token_logps(self, seqs: SequenceBatch, gens: Generations) -> Tensor:
+        """Per-token reference log-probs ``(N, C)`` of the completions."""
+        with self.reference_context():
+            return self.token_logps(self.reference_model, seqs, gens)[0]
 
     # -- distributed ------------------------------------------------------------------------------
     def gather(self, local: Tensor) -> tuple[Tensor, slice]:

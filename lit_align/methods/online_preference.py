@@ -103,7 +103,7 @@ class OnlinePreferenceModule(OnlineModule):
         first_wins, scores = self.prefer(batch, completions, ids, gens)
         seqs = self.sequences(gens)
         with torch.no_grad():
-            ref = self.reference_logps(seqs, gens)
+            ref = self.reference_token_logps(seqs, gens)
         mask = gens.completion_mask.float()
         return Rollout(
             generations=gens, sequences=seqs, loss_mask=mask, advantages=torch.cat([first_wins, 1 - first_wins]),

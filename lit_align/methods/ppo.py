@@ -126,10 +126,8 @@ class PPO(OnlineModule):
     def needs_reference(self) -> bool:
         return self.kl_coef != 0.0
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()
+    def build_other_models(self) -> None:
+        super().build_other_models()
         if self.value_model_name_or_path is not None:
             self.value_model = load_classifier(self.value_model_name_or_path, "token", 1, self.dtype_name, self.attn_implementation)
         else:
@@ -163,7 +161,7 @@ class PPO(OnlineModule):
         mask = gens.completion_mask.float()
         with torch.no_grad():
             old, _, values = self.policy_and_values(gens, seqs)
-            ref = self.reference_logps(seqs, gens) if self.needs_reference else old
+            ref = self.reference_token_logps(seqs, gens) if self.needs_reference else old
         scores = weighted_rewards(rewards, self.reward_weights).nan_to_num(0.0)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * gens.is_truncated.float()

@@ -60,7 +60,7 @@ class RLOO(OnlineModule):
         mask = self.loss_mask(gens)
         with torch.no_grad():
             old = self.token_logps(self.model, seqs, gens)[0]
-            ref = self.reference_logps(seqs, gens) if self.beta != 0.0 else None
+            ref = self.reference_token_logps(seqs, gens) if self.beta != 0.0 else None
         all_rewards, mine = self.gather(rewards)
         weighted = weighted_rewards(all_rewards, self.reward_weights)
         shaped = weighted

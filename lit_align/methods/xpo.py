@@ -7,7 +7,6 @@ policy's log-probability of the reference's sample (docs/methods.md §15; TRL re
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ from torch import Tensor
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import xpo_loss
 from lit_align.methods.online_preference import OnlinePreferenceModule, per_epoch
-from lit_align.models.reference import adapters_disabled
 from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Rollout
 
@@ -40,9 +38,8 @@ class XPO(OnlinePreferenceModule):
 
     def sample_pair(self, batch: PromptBatch) -> Generations:
         mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
-        context = contextlib.nullcontext() if self.ref_model is not None else adapters_disabled(self.model)
-        with context:
-            theirs = self.sample(self.ref_model or self.model, batch.prompt_ids, batch.prompt_mask, policy=False)
+        with self.reference_context():
+            theirs = self.sample(self.reference_model, batch.prompt_ids, batch.prompt_mask, policy=False)
         return mine.cat(theirs, self.pad_token_id)
 
     def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:
