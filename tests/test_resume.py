@@ -161,7 +161,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lit_align import SFT, PromptCompletionDataModule
-    from lit_align.methods.checkpointing import AtomicCheckpointIO
+    from lit_align.methods.safeguards import AtomicCheckpointIO
 
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(SFT(), PromptCompletionDataModule("builtin:arithmetic?size=8", batch_size=4))
@@ -223,7 +223,7 @@ def test_too_little_disk_for_a_checkpoint_fails_before_the_first_step(tmp_path, 
 
 
 def test_a_second_ctrl_c_quits_without_saving_or_exporting():
-    from lit_align.methods.checkpointing import SaveOnInterrupt
+    from lit_align.methods.safeguards import SaveOnInterrupt
     from lit_align.models.export import QuitNow, is_interrupt
 
     callback = SaveOnInterrupt()

@@ -11,21 +11,16 @@ from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_align.data.base import DataRequirements
-from lit_align.methods.checkpointing import AtomicCheckpointIO, SaveOnInterrupt
-from lit_align.models.export import SaveHFModel, check_disk_space, check_writable
+from lit_align.methods.safeguards import Safeguards
 from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
-from lit_align.ops.state import all_ranks, own, rng_state, set_rng_state
 from lit_align.optim import LinearWarmupDecay
 
 
-class AlignModule(L.LightningModule):
+class AlignModule(Safeguards, L.LightningModule):
     """Base class of the lit-align methods (not used directly)."""
 
     default_lr: ClassVar[float] = 1e-6
@@ -204,114 +199,3 @@ class AlignModule(L.LightningModule):
         state = super().state_dict(*args, **kwargs)
         skip = tuple(kwargs.get("prefix", "") + name + "." for name in self.frozen_submodules)
         return {k: v for k, v in state.items() if not k.startswith(skip)} if skip else state
-
-    def setup(self, stage: str) -> None:
-        trainer = self.trainer
-        strategy = trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default (sharded strategies keep theirs)
-            strategy.checkpoint_io = AtomicCheckpointIO()
-        if stage == "fit" and trainer.is_global_zero:  # every output place, before the model loads
-            check_writable(trainer.default_root_dir, "The trainer's default_root_dir")
-            for callback in trainer.checkpoint_callbacks:
-                if getattr(callback, "dirpath", None):
-                    check_writable(callback.dirpath, f"{type(callback).__name__}'s dirpath")
-            for logger in trainer.loggers:
-                if getattr(logger, "save_dir", None):
-                    check_writable(logger.save_dir, f"{type(logger).__name__}'s save_dir")
-
-    def on_fit_start(self) -> None:
-        """Disk space for one checkpoint (weights, optimizer moments) and one export, before step 1."""
-        trainer = self.trainer
-        if not trainer.is_global_zero:
-            return
-        weights = sum(t.numel() * t.element_size() for t in self.state_dict().values())
-        trained = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad)
-        moments = 2 * trained  # Adam's two moments
-        for callback in trainer.checkpoint_callbacks:
-            if getattr(callback, "dirpath", None):
-                needed = weights if getattr(callback, "save_weights_only", False) else weights + moments
-                check_disk_space(callback.dirpath, needed, f"{type(callback).__name__}'s dirpath")
-        for callback in trainer.callbacks:
-            if isinstance(callback, SaveHFModel):
-                check_disk_space(callback._dirpath(trainer), weights, "SaveHFModel's dirpath")
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks every method brings (subclasses add theirs to this list)."""
-        return [SaveOnInterrupt()]
-
-    # -- non-finite values stop the run at the step they appear, saying what and where (or skip the step) --
-    def on_before_backward(self, loss: Tensor) -> None:
-        if torch.isfinite(loss).all():
-            return
-        if self.nonfinite == "skip":  # the optimizer step this loss feeds is skipped (on_before_optimizer_step)
-            self._nonfinite_loss = True
-            return
-        raise FloatingPointError(
-            f"{type(self).__name__}: the training loss is {loss.item()} at step {self.trainer.global_step} "
-            f"(epoch {self.trainer.current_epoch}); nothing was trained on it. Look for a learning rate "
-            "that is too high, a data value that is not finite, or a reward that is not; or set nonfinite: skip"
-        )
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # fp16 loss scaling: inf gradients are expected, and the scaler skips them
-            return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        if self.nonfinite == "skip":
-            # Gradients are already averaged over devices; a loss flag is per device: agree on it.
-            flag = torch.tensor(float(self._nonfinite_loss or not finite), device=self.device)
-            self._nonfinite_loss = False
-            if self.global_reduce(flag, "max").item() > 0:
-                for group in optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None  # the optimizer leaves parameters without a gradient untouched
-                self.skipped_steps += 1
-                rank_zero_warn(f"{type(self).__name__}: a non-finite loss or gradient at step {self.trainer.global_step}; "
-                               f"the step was skipped ({self.skipped_steps} so far)")
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, sync_dist=False)
-            return
-        if not finite:
-            bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-            raise FloatingPointError(
-                f"{type(self).__name__}: gradients are not finite at step {self.trainer.global_step} "
-                f"({len(bad)} parameters, first {bad[:3]}); the optimizer step was not taken. Look for a "
-                "learning rate that is too high or a loss that overflows in this precision; or set nonfinite: skip"
-            )
-
-    # -- exact resumption: the checkpoint holds every rank's random generators, put back when training
-    # resumes, so a resumed run samples and drops out as the uninterrupted one. ----------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_align"] = {
-            "num_tokens_seen": self.num_tokens_seen, "skipped_steps": self.skipped_steps, "rng": all_ranks(rng_state()),
-        }
-        if self.trainer.is_global_zero:  # the runs the loggers write, continued by `lit-align fit --ckpt_path`
-            checkpoint["lit_align"]["loggers"] = [
-                {"class": type(logger).__name__, "version": logger.version} for logger in self.trainer.loggers
-            ]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("lit_align", {})
-        self.num_tokens_seen = state.get("num_tokens_seen", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
-        self._rng_to_restore = own(state.get("rng"))
-
-    def on_validation_start(self) -> None:
-        # Validation inside a fit must not move training's random streams (sampled completions, a
-        # loader's seed draw): else a run resumed from a checkpoint saved just before a validation
-        # would sample differently from the uninterrupted run.
-        self._rng_before_validation = rng_state() if self.trainer.state.fn == "fit" else None
-
-    def on_validation_end(self) -> None:
-        if getattr(self, "_rng_before_validation", None) is not None:
-            set_rng_state(self._rng_before_validation)
-            self._rng_before_validation = None
-
-    def on_train_start(self) -> None:
-        if getattr(self, "_rng_to_restore", None) is not None:
-            set_rng_state(self._rng_to_restore)
-            self._rng_to_restore = None
-        bar = self.trainer.progress_bar_callback
-        if isinstance(bar, RichProgressBar) and self.trainer.max_epochs == -1:
-            # Bounded by max_steps alone, Lightning's rich bar reads "Epoch 0/-2": show the epoch alone.
-            bar._get_train_description = lambda epoch: f"Epoch {epoch}"
