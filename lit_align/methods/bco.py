@@ -26,7 +26,7 @@ from lit_align.losses.bco import (
     density_ratio_weights,
     fit_density_classifier,
 )
-from lit_align.methods.kto import check_unpaired_labels, unpaired_metrics
+from lit_align.methods.metrics import check_unpaired_labels, unpaired_metrics
 from lit_align.methods.reference import ReferenceModule
 from lit_align.models.loading import load_causal_lm
 from lit_align.ops.heads import mean_pooled

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lit_align.losses.odds import CPO_LOSSES, CPOLossType, cpo_loss
 from lit_align.methods.base import AlignModule
-from lit_align.methods.preference import preference_metrics
+from lit_align.methods.metrics import preference_metrics
 from lit_align.ops.packing import SequenceBatch
 from lit_align.ops.preference import sequence_logps
 

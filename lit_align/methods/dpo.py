@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lit_align.losses.dpo import DPOLossConfig, DPOLossType, FDivergence, PairLogps, dpo_loss
-from lit_align.methods.preference import preference_metrics
+from lit_align.methods.metrics import preference_metrics
 from lit_align.methods.reference import ReferenceModule
 from lit_align.ops.packing import SequenceBatch
 from lit_align.ops.preference import SequenceLogps, sequence_logps

@@ -14,24 +14,21 @@ import warnings
 from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lit_align.data.base import DataRequirements
 from lit_align.losses.kto import (
     KL_LOSS_TYPES,
     KTO_LOSSES,
-    UNPAIRED_SUM_KEYS,
     KTOLossType,
     check_kto_weights,
     clamp_kl,
     kl_estimate,
     kto_loss,
-    unpaired_metric_values,
 )
+from lit_align.methods.metrics import check_unpaired_labels, unpaired_metrics
 from lit_align.methods.reference import ReferenceModule
 from lit_align.ops.packing import SequenceBatch
-from lit_align.ops.preference import SequenceLogps
 
 
 class KTO(ReferenceModule):
@@ -97,49 +94,3 @@ class KTO(ReferenceModule):
         metrics["kl"] = sums["kl"]
         self.log_metrics(metrics, stage, e)
         return loss
-
-
-def check_unpaired_labels(datamodule, owner: str) -> None:
-    """Both kinds of feedback must be present: a reward shift cannot be learned from one class."""
-    if datamodule is None or "train" not in getattr(datamodule, "datasets", {}):
-        return
-    labels = datamodule.datasets["train"]["label"]
-    if all(labels) or not any(labels):
-        kind = "desirable" if labels and labels[0] else "undesirable"
-        raise ValueError(
-            f"{owner} needs both desirable and undesirable rows, but every one of the {len(labels)} training "
-            f"rows of {datamodule.dataset_name_or_path} is {kind} (column 'label' is all {bool(labels and labels[0])})"
-        )
-
-
-def unpaired_metrics(module, policy: SequenceLogps, batch: SequenceBatch, sums, loss, stage) -> dict[str, Tensor | float]:
-    """TRL's unpaired metrics from sums and counts over devices: ``rewards/*``, ``logps/*``,
-    ``logits/chosen|rejected`` (mean logit per completion token of each class), ``entropy``,
-    ``num_tokens``, and the loss averaged over devices."""
-    e = batch.num_examples
-    desirable = batch.labels.to(policy.logits.device)
-    token_sums = torch.stack(
-        [
-            policy.logits[:e][desirable].sum(),
-            policy.lengths[:e][desirable].sum(),
-            policy.logits[:e][~desirable].sum(),
-            policy.lengths[:e][~desirable].sum(),
-            policy.entropy[:e].sum(),
-            policy.lengths[:e].sum(),
-            ((batch.sequence_ids >= 0) & (batch.sequence_ids < e)).sum().float(),  # the rows' tokens, not the KL pairs
-            loss.detach() / module.world_size,
-        ]
-    )
-    totals = module.global_sum(torch.cat([torch.stack([sums[k] for k in UNPAIRED_SUM_KEYS]), token_sums]))
-    values = unpaired_metric_values(dict(zip(UNPAIRED_SUM_KEYS, totals[: len(UNPAIRED_SUM_KEYS)])))
-    logit_c, n_c, logit_r, n_r, entropy, n, tokens, loss_mean = totals[len(UNPAIRED_SUM_KEYS) :]
-    if n_c > 0:
-        values["logits/chosen"] = logit_c / n_c
-    if n_r > 0:
-        values["logits/rejected"] = logit_r / n_r
-    return {
-        "loss": loss_mean,
-        **values,
-        "entropy": entropy / n.clamp(min=1),
-        "num_tokens": module.count_tokens(tokens, stage),
-    }

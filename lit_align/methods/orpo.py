@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lit_align.losses.odds import orpo_loss
 from lit_align.methods.base import AlignModule
-from lit_align.methods.preference import preference_metrics
+from lit_align.methods.metrics import preference_metrics
 from lit_align.ops.packing import SequenceBatch
 from lit_align.ops.preference import sequence_logps
 
