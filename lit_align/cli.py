@@ -68,7 +68,8 @@ def suggest(message: str, parser: ArgumentParser) -> str:
         if close:
             hints.append(f"{class_path} has no argument '{option}'; did you mean {' or '.join(map(repr, close))}?")
     known = [o for o in parser._option_string_actions if o.startswith("--")]
-    for option in re.findall(r"(--[\w.]+)", message.split("unrecognized arguments:", 1)[-1]) if "unrecognized arguments:" in message else []:
+    _, _, unrecognized = message.partition("unrecognized arguments:")
+    for option in re.findall(r"(--[\w.]+)", unrecognized):
         close = difflib.get_close_matches(option, known, n=3, cutoff=0.75)
         if close:
             hints.append(f"no option '{option}'; did you mean {' or '.join(close)}?")

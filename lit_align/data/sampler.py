@@ -116,13 +116,10 @@ class ResumableLoader(DataLoader):
         self._resume = None
         sampler.skip = done * self.batch_size
         self._position = (epoch, done)
-        if done:
-            # Starting an epoch draws the workers' base seed from torch's generator. The uninterrupted
-            # run drew it before the checkpoint's generator state was taken; drawing it again here
-            # would shift every later sample and dropout mask of the resumed run.
-            with torch.random.fork_rng(devices=[]):
-                batches = super().__iter__()
-        else:
+        # Starting an epoch draws the workers' base seed from torch's generator. Resumed mid-epoch, the
+        # uninterrupted run drew it before the checkpoint's generator state was taken; drawing it
+        # again would shift every later sample and dropout mask of the resumed run.
+        with torch.random.fork_rng(devices=[], enabled=bool(done)):
             batches = super().__iter__()
         for batch in batches:
             done += 1

@@ -121,7 +121,7 @@ def constant_mean(masked: Tensor, mask: Tensor, cfg: GRPOLossConfig, num_items) 
     return masked.sum() / (masked.size(0) * cfg.max_completion_length)
 
 
-def global_token_mean(masked: Tensor, mask: Tensor, cfg: GRPOLossConfig, num_items) -> Tensor:
+def global_batch_mean(masked: Tensor, mask: Tensor, cfg: GRPOLossConfig, num_items) -> Tensor:
     """Over the loss tokens of the global batch per device (dapo, cispo; the local ones if not given)."""
     num_items = mask.sum() if num_items is None else num_items
     return masked.sum() / torch.as_tensor(num_items, dtype=masked.dtype).clamp(min=1.0)
@@ -130,7 +130,7 @@ def global_token_mean(masked: Tensor, mask: Tensor, cfg: GRPOLossConfig, num_ite
 SURROGATES = {"grpo": clipped_surrogate, "bnpo": clipped_surrogate, "dr_grpo": clipped_surrogate,
               "dapo": clipped_surrogate, "cispo": cispo_surrogate, "sapo": sapo_surrogate}
 NORMALISATIONS = {"grpo": sequence_mean, "sapo": sequence_mean, "bnpo": token_mean, "dr_grpo": constant_mean,
-                "dapo": global_token_mean, "cispo": global_token_mean}
+                "dapo": global_batch_mean, "cispo": global_batch_mean}
 CLIPPED = tuple(name for name, surrogate in SURROGATES.items() if surrogate is clipped_surrogate)
 
 

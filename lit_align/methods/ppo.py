@@ -122,10 +122,6 @@ class PPO(OnlineModule):
         self.value_model: nn.Module | None = None
         self.value_head: nn.Module | None = None
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.kl_coef != 0.0
-
     def build_other_models(self) -> None:
         super().build_other_models()
         if self.value_model_name_or_path is not None:

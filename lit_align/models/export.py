@@ -50,17 +50,19 @@ class SaveHFModel(L.Callback):
         if stage == "fit" and trainer.is_global_zero:  # before the model loads, not after training
             check_writable(self._dirpath(trainer), "SaveHFModel's dirpath")
 
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
+        self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora)
+        rank_zero_info(f"{what} {self.saved_to}")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora)
-            rank_zero_info(f"Saved the policy as a Hugging Face model directory: {self.saved_to}")
+            self.export(trainer, pl_module, "Saved the policy as a Hugging Face model directory:")
         trainer.strategy.barrier("lit_align_save_hf_model")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Ctrl-C or SIGTERM: the weights trained so far are exported (rank 0 holds them under DDP).
         if is_interrupt(exception) and trainer.global_step > 0 and trainer.is_global_zero:
-            self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora)
-            rank_zero_info(f"Interrupted at step {trainer.global_step}: saved the policy so far to {self.saved_to}")
+            self.export(trainer, pl_module, f"Interrupted at step {trainer.global_step}: saved the policy so far to")
 
 
 class QuitNow(KeyboardInterrupt):

@@ -65,7 +65,8 @@ class Generations:
 
     def select(self, index: Tensor) -> Generations:
         """The rows at ``index``, every field (sampling log-probs included)."""
-        return Generations(**{f.name: None if v is None else v[index] for f in fields(self) for v in [getattr(self, f.name)]})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Generations(**{name: None if v is None else v[index] for name, v in values.items()})
 
     def cat(self, other: Generations, pad_token_id: int) -> Generations:
         """These rows, then ``other``'s (completions right-padded to the wider of the two)."""

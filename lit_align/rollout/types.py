@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 
 from lit_align.ops.packing import SequenceBatch
@@ -48,13 +49,6 @@ class Rollout:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> Rollout:
-        state = _to_device(state, device)
+        state = move_data_to_device(state, device)
         return cls(**{**state, "generations": Generations(**state["generations"]), "sequences": SequenceBatch(**state["sequences"])})
 
-
-def _to_device(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
