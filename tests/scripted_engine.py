@@ -14,9 +14,14 @@ from lit_align.rollout.engines import Generations, completion_mask, eos_ids, rig
 
 class ScriptedEngine:
     samples_any_model = True  # its completions answer the prompt, whichever model is asked
-    def __init__(self, tokenizer) -> None:
+
+    def __init__(self, tokenizer=None) -> None:
         self.tokenizer = tokenizer
         self.calls = 0
+
+    def connect(self, tokenizer) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer
 
     def generate(self, model, prompt_ids, prompt_mask, sampling) -> Generations:
         self.calls += 1

@@ -413,6 +413,9 @@ def test_a_module_says_when_its_engine_cannot_sample_a_model():
     class PolicyOnly:
         samples_any_model = False
 
+        def connect(self, tokenizer):
+            pass
+
         def generate(self, *args):
             raise AssertionError("not reached")
 

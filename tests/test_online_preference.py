@@ -302,7 +302,7 @@ def test_the_completions_table_of_a_preference_rollout(cls):
     assert columns[-1] == "advantage" and len(rows) == 8  # 4 prompts x 2 samples
     first, second = [r[-1] for r in rows[:4]], [r[-1] for r in rows[4:]]
     assert all(a + b == pytest.approx(1.0) for a, b in zip(first, second))
-    assert torch.equal(capture.rollout.preferences, torch.tensor(first))
+    assert torch.equal(capture.rollout.extras["preferences"], torch.tensor(first))
 
 
 @pytest.mark.parametrize("cls", [OnlineDPO, NashMD, XPO])

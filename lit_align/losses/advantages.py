@@ -45,8 +45,8 @@ def weighted_rewards(rewards: Tensor, weights: Tensor) -> Tensor:
 
 
 @dataclass
-class Advantages:
-    """Advantages ``(N,)`` plus what the metrics need."""
+class GroupAdvantages:
+    """GRPO's advantages ``(N,)`` plus what the metrics need."""
 
     advantages: Tensor  # (N,), 0 for unscorable completions
     rewards: Tensor  # (N,) the weighted reward (NaN where unscorable)
@@ -59,7 +59,7 @@ def group_advantages(
     num_generations: int,
     scale_rewards: ScaleRewards = "group",
     aggregation: Aggregation = "sum_then_normalize",
-) -> Advantages:
+) -> GroupAdvantages:
     """GRPO's advantages: the reward minus its group mean, over the group (or batch) std.
 
     ``sum_then_normalize`` weights and sums the reward functions first; ``normalize_then_sum``
@@ -92,7 +92,7 @@ def group_advantages(
         std = nanstd(total).expand(n) if n > 1 else torch.zeros_like(total)
         adv = (total - torch.nanmean(total)) / (std + _EPS)
     zero_std = torch.isclose(std, torch.zeros_like(std))
-    return Advantages(torch.nan_to_num(adv, nan=0.0), weighted_rewards(rewards, weights), zero_std)
+    return GroupAdvantages(torch.nan_to_num(adv, nan=0.0), weighted_rewards(rewards, weights), zero_std)
 
 
 def rloo_advantages(rewards: Tensor, num_generations: int, normalize: bool = False) -> Tensor:
@@ -149,6 +149,20 @@ def masked_whiten(
         var = (sq / n - mean**2) * n / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
+
+
+def kl_penalised_rewards(
+    scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, kl_coef: float, estimator: str = "k1"
+) -> tuple[Tensor, Tensor]:
+    """PPO's per-token rewards ``(N, C)``: ``-kl_coef * KL`` on every completion token plus the
+    ``(N,)`` score on the last one; and the per-token KL estimate (``k1``: ``log p - log ref``;
+    ``k3``: ``exp(r) - 1 - r`` with ``r = log ref - log p``), 0 outside ``mask``."""
+    log_ratio = ref_logps - logps
+    kl = (-log_ratio if estimator == "k1" else log_ratio.exp() - 1 - log_ratio) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, kl
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:

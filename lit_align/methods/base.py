@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lit_align.data.base import DataRequirements
 from lit_align.methods.safeguards import Safeguards
-from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer, tokenizer_pad_id
 from lit_align.optim import LinearWarmupDecay
 
 
@@ -119,6 +119,10 @@ class AlignModule(Safeguards, L.LightningModule):
             self._tokenizer = load_tokenizer(self.model_name_or_path)
         return self._tokenizer
 
+    @property
+    def pad_token_id(self) -> int:
+        return tokenizer_pad_id(self.tokenizer)
+
     # -- data ----------------------------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
         """What this method asks of its data; a lit-align DataModule receives it when a fit sets it up."""
@@ -164,6 +168,19 @@ class AlignModule(Safeguards, L.LightningModule):
         if self.world_size == 1:
             return values
         return self.trainer.strategy.reduce(values.clone(), reduce_op=op)
+
+    def gather(self, local: Tensor) -> tuple[Tensor, slice]:
+        """Every rank's rows of ``local`` in rank order (the global batch), and this rank's slice."""
+        n = local.size(0)
+        if self.world_size == 1:
+            return local, slice(0, n)
+        gathered = self.all_gather(local).reshape(-1, *local.shape[1:])
+        return gathered, slice(self.global_rank * n, (self.global_rank + 1) * n)
+
+    def global_mean(self, values: Tensor, mask: Tensor) -> Tensor:
+        """Masked mean over every rank's tokens."""
+        totals = self.global_sum(torch.stack([(values * mask).sum(), mask.sum()]).float())
+        return totals[0] / totals[1].clamp(min=1.0)
 
     def global_token_mean(self, local_sum: Tensor, global_count: Tensor) -> Tensor:
         """The loss to backward for a mean over every device's tokens: this device's sum over the

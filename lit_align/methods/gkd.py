@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.methods.base import AlignModule
-from lit_align.models.loading import tokenizer_pad_id
+from lit_align.methods.sampling import Sampling
 from lit_align.models.reference import frozen_copy
 from lit_align.ops.completions import completion_batch
 from lit_align.ops.distill import LMHead, chunked_generalized_jsd, divergence_kind
@@ -91,7 +91,7 @@ def check_shared_vocabulary(student: nn.Module, teacher: nn.Module, student_name
         )
 
 
-class GKD(AlignModule):
+class GKD(Sampling, AlignModule):
     """Distillation of a frozen teacher into the policy, on-policy with probability ``lmbda``."""
 
     default_lr = 2e-5  # GKDConfig inherits SFTConfig's learning rate
@@ -142,26 +142,18 @@ class GKD(AlignModule):
         # TRL's generation config: pure sampling (top_k 0, top_p 1) at ``temperature``.
         self.sampling = SamplingParams(max_completion_length=max_new_tokens, temperature=temperature)
         self.teacher: nn.Module | None = None
-        self._engine: GenerationEngine | None = None
 
     def build_other_models(self) -> None:
         super().build_other_models()
         self.teacher = frozen_copy(self.teacher_model_name_or_path, self.dtype_name, self.attn_implementation)
         check_shared_vocabulary(self.model, self.teacher, self.model_name_or_path, self.teacher_model_name_or_path)
 
-    @property
-    def engine(self) -> GenerationEngine:
-        if self._engine is None:
-            self._engine = HFEngine(self.tokenizer, seed=self.base_seed + self.global_rank)
-        return self._engine
+    def make_engine(self) -> GenerationEngine:
+        return HFEngine(self.tokenizer, seed=self.base_seed + self.global_rank)
 
     @property
     def base_seed(self) -> int:
         return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything (the CLI's seed_everything)
-
-    @property
-    def pad_token_id(self) -> int:
-        return tokenizer_pad_id(self.tokenizer)
 
     # -- where a batch's completions come from ------------------------------------------------------
     def batch_source(self, batch_idx: int) -> Source:
@@ -176,7 +168,7 @@ class GKD(AlignModule):
     def generate_completions(self, batch: SequenceBatch, model: nn.Module) -> SequenceBatch:
         """The batch's prompts with completions sampled from ``model`` (up to and including EOS)."""
         prompt_ids, prompt_mask = left_padded_prompts(batch, distill_targets(batch), self.pad_token_id)
-        gens = self.engine.generate(model, prompt_ids, prompt_mask, self.sampling)
+        gens = self.sample(model, prompt_ids, prompt_mask, policy=model is self.model)
         return completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)
 
     # -- loss -----------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from lit_align.losses.policy import (
 )
 from lit_align.methods.online import OnlineModule
 from lit_align.rollout.engines import Generations
-from lit_align.rollout.types import Rollout
+from lit_align.rollout.metrics import reward_metrics
+from lit_align.rollout.types import Advantages, Rollout
 
 
 class GRPO(OnlineModule):
@@ -105,7 +106,7 @@ class GRPO(OnlineModule):
         if not self.dynamic_sampling or stage != "train":
             return super().make_rollout(batch, stage)
         self.check_prompt_budget(batch)
-        gens = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
+        gens = self.sample_batch(batch)
         completions, rewards = self.score(batch, gens)
         for _ in range(self.max_resample_rounds):
             flat = self.flat_groups(rewards)
@@ -113,7 +114,7 @@ class GRPO(OnlineModule):
                 break
             sub = PromptBatch(batch.prompt_ids[flat], batch.prompt_mask[flat], [p for p, f in zip(batch.prompts, flat.tolist()) if f],
                               {k: [v for v, f in zip(vals, flat.tolist()) if f] for k, vals in batch.extras.items()})
-            new = self.sample(self.model, sub.prompt_ids, sub.prompt_mask)
+            new = self.sample_batch(sub)
             new_completions, new_rewards = self.score(sub, new)
             useful = ~self.flat_groups(new_rewards)
             gens, completions, rewards = replace_groups(
@@ -126,27 +127,14 @@ class GRPO(OnlineModule):
         total = (rewards * self.reward_weights.to(rewards)).nansum(dim=1).view(-1, self.num_generations)
         return (total.max(dim=1).values - total.min(dim=1).values).abs() < 1e-8
 
-    def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
-        seqs = self.sequences(gens)
-        loss_mask = self.loss_mask(gens)
-        old = ref = None
-        with torch.no_grad():
-            if self.num_iterations > 1:  # otherwise the ratio's denominator is logp.detach()
-                old = self.token_logps(self.model, seqs, gens)[0]
-            if self.beta != 0.0:
-                ref = self.reference_token_logps(seqs, gens)
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> Advantages:
         all_rewards, mine = self.gather(rewards)
         adv = group_advantages(all_rewards, self.reward_weights, self.num_generations, self.scale_rewards, self.multi_objective_aggregation)
-        num_items = self.global_sum(loss_mask.sum()) / self.world_size
-        rollout = Rollout(
-            generations=gens, sequences=seqs, loss_mask=loss_mask, advantages=adv.advantages[mine], rewards=adv.rewards[mine],
-            old_logps=old, ref_logps=ref, num_items=num_items, prompts=self.repeat(batch.prompts), completions=completions,
-            rows_per_prompt=self.num_generations,
-            reward_columns=self.reward_columns(rewards),
-            metrics={**self.reward_metrics(all_rewards, adv.rewards, adv.zero_std), **self.completion_metrics(gens)},
+        return Advantages(
+            adv.advantages[mine], adv.rewards[mine],
+            metrics=reward_metrics(self.reward_names, all_rewards, adv.rewards, adv.zero_std),
+            extras={"num_items": self.global_sum(rollout.loss_mask.sum()) / self.world_size},  # dapo, cispo
         )
-        self.count_rollout_tokens(rollout, stage)
-        return rollout
 
     # -- loss --------------------------------------------------------------------------------------
     def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:
@@ -157,7 +145,7 @@ class GRPO(OnlineModule):
             token_mask = entropy_mask(entropy, r.loss_mask, self.entropy_threshold(entropy, r.loss_mask))
         old = r.old_logps if r.old_logps is not None else logps.detach()
         out = grpo_loss(logps, old, r.advantages, r.loss_mask, self.loss_config, ref_logps=r.ref_logps,
-                        token_mask=token_mask, num_items=r.num_items)
+                        token_mask=token_mask, num_items=r.extras["num_items"])
         metrics: dict[str, Tensor | float] = {"loss": self.global_sum(out.loss.detach()) / self.world_size, **r.metrics}
         metrics["entropy"] = self.global_mean(entropy, r.loss_mask)
         if out.kl is not None:

@@ -42,7 +42,7 @@ class NashMD(OnlinePreferenceModule):
     def current_mixture_coef(self) -> float:
         return per_epoch(self.mixture_coef, self.current_epoch if self._trainer is not None else 0)
 
-    def sample_pair(self, batch: PromptBatch) -> Generations:
+    def sample_batch(self, batch: PromptBatch) -> Generations:
         mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
         # the reference forward runs in its context (LoRA: the policy's base, adapters off)
         mixture = GeometricMixture(self.model, self.reference_model, self.current_mixture_coef, self.reference_context)
@@ -56,14 +56,14 @@ class NashMD(OnlinePreferenceModule):
         r: Rollout = batch.rollout
         E = len(r) // 2
         beta = self.current_beta
-        logps = self.sequence_logps(r)[:E]
+        logps = self.policy_token_logps(r)[:E]
         mask, ref = r.loss_mask[:E], r.ref_logps[:E]
-        loss, score, kl = nash_md_loss(logps, ref, mask, r.preferences, beta)
+        loss, score, kl = nash_md_loss(logps, ref, mask, r.extras["preferences"], beta)
         seq, ref_seq = (logps * mask).sum(1).detach(), (ref * mask).sum(1)
         metrics = {
             "loss": loss.detach(), "loss/score": score.mean(), "loss/kl": kl.mean(),
             "logps/chosen": seq.mean(), "logps/rejected": ref_seq.mean(),
-            "rewards/probabilities": r.preferences.mean(), "objective/entropy": -seq.mean(),
+            "rewards/probabilities": r.extras["preferences"].mean(), "objective/entropy": -seq.mean(),
             "rewards/margins": (seq - ref_seq).mean(), "rewards/accuracies": (seq > ref_seq).float().mean(),
         }
         if not torch.isnan(r.rewards).any():

@@ -1,10 +1,12 @@
-"""What the online methods (GRPO, RLOO, PPO) share: sampling settings, reward functions, the
-reference model, per-token log-probs of a rollout, and the generation-time metrics.
+"""What the online methods (GRPO, RLOO, PPO, OnlineDPO, NashMD, XPO) share: sampling settings,
+reward functions, the reference model, and the rollout template.
 
-A method subclasses :class:`OnlineModule` and writes ``build_rollout`` (advantages and
-whatever its loss needs, computed once per rollout, without gradients) and
-``shared_step`` (the loss from ``batch.rollout``). The :class:`RolloutCallback` that calls
-``make_rollout`` before every batch is added by ``configure_callbacks``.
+``make_rollout`` samples a prompt batch (``sample_batch``), scores the completions and builds the
+:class:`Rollout` once, without gradients (``build_rollout``): sequences, the loss mask, old and
+reference log-probs, completion metrics, token counts. A method writes ``advantages`` (what it
+makes of the rewards: advantages, and any tensors its loss needs) and ``shared_step`` (the loss
+from ``batch.rollout``); a REINFORCE++ would be those two. The :class:`RolloutCallback` that
+calls ``make_rollout`` before every batch is added by ``configure_callbacks``.
 """
 
 from __future__ import annotations
@@ -17,20 +19,20 @@ from torch import Tensor
 
 from lit_align.data.base import DataRequirements
 from lit_align.data.formats import PromptBatch
-from lit_align.data.tokenize import is_conversational
-from lit_align.losses.advantages import nanstd
 from lit_align.methods.base import AlignModule
 from lit_align.methods.reference import WithReference
-from lit_align.models.loading import tokenizer_pad_id
+from lit_align.methods.sampling import Sampling
+from lit_align.methods.scoring import Scoring
 from lit_align.ops.completions import completion_batch, completion_logprobs
 from lit_align.ops.packing import SequenceBatch
-from lit_align.rewards.registry import compute_rewards, load_reward_func, reward_name
+from lit_align.rewards.registry import load_reward_func
 from lit_align.rollout.callback import RolloutCallback
 from lit_align.rollout.engines import GenerationEngine, Generations, HFEngine, SamplingParams, VLLMEngine
-from lit_align.rollout.types import Rollout
+from lit_align.rollout.metrics import completion_metrics
+from lit_align.rollout.types import Advantages, Rollout
 
 
-class OnlineModule(WithReference, AlignModule):
+class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
     """Base of the methods that learn from their own samples (not used directly)."""
 
     disable_dropout_default: ClassVar[bool] = False
@@ -118,7 +120,6 @@ class OnlineModule(WithReference, AlignModule):
         }
         self.log_completions = log_completions
         self.log_completions_steps = log_completions_steps
-        self._engine: GenerationEngine | None = None
 
     # -- building ------------------------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
@@ -149,33 +150,6 @@ class OnlineModule(WithReference, AlignModule):
                 "optimizer step. Use accumulate_grad_batches=1 (raise batch_size instead) or num_iterations=1"
             )
 
-    @property
-    def engine(self) -> GenerationEngine:
-        """The engine this module samples with: made on first use (``make_engine``), or the one
-        given to a ``RolloutCallback``, which hands it over."""
-        if self._engine is None:
-            self._engine = self.make_engine()
-        return self._engine
-
-    @engine.setter
-    def engine(self, engine: GenerationEngine) -> None:
-        self._engine = engine
-
-    def sample(
-        self, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, policy: bool = True,
-        sampling: SamplingParams | None = None,
-    ) -> Generations:
-        """``num_generations`` completions per prompt from ``model`` through the module's engine.
-        ``policy=False`` when ``model`` is not the trained policy (NashMD's mixture, XPO's
-        reference, also when that is the policy's weights with its adapters off)."""
-        if (not policy or model is not self.model) and not getattr(self.engine, "samples_any_model", False):
-            raise ValueError(
-                f"{type(self).__name__} samples {type(model).__name__}, a model other than the policy, but "
-                f"its engine {type(self.engine).__name__} samples the policy only; use an engine that samples "
-                "any model (HFEngine, use_vllm=False)"
-            )
-        return self.engine.generate(model, prompt_ids, prompt_mask, sampling or self.sampling)
-
     def make_engine(self) -> GenerationEngine:
         if self.use_vllm:
             return VLLMEngine(self.model_name_or_path, self.tokenizer, dtype=self.dtype_name, seed=self.global_rank,
@@ -183,17 +157,57 @@ class OnlineModule(WithReference, AlignModule):
         return HFEngine(self.tokenizer)
 
     # -- one rollout ---------------------------------------------------------------------------
+    @property
+    def needs_old_logps(self) -> bool:
+        """Whether a rollout keeps the sampling-time log-probs (else the ratio's denominator is ``logp.detach()``)."""
+        return self.num_iterations > 1
+
     def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
         """Sample, score and prepare the loss inputs of one prompt batch (called by the callback)."""
-        if not self.reward_funcs:
+        if not self.can_score:
             raise ValueError(f"{type(self).__name__} needs reward_funcs (or a reward model) to score completions")
         self.check_prompt_budget(batch)
-        gens = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
+        gens = self.sample_batch(batch)
         completions, rewards = self.score(batch, gens)
         return self.build_rollout(batch, gens, completions, rewards, stage)
 
+    def sample_batch(self, batch: PromptBatch) -> Generations:
+        """The completions of one prompt batch (the pair methods sample a second source too)."""
+        return self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
+
     def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
-        raise TypeError(f"{type(self).__name__} does not define build_rollout")
+        """The part every online method shares, computed once, without gradients: sequences, the loss
+        mask, old and reference log-probs, completion metrics and token counts. The method's
+        :meth:`advantages` adds its advantages, rewards, metrics and extra tensors."""
+        rollout = Rollout(
+            generations=gens, sequences=self.sequences(gens), loss_mask=self.loss_mask(gens),
+            rows_per_prompt=len(gens) // len(batch), prompts=self.repeat(batch.prompts), completions=completions,
+            reward_columns={name: rewards[:, k].detach().cpu() for k, name in enumerate(self.reward_names)},
+            metrics=self.completion_metrics(gens),
+        )
+        with torch.no_grad():
+            if self.needs_old_logps:
+                rollout.old_logps = self.old_token_logps(rollout)
+            if self.needs_reference:
+                rollout.ref_logps = self.reference_token_logps(rollout.sequences, gens)
+            out = self.advantages(rollout, rewards)
+        rollout.advantages, rollout.rewards = out.advantages, out.rewards
+        rollout.extras.update(out.extras)
+        rollout.metrics.update(out.metrics)
+        if stage == "train":
+            tokens = self.global_sum(torch.tensor(float(rollout.sequences.num_tokens), device=self.device))
+            rollout.metrics["num_tokens"] = self.count_tokens(tokens, stage)
+        return rollout
+
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> Advantages:
+        """What the method makes of this device's ``(N, K)`` rewards (one column per reward
+        function): the rows' advantages, the reward each row counts with, the global metrics, and
+        any tensors its loss reads besides the shared fields."""
+        raise TypeError(f"{type(self).__name__} does not define advantages()")
+
+    def old_token_logps(self, rollout: Rollout) -> Tensor:
+        """The policy's per-token log-probs at sampling time ``(N, C)``."""
+        return self.token_logps(self.model, rollout.sequences, rollout.generations)[0]
 
     def check_prompt_budget(self, batch: PromptBatch) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -207,31 +221,8 @@ class OnlineModule(WithReference, AlignModule):
                 "max_completion_length"
             )
 
-    def repeat(self, values: list) -> list:
-        """Per-prompt values, one per completion (each prompt's ``G`` completions are consecutive)."""
-        return [v for v in values for _ in range(self.num_generations)]
-
-    def decode(self, batch: PromptBatch, gens: Generations) -> tuple[list, list[list[int]]]:
-        """Completions as text (message lists for conversational prompts) and as token id lists."""
-        ids = [row[:n] for row, n in zip(gens.completion_ids.tolist(), gens.completion_mask.sum(1).tolist())]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        if batch.prompts and is_conversational(batch.prompts[0]):
-            texts = [[{"role": "assistant", "content": t}] for t in texts]
-        return texts, ids
-
-    def score(self, batch: PromptBatch, gens: Generations) -> tuple[list, Tensor]:
-        """Every reward function on every completion: the completions and ``(N, K)`` rewards."""
-        completions, ids = self.decode(batch, gens)
-        columns = {k: self.repeat(v) for k, v in batch.extras.items()}
-        rewards = compute_rewards(self.reward_funcs, self.repeat(batch.prompts), completions, ids, columns, self.device)
-        return completions, rewards
-
     def sequences(self, gens: Generations) -> SequenceBatch:
         return completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)
-
-    @property
-    def pad_token_id(self) -> int:
-        return tokenizer_pad_id(self.tokenizer)
 
     def loss_mask(self, gens: Generations) -> Tensor:
         mask = gens.completion_mask.float()
@@ -251,53 +242,7 @@ class OnlineModule(WithReference, AlignModule):
         with self.reference_context():
             return self.token_logps(self.reference_model, seqs, gens)[0]
 
-    # -- distributed ------------------------------------------------------------------------------
-    def gather(self, local: Tensor) -> tuple[Tensor, slice]:
-        """Every rank's rows of ``local`` in rank order (the global batch), and this rank's slice."""
-        n = local.size(0)
-        if self.world_size == 1:
-            return local, slice(0, n)
-        gathered = self.all_gather(local).reshape(-1, *local.shape[1:])
-        return gathered, slice(self.global_rank * n, (self.global_rank + 1) * n)
-
-    def global_mean(self, values: Tensor, mask: Tensor) -> Tensor:
-        """Masked mean over every rank's tokens."""
-        totals = self.global_sum(torch.stack([(values * mask).sum(), mask.sum()]).float())
-        return totals[0] / totals[1].clamp(min=1.0)
-
     # -- metrics ------------------------------------------------------------------------------------
-    def reward_metrics(self, rewards: Tensor, weighted: Tensor, zero_std: Tensor | None) -> dict[str, float]:
-        """TRL's reward metrics from the global ``(N, K)`` rewards and ``(N,)`` weighted reward."""
-        out: dict[str, float] = {}
-        for k, func in enumerate(self.reward_funcs):
-            name = reward_name(func)
-            out[f"rewards/{name}/mean"] = torch.nanmean(rewards[:, k]).item()
-            out[f"rewards/{name}/std"] = nanstd(rewards[:, k]).item()
-        out["reward"] = torch.nanmean(weighted).item()
-        out["reward_std"] = nanstd(weighted).item()
-        if zero_std is not None:
-            out["frac_reward_zero_std"] = zero_std.float().mean().item()
-        return out
-
     def completion_metrics(self, gens: Generations) -> dict[str, float]:
         """Lengths over every rank's completions (``completions/*``)."""
-        lengths, _ = self.gather(gens.completion_mask.sum(1).float())
-        truncated, _ = self.gather(gens.is_truncated.float())
-        done = lengths[truncated == 0]
-        out = {
-            "completions/mean_length": lengths.mean().item(),
-            "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": truncated.mean().item(),
-        }
-        for stat, fn in (("mean", torch.mean), ("min", torch.min), ("max", torch.max)):
-            out[f"completions/{stat}_terminated_length"] = fn(done).item() if done.numel() else 0.0
-        return out
-
-    def reward_columns(self, rewards: Tensor) -> dict[str, Tensor]:
-        return {reward_name(f): rewards[:, k].detach().cpu() for k, f in enumerate(self.reward_funcs)}
-
-    def count_rollout_tokens(self, rollout: Rollout, stage: str) -> None:
-        if stage == "train":
-            tokens = self.global_sum(torch.tensor(float(rollout.sequences.num_tokens), device=self.device))
-            rollout.metrics["num_tokens"] = self.count_tokens(tokens, stage)
+        return completion_metrics(self.gather(gens.completion_mask.sum(1).float())[0], self.gather(gens.is_truncated.float())[0])

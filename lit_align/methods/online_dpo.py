@@ -21,7 +21,7 @@ from lit_align.rollout.types import Rollout
 class OnlineDPO(OnlinePreferenceModule):
     """Online DPO on prompt-only data with a pairwise judge or reward functions."""
 
-    def sample_pair(self, batch: PromptBatch) -> Generations:
+    def sample_batch(self, batch: PromptBatch) -> Generations:
         # Two samples per prompt in one call (rows 2i, 2i+1), reordered as E first then E second samples.
         gens = self.sample(self.model, batch.prompt_ids, batch.prompt_mask, sampling=replace(self.sampling, num_generations=2))
         order = torch.cat([torch.arange(0, len(gens), 2), torch.arange(1, len(gens), 2)]).to(gens.completion_ids.device)
@@ -31,9 +31,9 @@ class OnlineDPO(OnlinePreferenceModule):
         r: Rollout = batch.rollout
         E = len(r) // 2
         beta = self.current_beta
-        logps = self.sequence_logps(r)
+        logps = self.policy_token_logps(r)
         seq, ref = (logps * r.loss_mask).sum(1), (r.ref_logps * r.loss_mask).sum(1)
-        first = r.preferences >= 0.5
+        first = r.extras["preferences"] >= 0.5
         pick = lambda a, b: torch.where(first, a, b)  # noqa: E731
         loss, metrics = pair_dpo_loss(
             pick(seq[:E], seq[E:]), pick(seq[E:], seq[:E]), pick(ref[:E], ref[E:]), pick(ref[E:], ref[:E]), beta, self.loss_type

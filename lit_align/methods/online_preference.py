@@ -19,9 +19,8 @@ from lit_align.losses.advantages import weighted_rewards
 from lit_align.losses.online_preference import check_online_loss_type
 from lit_align.methods.online import OnlineModule
 from lit_align.rewards.judges import PairwiseJudge, check_judgement, load_judge
-from lit_align.rewards.registry import compute_rewards
 from lit_align.rollout.engines import Generations
-from lit_align.rollout.types import Rollout
+from lit_align.rollout.types import Advantages, Rollout
 
 
 def per_epoch(value: float | list[float], epoch: int) -> float:
@@ -35,8 +34,8 @@ class OnlinePreferenceModule(OnlineModule):
     """Base of OnlineDPO, NashMD and XPO (not used directly).
 
     Rows of a rollout: the ``E`` first samples (the policy's), then the ``E`` second samples;
-    ``rollout.preferences`` holds, per prompt, the probability that the first sample is better
-    (``rollout.advantages`` the same per sample: ``P`` for the first, ``1 - P`` for the second).
+    ``rollout.extras["preferences"]`` holds, per prompt, the probability that the first sample is
+    better (``rollout.advantages`` the same per sample: ``P`` for the first, ``1 - P`` for the second).
     """
 
     default_lr = 5e-7
@@ -95,55 +94,44 @@ class OnlinePreferenceModule(OnlineModule):
         return per_epoch(self.betas, self.current_epoch if self._trainer is not None else 0)
 
     # -- rollout ------------------------------------------------------------------------------------
-    def make_rollout(self, batch: PromptBatch, stage: str) -> Rollout:
-        self.check_prompt_budget(batch)
-        gens = self.sample_pair(batch)
-        E = len(batch)
-        completions, ids = self.decode(batch, gens)
-        first_wins, scores = self.prefer(batch, completions, ids, gens)
-        seqs = self.sequences(gens)
-        with torch.no_grad():
-            ref = self.reference_token_logps(seqs, gens)
-        mask = gens.completion_mask.float()
-        return Rollout(
-            generations=gens, sequences=seqs, loss_mask=mask, advantages=torch.cat([first_wins, 1 - first_wins]),
-            preferences=first_wins, rewards=scores,
-            ref_logps=ref, prompts=batch.prompts * 2, completions=completions, rows_per_prompt=2,
-            metrics=self.eos_metrics(gens, E),
-        )
+    @property
+    def can_score(self) -> bool:
+        return self.judge is not None or bool(self.reward_funcs)
 
-    def sample_pair(self, batch: PromptBatch) -> Generations:
-        raise TypeError(f"{type(self).__name__} does not define sample_pair")
+    def repeat(self, values: list) -> list:
+        """Per-prompt values, one per sample: the rows are the ``E`` first samples, then the ``E`` second."""
+        return values * 2
 
-    def prefer(self, batch: PromptBatch, completions: list, ids: list, gens: Generations) -> tuple[Tensor, Tensor]:
-        """Per prompt, the probability that the first sample is better ``(E,)``, and the samples'
-        scores ``(2E,)`` (NaN with a judge)."""
-        E = len(batch)
+    def score(self, batch: PromptBatch, gens: Generations) -> tuple[list, Tensor]:
+        if self.judge is not None:  # it ranks the pairs in advantages(); no reward columns
+            return self.decode(batch, gens)[0], torch.zeros(len(gens), 0, device=self.device)
+        return super().score(batch, gens)
+
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> Advantages:
+        """Per prompt the probability ``P`` that the first sample is better (the judge's, or 1 where its
+        score is at least the second's); the samples' advantages ``P`` and ``1 - P``."""
+        E = len(rollout) // 2
         if self.judge is not None:
-            pairs = list(zip(completions[:E], completions[E:]))
-            values = check_judgement(self.judge.judge(batch.prompts, pairs), E, type(self.judge).__name__)
-            return torch.tensor(values, device=self.device), torch.full((2 * E,), float("nan"), device=self.device)
-        columns = {k: v * 2 for k, v in batch.extras.items()}
-        rewards = compute_rewards(self.reward_funcs, batch.prompts * 2, completions, ids, columns, self.device)
-        scores = weighted_rewards(rewards, self.reward_weights).nan_to_num(0.0)
-        if self.missing_eos_penalty is not None:
-            scores = scores - self.missing_eos_penalty * gens.is_truncated.float()
-        return self.first_wins(scores[:E], scores[E:]), scores
+            pairs = list(zip(rollout.completions[:E], rollout.completions[E:]))
+            values = check_judgement(self.judge.judge(rollout.prompts[:E], pairs), E, type(self.judge).__name__)
+            first_wins, scores = torch.tensor(values, device=self.device), torch.full((2 * E,), float("nan"), device=self.device)
+        else:
+            scores = weighted_rewards(rewards, self.reward_weights).nan_to_num(0.0)
+            if self.missing_eos_penalty is not None:
+                scores = scores - self.missing_eos_penalty * rollout.generations.is_truncated.float()
+            first_wins = self.first_wins(scores[:E], scores[E:])
+        ended = self.gather((~rollout.generations.is_truncated).float().view(2, E).T)[0]  # (all prompts, 2)
+        metrics = {"val/model_contain_eos_token": ended[:, 0].mean().item(), "val/ref_contain_eos_token": ended[:, 1].mean().item()}
+        return Advantages(torch.cat([first_wins, 1 - first_wins]), scores, metrics, extras={"preferences": first_wins})
 
     def first_wins(self, first: Tensor, second: Tensor) -> Tensor:
         """A hard preference from scores: 1 where the first scores at least as high (TRL: ties to the first)."""
         return (first >= second).float()
 
-    def eos_metrics(self, gens: Generations, E: int) -> dict[str, float]:
-        ended = (~gens.is_truncated).float()
-        first, second = self.gather(ended[:E])[0], self.gather(ended[E:])[0]
-        return {"val/model_contain_eos_token": first.mean().item(), "val/ref_contain_eos_token": second.mean().item()}
-
     # -- shared pieces of the loss ------------------------------------------------------------------
-    def sequence_logps(self, r: Rollout) -> Tensor:
-        """The policy's summed log-probs of all ``2E`` samples ``(2E,)`` (with grad) and per token."""
-        logps, _ = self.token_logps(self.model, r.sequences, r.generations)
-        return logps
+    def policy_token_logps(self, r: Rollout) -> Tensor:
+        """The policy's per-token log-probs of all ``2E`` samples ``(2E, C)``, with gradients."""
+        return self.token_logps(self.model, r.sequences, r.generations)[0]
 
     def log_pair_metrics(self, metrics: dict[str, Tensor | float], r: Rollout, stage: str) -> None:
         """Averages over devices (each entry is a local mean of equal-sized batches) and logs."""

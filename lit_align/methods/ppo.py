@@ -16,16 +16,15 @@ average over completion tokens only (TRL's include padding filled with ``INVALID
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lit_align.data.formats import PromptBatch
-from lit_align.losses.advantages import gae, masked_whiten, weighted_rewards
+from lit_align.losses.advantages import gae, kl_penalised_rewards, masked_whiten, weighted_rewards
 from lit_align.losses.policy import ppo_policy_loss, ppo_value_loss
+from lit_align.methods.manual import ManualSteps
 from lit_align.methods.online import OnlineModule
 from lit_align.models.heads import load_classifier
 from lit_align.ops.completions import (
@@ -36,10 +35,11 @@ from lit_align.ops.completions import (
 )
 from lit_align.rewards.model import RewardModelScorer
 from lit_align.rollout.engines import Generations
-from lit_align.rollout.types import Rollout
+from lit_align.rollout.metrics import reward_metrics
+from lit_align.rollout.types import Advantages, Rollout
 
 
-class PPO(OnlineModule):
+class PPO(ManualSteps, OnlineModule):
     """Proximal Policy Optimization with a critic, a frozen reference and a reward model or functions."""
 
     default_lr = 3e-6
@@ -146,52 +146,36 @@ class PPO(OnlineModule):
         return logps, entropy, values
 
     # -- rollout ------------------------------------------------------------------------------------
-    def score(self, batch: PromptBatch, gens: Generations) -> tuple[list, Tensor]:
-        for f in self.reward_funcs:
-            if isinstance(f, RewardModelScorer) and f.device != self.device:
-                f.to(self.device)
-        return super().score(batch, gens)
+    needs_old_logps = True
 
-    def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
-        seqs = self.sequences(gens)
-        mask = gens.completion_mask.float()
-        with torch.no_grad():
-            old, _, values = self.policy_and_values(gens, seqs)
-            ref = self.reference_token_logps(seqs, gens) if self.needs_reference else old
+    def old_token_logps(self, rollout: Rollout) -> Tensor:
+        # one forward gives the sampling-time log-probs and the critic's values
+        old, _, rollout.extras["values"] = self.policy_and_values(rollout.generations, rollout.sequences)
+        return old
+
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> Advantages:
+        gens, mask, old = rollout.generations, rollout.loss_mask, rollout.old_logps
         scores = weighted_rewards(rewards, self.reward_weights).nan_to_num(0.0)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * gens.is_truncated.float()
-        log_ratio = ref - old
-        kl = (-log_ratio if self.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio) * mask
-        non_score = -self.kl_coef * kl
-        last = (mask.sum(1).long() - 1).clamp(min=0)
-        token_rewards = non_score.clone()
-        token_rewards[torch.arange(len(scores), device=scores.device), last] += scores
+        ref = rollout.ref_logps if rollout.ref_logps is not None else old
+        token_rewards, kl = kl_penalised_rewards(scores, old, ref, mask, self.kl_coef, self.kl_estimator)
         # Whitening uses the global batch's statistics (TRL's, per device, differ under DDP).
         if self.whiten_rewards:
             token_rewards = masked_whiten(token_rewards, mask, shift_mean=False, total=self.global_sum) * mask
-        advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
+        advantages, returns = gae(token_rewards, rollout.extras["values"], mask, self.gamma, self.lam)
         advantages = masked_whiten(advantages, mask, total=self.global_sum) * mask
-        all_rewards, _ = self.gather(rewards)
-        all_scores = self.gather(scores)[0]
+        all_rewards = self.gather(rewards)[0]
         metrics = {
             "objective/kl": self.gather(kl.sum(1))[0].mean().item(),
             "objective/entropy": self.gather((-old * mask).sum(1))[0].mean().item(),
-            "objective/non_score_reward": self.gather(non_score.sum(1))[0].mean().item(),
-            "objective/scores": all_scores.mean().item(),
+            "objective/non_score_reward": self.gather(-self.kl_coef * kl.sum(1))[0].mean().item(),
+            "objective/scores": self.gather(scores)[0].mean().item(),
             "val/num_eos_tokens": self.global_sum((~gens.is_truncated).float().sum()).item(),
-            **self.reward_metrics(all_rewards, weighted_rewards(all_rewards, self.reward_weights), None),
-            **self.completion_metrics(gens),
+            **reward_metrics(self.reward_names, all_rewards, weighted_rewards(all_rewards, self.reward_weights), None),
         }
         metrics["objective/rlhf_reward"] = metrics["objective/non_score_reward"] + metrics["objective/scores"]
-        rollout = Rollout(
-            generations=gens, sequences=seqs, loss_mask=mask, advantages=advantages, rewards=scores, old_logps=old,
-            ref_logps=ref, values=values, returns=returns, prompts=self.repeat(batch.prompts), completions=completions,
-            rows_per_prompt=self.num_generations,
-            reward_columns=self.reward_columns(rewards), metrics=metrics,
-        )
-        self.count_rollout_tokens(rollout, stage)
-        return rollout
+        return Advantages(advantages, scores, metrics, extras={"returns": returns})
 
     # -- updates ------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -207,15 +191,7 @@ class PPO(OnlineModule):
             for start in range(0, n, size):
                 idx = order[start : start + size]
                 loss, step_stats = self.minibatch_loss(r, idx)
-                optimizer.zero_grad()
-                with self.no_gradient_sync():
-                    self.manual_backward(loss)
-                self.sync_gradients()
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
+                self.manual_step(loss, optimizer, scheduler, self.max_grad_norm)
                 stats.append(step_stats)
         names = list(stats[0])
         # (optimizer steps, metrics) over all devices: each per-device value is already a share of the
@@ -227,13 +203,11 @@ class PPO(OnlineModule):
         self.log_metrics({**metrics, **r.metrics}, "train", n)
 
     def minibatch_loss(self, r: Rollout, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        g = r.generations
-        sub = Generations(g.prompt_ids[idx], g.prompt_mask[idx], g.completion_ids[idx], g.completion_mask[idx], g.is_truncated[idx])
-        logps, entropy, values = self.policy_and_values(sub, select_sequences(r.sequences, idx), with_entropy=True)
+        logps, entropy, values = self.policy_and_values(r.generations.select(idx), select_sequences(r.sequences, idx), with_entropy=True)
         mask = r.loss_mask[idx]
         tokens = self.global_sum(mask.sum()) / self.world_size  # token means over all devices' mini-batches
         pg_loss, pstats = ppo_policy_loss(logps, r.old_logps[idx], r.advantages[idx], mask, self.cliprange, tokens)
-        vf_loss, vf_clipfrac = ppo_value_loss(values, r.values[idx], r.returns[idx], mask, self.cliprange_value, tokens)
+        vf_loss, vf_clipfrac = ppo_value_loss(values, r.extras["values"][idx], r.extras["returns"][idx], mask, self.cliprange_value, tokens)
         loss = pg_loss + self.vf_coef * vf_loss
         stats = {
             "loss": loss.detach(),
@@ -246,35 +220,6 @@ class PPO(OnlineModule):
             "val/ratio": pstats["ratio"],
         }
         return loss, stats
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        # sync_gradients all-reduces every gradient itself, which would add to a sharded strategy's
-        # own reduction: one device or DDP until PPO is taught FSDP and DeepSpeed.
-        strategy = self.trainer.strategy
-        if self.world_size > 1 and not isinstance(strategy.model, DistributedDataParallel):
-            raise ValueError(
-                f"PPO runs on one device or under DDP (strategy='ddp'), not {type(strategy).__name__}: it syncs "
-                "the gradients of its several optimizer steps per rollout itself"
-            )
-
-    def no_gradient_sync(self):
-        """DDP reduces gradients in the backward of each forward it wraps; PPO takes several steps per
-        ``training_step`` (one DDP forward), so it reduces them itself (:meth:`sync_gradients`)."""
-        wrapper = self.trainer.strategy.model
-        return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext()
-
-    def sync_gradients(self) -> None:
-        if self.world_size == 1:
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         r: Rollout = batch.rollout

@@ -17,8 +17,8 @@ from lit_align.data.formats import PromptBatch
 from lit_align.losses.advantages import nanstd, rloo_advantages, weighted_rewards
 from lit_align.losses.policy import rloo_loss
 from lit_align.methods.online import OnlineModule
-from lit_align.rollout.engines import Generations
-from lit_align.rollout.types import Rollout
+from lit_align.rollout.metrics import reward_metrics
+from lit_align.rollout.types import Advantages, Rollout
 
 
 class RLOO(OnlineModule):
@@ -55,34 +55,21 @@ class RLOO(OnlineModule):
         self.normalize_advantages = normalize_advantages
         self.reward_clip_range = reward_clip_range
 
-    def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
-        seqs = self.sequences(gens)
-        mask = self.loss_mask(gens)
-        with torch.no_grad():
-            old = self.token_logps(self.model, seqs, gens)[0]
-            ref = self.reference_token_logps(seqs, gens) if self.beta != 0.0 else None
+    needs_old_logps = True  # the KL shaping and the ratio's denominator
+
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> Advantages:
         all_rewards, mine = self.gather(rewards)
         weighted = weighted_rewards(all_rewards, self.reward_weights)
-        shaped = weighted
-        if self.reward_clip_range is not None:
-            shaped = shaped.clamp(*self.reward_clip_range)
+        shaped = weighted if self.reward_clip_range is None else weighted.clamp(*self.reward_clip_range)
         metrics: dict[str, float] = {}
-        if ref is not None:
-            per_token_kl = (old - ref) * mask
-            shaped = shaped - self.beta * self.gather(per_token_kl.sum(-1))[0]
-            metrics["kl"] = float(self.global_mean(old - ref, mask))
+        if rollout.ref_logps is not None:
+            log_ratio, mask = rollout.old_logps - rollout.ref_logps, rollout.loss_mask
+            shaped = shaped - self.beta * self.gather((log_ratio * mask).sum(-1))[0]
+            metrics["kl"] = float(self.global_mean(log_ratio, mask))
         adv = rloo_advantages(shaped, self.num_generations, self.normalize_advantages)
-        grouped = shaped.view(-1, self.num_generations)
-        zero_std = torch.isclose(nanstd(grouped, dim=1), torch.zeros(1, device=grouped.device))
-        metrics.update(self.reward_metrics(all_rewards, weighted, zero_std))
-        metrics.update(self.completion_metrics(gens))
-        rollout = Rollout(
-            generations=gens, sequences=seqs, loss_mask=mask, advantages=adv[mine], rewards=shaped[mine],
-            old_logps=old, ref_logps=ref, prompts=self.repeat(batch.prompts), completions=completions, rows_per_prompt=self.num_generations,
-            reward_columns=self.reward_columns(rewards), metrics=metrics,
-        )
-        self.count_rollout_tokens(rollout, stage)
-        return rollout
+        zero_std = torch.isclose(nanstd(shaped.view(-1, self.num_generations), dim=1), torch.zeros(1, device=shaped.device))
+        metrics.update(reward_metrics(self.reward_names, all_rewards, weighted, zero_std))
+        return Advantages(adv[mine], shaped[mine], metrics)
 
     def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:
         r: Rollout = batch.rollout

@@ -36,7 +36,7 @@ class XPO(OnlinePreferenceModule):
     def current_alpha(self) -> float:
         return per_epoch(self.alpha, self.current_epoch if self._trainer is not None else 0)
 
-    def sample_pair(self, batch: PromptBatch) -> Generations:
+    def sample_batch(self, batch: PromptBatch) -> Generations:
         mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
         with self.reference_context():
             theirs = self.sample(self.reference_model, batch.prompt_ids, batch.prompt_mask, policy=False)
@@ -46,9 +46,9 @@ class XPO(OnlinePreferenceModule):
         r: Rollout = batch.rollout
         E = len(r) // 2
         beta = self.current_beta
-        seq = (self.sequence_logps(r) * r.loss_mask).sum(1)
+        seq = (self.policy_token_logps(r) * r.loss_mask).sum(1)
         ref = (r.ref_logps * r.loss_mask).sum(1)
-        model_wins = r.preferences >= 0.5
+        model_wins = r.extras["preferences"] >= 0.5
         loss, dpo, xpo, metrics = xpo_loss(seq[:E], ref[:E], seq[E:], ref[E:], model_wins, beta, self.current_alpha, self.loss_type)
         kl = (seq - ref).detach()
         metrics = {"loss": loss.detach(), "loss/dpo": dpo, "loss/xpo": xpo, **metrics,

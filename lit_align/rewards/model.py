@@ -17,6 +17,9 @@ class RewardModelScorer:
     ``PreferenceDataModule``): the chat template over prompt + completion for conversations,
     ``prompt + completion + EOS`` for text; the reward is the head on the last token.
 
+    The weights load on first use or ``load()`` (an online module calls it in ``configure_model``,
+    with its other models, and moves the scorer to its own device when it scores).
+
     Args:
         name_or_path: A sequence-classification model directory (or ``builtin:tiny`` for tests).
         batch_size: Rows per forward.
@@ -25,18 +28,26 @@ class RewardModelScorer:
     """
 
     def __init__(self, name_or_path: str, batch_size: int = 16, device: str | None = None, dtype: str = "float32"):
+        self.__name__ = name_or_path.rstrip("/").split("/")[-1]  # as TRL names a reward model in metrics
+        self.name_or_path = name_or_path
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.model = self.tokenizer = None
+
+    def load(self) -> RewardModelScorer:
         from lit_align.models.heads import load_classifier
         from lit_align.models.loading import load_tokenizer
 
-        self.__name__ = name_or_path.rstrip("/").split("/")[-1]  # as TRL names a reward model in metrics
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_classifier(name_or_path, "sequence", 1, dtype).to(self.device).eval()
-        self.tokenizer = load_tokenizer(name_or_path)
-        self.batch_size = batch_size
+        if self.model is None:
+            self.model = load_classifier(self.name_or_path, "sequence", 1, self.dtype).to(self.device).eval()
+            self.tokenizer = load_tokenizer(self.name_or_path)
+        return self
 
     def to(self, device: torch.device | str) -> RewardModelScorer:
         self.device = torch.device(device)
-        self.model.to(self.device)
+        if self.model is not None:
+            self.model.to(self.device)
         return self
 
     def tokenize(self, prompt, completion) -> list[int]:
@@ -50,6 +61,7 @@ class RewardModelScorer:
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        self.load()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         scores: list[float] = []
         for start in range(0, len(prompts), self.batch_size):

@@ -101,9 +101,14 @@ class GenerationEngine(Protocol):
 
     ``sync_weights(model)`` after each optimizer step: copy the policy's weights into the engine
     (a no-op for engines that sample the module itself).
+
+    ``connect(tokenizer)`` when a module takes the engine: the module's tokenizer, for an engine
+    made without one (declared in YAML, say); an engine given one at construction keeps it.
     """
 
     samples_any_model: bool
+
+    def connect(self, tokenizer: Any) -> None: ...
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations: ...
 
@@ -152,7 +157,23 @@ def generation_mode(model: nn.Module) -> Iterator[None]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-class HFEngine:
+class TokenizerEngine:
+    """What the engines share: the tokenizer (given, or connected by the module) and its pad id."""
+
+    tokenizer: Any = None
+
+    def connect(self, tokenizer: Any) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        if self.tokenizer is None:
+            raise RuntimeError(f"{type(self).__name__} has no tokenizer: pass one, or give the engine to a module (it connects it)")
+        return tokenizer_pad_id(self.tokenizer)
+
+
+class HFEngine(TokenizerEngine):
     """Sampling from the policy itself with its KV cache: every completion of every prompt in one batch.
 
     The default decoder is a lean loop over the Hugging Face model's forward: each prompt is
@@ -166,12 +187,12 @@ class HFEngine:
     LEAN_KWARGS = frozenset({"min_new_tokens"})
     samples_any_model = True  # the policy, a reference, a mixture of both: any causal LM
 
-    def __init__(self, tokenizer: Any, use_generate: bool = False, seed: int | None = None) -> None:
+    def __init__(self, tokenizer: Any = None, use_generate: bool = False, seed: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.pad_token_id = tokenizer_pad_id(tokenizer)
         self.use_generate = use_generate
         self.generator: torch.Generator | None = None
         self.seed = seed
+
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations:
         n = sampling.num_generations
@@ -260,7 +281,7 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-class VLLMEngine:
+class VLLMEngine(TokenizerEngine):
     """A colocated ``vllm.LLM`` sharing the GPU with training (TRL's ``vllm_mode="colocate"``).
 
     Weights are pushed from the policy with ``load_weights`` after each optimizer step (LoRA
@@ -274,7 +295,7 @@ class VLLMEngine:
     def __init__(
         self,
         model_name_or_path: str,
-        tokenizer: Any,
+        tokenizer: Any = None,
         gpu_memory_utilization: float = 0.3,
         tensor_parallel_size: int = 1,
         max_model_length: int | None = None,
@@ -285,7 +306,6 @@ class VLLMEngine:
     ) -> None:
         self.tokenizer = tokenizer
         self.policy = policy  # the one model this engine samples (its weights arrive by sync_weights)
-        self.pad_token_id = tokenizer_pad_id(tokenizer)
         if llm is None:
             try:
                 from vllm import LLM

@@ -14,8 +14,21 @@ from lit_align.rollout.engines import Generations
 
 
 @dataclass
+class Advantages:
+    """What an online method makes of a rollout's rewards (its ``advantages()``)."""
+
+    advantages: Tensor  # (N,) or (N, C): this device's rows
+    rewards: Tensor  # (N,) this device's reward as the method counts it
+    metrics: dict[str, float] = field(default_factory=dict)  # global values, logged with the step
+    extras: dict[str, Tensor] = field(default_factory=dict)  # tensors the method's loss reads from the rollout
+
+
+@dataclass
 class Rollout:
     """``N`` sampled completions (``G`` per prompt, consecutive) and what the loss needs.
+
+    :meth:`OnlineModule.build_rollout <lit_align.methods.online.OnlineModule.build_rollout>` fills
+    the shared fields; a method's ``advantages()`` gives ``advantages``, ``rewards`` and ``extras``.
 
     Shapes: ``(N, C)`` per completion token (``C`` = longest completion), ``(N,)`` per completion.
     """
@@ -23,14 +36,11 @@ class Rollout:
     generations: Generations  # prompt ids (left-padded), completion ids and mask, sampling log-probs
     sequences: SequenceBatch  # prompt + completion joined without padding, for the training forward
     loss_mask: Tensor  # (N, C) float: completion tokens that count in the loss
-    advantages: Tensor  # (N,) (GRPO, RLOO; a pair's samples: P(better), 1 - P) or (N, C) (PPO)
-    rewards: Tensor  # (N,) the weighted reward (KL-shaped for RLOO, the score for PPO)
+    advantages: Tensor | None = None  # (N,) or (N, C) per completion: its method's advantages() (a pair's samples: P(better), 1 - P)
+    rewards: Tensor | None = None  # (N,) the reward it was judged by (weighted; KL-shaped for RLOO; PPO: the score)
     old_logps: Tensor | None = None  # (N, C) log-probs at sampling time (None: the ratio is 1)
-    ref_logps: Tensor | None = None  # (N, C) reference log-probs (None when beta == 0)
-    values: Tensor | None = None  # (N, C) PPO: the critic's values at sampling time
-    returns: Tensor | None = None  # (N, C) PPO: the value targets
-    num_items: Tensor | None = None  # loss tokens of the global batch per device (dapo, cispo)
-    preferences: Tensor | None = None  # (N/2,) pair methods: P(the first sample is the better one)
+    ref_logps: Tensor | None = None  # (N, C) reference log-probs (None without a reference)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # the method's own: PPO's values, returns; DAPO's num_items, ...
     rows_per_prompt: int = 1  # completions per prompt of the batch it was made from (G; 2 for a preference pair)
     prompts: list = field(default_factory=list)  # raw prompts, one per completion (for logging)
     completions: list = field(default_factory=list)  # decoded completions
