@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from lit_align.losses.odds import cpo_loss, log1mexp, orpo_loss
+from lit_align.losses.odds import CPOLossConfig, cpo_loss, log1mexp, orpo_loss
 
 BETA, EPS, GAMMA = 0.5, 0.1, 0.5
 # Two pairs: sums, lengths, and the per-token averages they give
@@ -43,7 +43,7 @@ def averages():
 
 def test_cpo_sigmoid_and_hinge_on_sums():
     z = [c - r for c, r in zip(CHOSEN, REJECTED)]  # [1.5, -4.5]
-    loss, m = cpo_loss(*tensors(), loss_type="sigmoid", beta=BETA, label_smoothing=EPS)
+    loss, m = cpo_loss(*tensors(), cfg=CPOLossConfig(loss_type="sigmoid", beta=BETA, label_smoothing=EPS))
     assert loss.item() == pytest.approx(mean([smoothed(x, EPS) for x in z]) + NLL, rel=1e-6)
     assert m["nll_loss"].item() == pytest.approx(NLL)
     assert m["logps/chosen"].item() == pytest.approx(mean(CHOSEN))
@@ -51,19 +51,19 @@ def test_cpo_sigmoid_and_hinge_on_sums():
     assert m["rewards/rejected"].item() == pytest.approx(BETA * mean(REJECTED))
     assert m["rewards/margins"].item() == pytest.approx(BETA * mean(z))
     assert m["rewards/accuracies"].item() == pytest.approx(0.5)
-    loss, _ = cpo_loss(*tensors(), loss_type="hinge", beta=BETA, label_smoothing=EPS, cpo_alpha=0.5)
+    loss, _ = cpo_loss(*tensors(), cfg=CPOLossConfig(loss_type="hinge", beta=BETA, label_smoothing=EPS, cpo_alpha=0.5))
     assert loss.item() == pytest.approx(mean([max(0.0, 1 - BETA * x) for x in z]) + 0.5 * NLL, rel=1e-6)
 
 
 def test_cpo_ipo_and_simpo_average_per_token():
     chosen, rejected = averages()
     z = [c - r for c, r in zip(chosen, rejected)]  # [0.5, -0.5]
-    loss, m = cpo_loss(*tensors(), loss_type="ipo", beta=BETA)
+    loss, m = cpo_loss(*tensors(), cfg=CPOLossConfig(loss_type="ipo", beta=BETA))
     assert loss.item() == pytest.approx(mean([(x - 1 / (2 * BETA)) ** 2 for x in z]) + NLL, rel=1e-6)
     assert m["logps/chosen"].item() == pytest.approx(mean(chosen))
     assert m["rewards/rejected"].item() == pytest.approx(BETA * mean(rejected))
     assert m["nll_loss"].item() == pytest.approx(NLL)  # the NLL stays a token mean, not a mean of means
-    loss, _ = cpo_loss(*tensors(), loss_type="simpo", beta=BETA, label_smoothing=EPS, simpo_gamma=GAMMA)
+    loss, _ = cpo_loss(*tensors(), cfg=CPOLossConfig(loss_type="simpo", beta=BETA, label_smoothing=EPS, simpo_gamma=GAMMA))
     assert loss.item() == pytest.approx(mean([smoothed(x - GAMMA / BETA, EPS) for x in z]) + NLL, rel=1e-6)
 
 
@@ -76,26 +76,24 @@ def test_alphapo_reward_shape_and_sugar():
 
     z = [reward(c) - reward(r) for c, r in zip(chosen, rejected)]
     # "alphapo" = SimPO on the shaped rewards, without the NLL term (cpo_alpha forced to 0)
-    loss, m = cpo_loss(
-        *tensors(), loss_type="alphapo", beta=BETA, simpo_gamma=GAMMA, alpha=alpha, cpo_alpha=1.0
-    )
+    loss, m = cpo_loss(*tensors(), cfg=CPOLossConfig(loss_type="alphapo", beta=BETA, simpo_gamma=GAMMA, alpha=alpha, cpo_alpha=1.0))
     assert loss.item() == pytest.approx(mean([smoothed(x - GAMMA / BETA, 0.0) for x in z]), rel=1e-6)
     assert m["nll_loss"].item() == 0.0
     assert m["rewards/chosen"].item() == pytest.approx(BETA * mean([reward(c) for c in chosen]), rel=1e-6)
     assert m["logps/chosen"].item() == pytest.approx(mean(chosen))  # logps are not shaped
     # alpha also shapes the other loss types, on summed log-probs there
     z_sum = [reward(c) - reward(r) for c, r in zip(CHOSEN, REJECTED)]
-    loss, _ = cpo_loss(*tensors(), loss_type="sigmoid", beta=BETA, alpha=alpha, cpo_alpha=0.0)
+    loss, _ = cpo_loss(*tensors(), cfg=CPOLossConfig(loss_type="sigmoid", beta=BETA, alpha=alpha, cpo_alpha=0.0))
     assert loss.item() == pytest.approx(mean([smoothed(x, 0.0) for x in z_sum]), rel=1e-6)
 
 
 def test_cpo_explicit_nll_and_errors():
-    loss, m = cpo_loss(*tensors(), torch.tensor(0.7), beta=BETA)
+    loss, m = cpo_loss(*tensors(), torch.tensor(0.7), cfg=CPOLossConfig(beta=BETA))
     z = [c - r for c, r in zip(CHOSEN, REJECTED)]
     assert loss.item() == pytest.approx(mean([smoothed(x, 0.0) for x in z]) + 0.7, rel=1e-6)
     assert m["nll_loss"].item() == pytest.approx(0.7)
     with pytest.raises(ValueError, match=r"unknown CPO loss_type 'kto_pair'.*'alphapo'"):
-        cpo_loss(*tensors(), loss_type="kto_pair")
+        cpo_loss(*tensors(), cfg=CPOLossConfig(loss_type="kto_pair"))
 
 
 def test_orpo_by_hand():
@@ -227,9 +225,7 @@ def test_parity_with_trl_cpo():
             trl_case |= dict(loss_type="simpo", cpo_alpha=0.0)
         fake, model = _fake(cpo_trainer, logits, beta=BETA, simpo_gamma=GAMMA, pad_token_id=PAD, **trl_case)
         their_loss, their_metrics = fake.get_batch_loss_metrics(model, batch)
-        loss, metrics = cpo_loss(
-            sums[:e], sums[e:], lengths[:e], lengths[e:], beta=BETA, simpo_gamma=GAMMA, **case
-        )
+        loss, metrics = cpo_loss(sums[:e], sums[e:], lengths[:e], lengths[e:], cfg=CPOLossConfig(beta=BETA, simpo_gamma=GAMMA, **case))
         _compare(loss, metrics, their_loss, their_metrics, logits, case)
 
 
@@ -248,3 +244,15 @@ def test_parity_with_trl_orpo(beta):
     # the completion-only NLL would not match: TRL's ORPO NLL covers the prompt
     completion_nll = -sums[:e].sum() / lengths[:e].sum()
     assert abs(completion_nll.item() - their_metrics["nll_loss"]) > 1e-3
+
+
+def test_cpo_loss_names_come_from_one_source():
+    """The type's names are the registry's plus TRL's ``alphapo`` shorthand, stored as SimPO
+    without the NLL term."""
+    from typing import get_args
+
+    from lit_align.losses.odds import CPO_LOSSES, CPOLossType
+
+    assert set(get_args(CPOLossType)) == {*CPO_LOSSES, "alphapo"}
+    cfg = CPOLossConfig(loss_type="alphapo", cpo_alpha=1.0)
+    assert (cfg.loss_type, cfg.cpo_alpha) == ("simpo", 0.0)

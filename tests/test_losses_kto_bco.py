@@ -24,6 +24,7 @@ from lit_align.losses.bco import (
 )
 from lit_align.losses.kto import (
     UNPAIRED_SUM_KEYS,
+    KTOLossConfig,
     check_kto_weights,
     clamp_kl,
     kl_estimate,
@@ -66,14 +67,7 @@ def per_row_kto(loss_type: str, r: float, desirable: bool) -> float:
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.5, 0.7)])
 def test_kto_loss_by_hand(loss_type, weights):
     w_d, w_u = weights
-    loss, metrics = kto_loss(
-        *kto_inputs(),
-        torch.tensor(KL),
-        loss_type=loss_type,
-        beta=BETA,
-        desirable_weight=w_d,
-        undesirable_weight=w_u,
-    )
+    loss, metrics = kto_loss(*kto_inputs(), torch.tensor(KL), cfg=KTOLossConfig(loss_type=loss_type, beta=BETA, desirable_weight=w_d, undesirable_weight=w_u))
     terms = [
         (w_d if d else w_u) * per_row_kto(loss_type, lp - ref, d) for lp, ref, d in zip(LOGPS, REF, LABELS)
     ]
@@ -93,7 +87,7 @@ def test_kto_loss_by_hand(loss_type, weights):
 def test_kto_gradient_is_the_per_row_derivative():
     logps, ref, labels = kto_inputs()
     logps.requires_grad_()
-    loss, _ = kto_loss(logps, ref, labels, torch.tensor(KL), beta=BETA, desirable_weight=2.0)
+    loss, _ = kto_loss(logps, ref, labels, torch.tensor(KL), cfg=KTOLossConfig(beta=BETA, desirable_weight=2.0))
     (grad,) = torch.autograd.grad(loss, logps)
     for i, (lp, rf, d) in enumerate(zip(LOGPS, REF, LABELS)):
         r = lp - rf
@@ -106,7 +100,7 @@ def test_kto_gradient_is_the_per_row_derivative():
 def test_kto_nan_rows_are_skipped_in_the_loss_but_counted_in_the_metrics():
     logps, ref, labels = kto_inputs()
     logps[1] = float("nan")  # an undesirable row
-    loss, metrics = kto_loss(logps, ref, labels, torch.tensor(KL), beta=BETA)
+    loss, metrics = kto_loss(logps, ref, labels, torch.tensor(KL), cfg=KTOLossConfig(beta=BETA))
     rows = [i for i in range(5) if i != 1]
     expected = sum(per_row_kto("kto", LOGPS[i] - REF[i], LABELS[i]) for i in rows) / 4
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -117,14 +111,14 @@ def test_kto_nan_rows_are_skipped_in_the_loss_but_counted_in_the_metrics():
 def test_kto_one_class_only_and_config_errors():
     logps, ref, _ = kto_inputs()
     labels = torch.ones(5, dtype=torch.bool)
-    _, metrics = kto_loss(logps, ref, labels, torch.tensor(KL), beta=BETA)
+    _, metrics = kto_loss(logps, ref, labels, torch.tensor(KL), cfg=KTOLossConfig(beta=BETA))
     values = unpaired_metric_values(metrics)
     assert set(values) == {"rewards/chosen", "logps/chosen"}  # TRL logs no rejected or margin values
     with pytest.raises(ValueError, match="needs the KL"):
-        kto_loss(logps, ref, labels, None)
+        kto_loss(logps, ref, labels, None, cfg=KTOLossConfig())
     with pytest.raises(ValueError, match="unknown KTO loss_type"):
-        kto_loss(logps, ref, labels, torch.tensor(KL), loss_type="bco")
-    loss, metrics = kto_loss(logps, ref, labels, None, loss_type="apo_zero_unpaired")
+        kto_loss(logps, ref, labels, torch.tensor(KL), cfg=KTOLossConfig(loss_type="bco"))
+    loss, metrics = kto_loss(logps, ref, labels, None, cfg=KTOLossConfig(loss_type="apo_zero_unpaired"))
     assert metrics["kl"].item() == 0.0 and torch.isfinite(loss)
 
 
@@ -269,16 +263,7 @@ def _ours_kto_rank(rank, collective, batch, logps, kl_logps, loss_type, w_d, w_u
         policy_kl = (kl_logps * batch["KL_completion_mask"][:, 1:]).sum(-1)
         local = kl_estimate(policy_kl, batch["ref_KL_logps"])
         kl = clamp_kl(collective.reduce_sum(rank, local) / collective.world)
-    loss, metrics = kto_loss(
-        policy,
-        batch["ref_logps"],
-        batch["label"],
-        kl,
-        loss_type=loss_type,
-        beta=BETA,
-        desirable_weight=w_d,
-        undesirable_weight=w_u,
-    )
+    loss, metrics = kto_loss(policy, batch["ref_logps"], batch["label"], kl, cfg=KTOLossConfig(loss_type=loss_type, beta=BETA, desirable_weight=w_d, undesirable_weight=w_u))
     sums = collective.reduce_sum(rank, torch.stack([metrics[k] for k in UNPAIRED_SUM_KEYS]))
     return loss, {"kl": metrics["kl"], **unpaired_metric_values(dict(zip(UNPAIRED_SUM_KEYS, sums)))}
 
@@ -486,3 +471,12 @@ def test_density_classifier_is_stationary_on_overlapping_data():
     restored = DensityClassifier.from_state_dict(clf.state_dict())
     torch.testing.assert_close(restored(desirable), clf(desirable))
     assert clf(desirable).dtype == torch.float32 and clf(desirable).mean() > clf(undesirable).mean()
+
+
+def test_kto_loss_names_come_from_one_source():
+    from typing import get_args
+
+    from lit_align.losses.kto import KTO_LOSSES, KTOLossType
+
+    assert set(get_args(KTOLossType)) == set(KTO_LOSSES)
+    assert KTOLossConfig().needs_kl and not KTOLossConfig("apo_zero_unpaired").needs_kl

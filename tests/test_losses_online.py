@@ -905,3 +905,18 @@ def test_length_penalty():
     assert_close(compute_rewards([f], ["p"], ["c"], [[1, 2, 3]]), torch.tensor([[-0.375]]))
     with pytest.raises(ValueError, match="max_length"):
         LengthPenalty(0)
+
+
+def test_kl_penalised_rewards_hand():
+    """PPO's per-token reward: -kl_coef * KL on every completion token, the score on the last one."""
+    from lit_align.losses.advantages import kl_penalised_rewards
+
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-0.5, -1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl = kl_penalised_rewards(torch.tensor([2.0, -1.0]), logps, ref, mask, kl_coef=0.1)
+    assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [0.0, -0.1 - 1.0, 0.0]]))
+    r = -0.5  # k3 of the first token: log ref - log p
+    _, k3 = kl_penalised_rewards(torch.zeros(2), logps, ref, mask, kl_coef=0.1, estimator="k3")
+    assert_close(k3[0, 0], torch.tensor(math.exp(r) - 1 - r))

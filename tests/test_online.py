@@ -453,3 +453,75 @@ def test_the_reference_is_chosen_in_one_place():
         assert not torch.allclose(on, off) and torch.allclose(off, base(ids).logits, atol=1e-6)
         with pytest.raises(ValueError, match="sync_ref_model=True needs a separate reference model"):
             cls(peft={"r": 2}, sync_ref_model=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- the rollout template
+
+
+class ReinforcePlusPlus(__import__("lit_align").methods.online.OnlineModule):
+    """A new online method as the template promises it: an advantages function and a loss.
+    REINFORCE++ (Hu 2025): the reward minus the batch mean over the batch std, no critic."""
+
+    def advantages(self, rollout, rewards):
+        from lit_align.losses.advantages import nanstd, weighted_rewards
+        from lit_align.rollout.types import Advantages
+
+        all_rewards, mine = self.gather(rewards)
+        weighted = weighted_rewards(all_rewards, self.reward_weights)
+        adv = (weighted - weighted.mean()) / (nanstd(weighted) + 1e-4)
+        return Advantages(adv[mine], weighted[mine], {"reward": weighted.mean().item()}, {"batch_std": nanstd(weighted)})
+
+    def shared_step(self, batch, stage):
+        r = batch.rollout
+        logps, _ = self.token_logps(self.model, r.sequences, r.generations)
+        loss = -(r.advantages[:, None] * logps * r.loss_mask).sum() / r.loss_mask.sum().clamp(min=1)
+        self.log_metrics({"loss": loss.detach(), **r.metrics}, stage, len(r))
+        return loss
+
+
+def test_a_new_online_method_is_an_advantages_function_and_a_loss():
+    """The template gives every method the same core: the reference log-probs when it has a KL
+    weight, no old log-probs when each rollout serves one step, completion metrics and token
+    counts, the rows per prompt; truncated completions leave the loss mask when asked."""
+    module = ReinforcePlusPlus(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=3,
+                               beta=0.1, mask_truncated_completions=True, optimizer=adamw(1e-3))
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.rollout = batch.rollout
+
+    capture = Capture()
+    _, record = fit(module, PromptOnlyDataModule(DATA, batch_size=8), steps=2, callbacks=[capture])
+    r = capture.rollout
+    assert r.rows_per_prompt == 4 and len(r) == 8 and r.old_logps is None and r.ref_logps.shape == r.loss_mask.shape
+    assert set(r.extras) == {"batch_std"} and r.advantages.shape == (8,)
+    truncated = r.generations.is_truncated
+    assert truncated.any()  # 3 tokens are too few for most answers
+    assert (r.loss_mask[truncated] == 0).all() and (r.loss_mask[~truncated].sum(1) > 0).all()
+    assert {"train/completions/mean_length", "train/num_tokens", "train/reward"} <= set(record.metrics[-1])
+    assert record.metrics[-1]["train/num_tokens"] > record.metrics[0]["train/num_tokens"]
+
+
+def test_an_engine_declared_without_a_tokenizer_gets_the_modules():
+    """An engine made without a tokenizer (as YAML would declare it) is connected when the module
+    takes it; one made with its own keeps it."""
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=2, max_completion_length=4)
+    engine = HFEngine()
+    with pytest.raises(RuntimeError, match="HFEngine has no tokenizer"):
+        _ = engine.pad_token_id
+    fit(module, PromptOnlyDataModule(DATA, batch_size=4), steps=1, callbacks=[RolloutCallback(engine=engine)])
+    assert module.engine is engine and engine.tokenizer is module.tokenizer
+    own = builtin_tokenizer()
+    kept = HFEngine(own)
+    kept.connect(module.tokenizer)
+    assert kept.tokenizer is own
+
+
+def test_reward_models_load_with_the_other_models():
+    """A reward model is not read when the module is constructed (the CLI builds modules before
+    any device is chosen) but in configure_model, and scores on the module's device."""
+    module = PPO(reward_model_name_or_path="builtin:tiny", num_ppo_epochs=1, max_completion_length=4)
+    scorer = module.reward_funcs[-1]
+    assert scorer.model is None
+    module.configure_model()
+    assert scorer.model is not None and not scorer.model.training

@@ -25,6 +25,7 @@ Departure from TRL: none in value.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import torch
@@ -114,16 +115,28 @@ def rotated_completions(items: Sequence[T], block_size: int) -> list[T]:
 # --- the loss ---
 
 
+@dataclass(frozen=True)
+class KTOLossConfig:
+    """KTO's loss settings under TRL's names, checked once when built (``KTO`` builds it from its
+    arguments)."""
+
+    loss_type: KTOLossType = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in KTO_LOSSES:
+            raise ValueError(f"unknown KTO loss_type {self.loss_type!r}: expected one of {list(KTO_LOSSES)}")
+
+    @property
+    def needs_kl(self) -> bool:
+        """Whether the loss reads the KL estimate ``z`` (the KL completions are then collated)."""
+        return self.loss_type in KL_LOSS_TYPES
+
+
 def kto_loss(
-    logps: Tensor,
-    ref_logps: Tensor,
-    labels: Tensor,
-    kl: Tensor | None = None,
-    *,
-    loss_type: KTOLossType = "kto",
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    logps: Tensor, ref_logps: Tensor, labels: Tensor, kl: Tensor | None = None, *, cfg: KTOLossConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KTO-family loss ``nanmean(cat(w_d L_c, w_u L_r))`` on this device's rows, and its metric sums.
 
@@ -135,20 +148,19 @@ def kto_loss(
     not sum it) and the :data:`UNPAIRED_SUM_KEYS` of this device: ``rewards/*_sum`` =
     nansum(b r), ``logps/*_sum`` = nansum(logp), ``count/*`` = rows (NaN rows included).
     """
-    if loss_type not in KTO_LOSSES:
-        raise ValueError(f"unknown KTO loss_type {loss_type!r}: expected one of {list(KTO_LOSSES)}")
-    if loss_type in KL_LOSS_TYPES and kl is None:
+    loss_type, beta = cfg.loss_type, cfg.beta
+    if cfg.needs_kl and kl is None:
         raise ValueError(f"loss_type {loss_type!r} needs the KL estimate `kl` (see clamp_kl)")
     labels = labels.to(device=logps.device, dtype=torch.bool)
     logratios = logps - ref_logps  # (B,) r
     if kl is None:
         kl = torch.zeros((), dtype=logps.dtype, device=logps.device)
     chosen_losses, rejected_losses = KTO_LOSSES[loss_type](logratios[labels], logratios[~labels], kl, beta)
-    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses))  # (B,)
+    losses = torch.cat((cfg.desirable_weight * chosen_losses, cfg.undesirable_weight * rejected_losses))  # (B,)
     loss = losses.nanmean()
 
     metrics = unpaired_sums(beta * logratios.detach(), logps.detach(), labels)
-    metrics["kl"] = kl.detach() if loss_type in KL_LOSS_TYPES else torch.zeros_like(kl)
+    metrics["kl"] = kl.detach() if cfg.needs_kl else torch.zeros_like(kl)
     return loss, metrics
 
 

@@ -21,6 +21,7 @@ default 0, so ``alphapo`` alone is SimPO without the NLL term).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -77,6 +78,27 @@ def _reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[st
     }
 
 
+@dataclass(frozen=True)
+class CPOLossConfig:
+    """CPO's loss settings under TRL's names, checked once when built (``CPO`` builds it from its
+    arguments). ``alphapo`` is TRL's shorthand for SimPO without the NLL term on AlphaPO-shaped
+    rewards: it is stored as ``simpo`` with ``cpo_alpha = 0``."""
+
+    loss_type: CPOLossType = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss_type == "alphapo":  # CPOConfig.__post_init__ sugar
+            object.__setattr__(self, "loss_type", "simpo")
+            object.__setattr__(self, "cpo_alpha", 0.0)
+        if self.loss_type not in CPO_LOSSES:
+            raise ValueError(f"unknown CPO loss_type {self.loss_type!r}: expected one of {[*CPO_LOSSES, 'alphapo']}")
+
+
 def cpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -84,12 +106,7 @@ def cpo_loss(
     rejected_len: Tensor,
     chosen_nll: Tensor | None = None,
     *,
-    loss_type: CPOLossType = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
-    cpo_alpha: float = 1.0,
-    alpha: float = 0.0,
+    cfg: CPOLossConfig,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CPO loss ``mean_i L(i) + cpo_alpha * NLL_chosen`` and TRL's metrics (detached batch means).
 
@@ -99,19 +116,14 @@ def cpo_loss(
     (averaged for ipo/simpo, AlphaPO-shaped if ``alpha``) log-probs, ``logps/*`` those log-probs
     before shaping, ``nll_loss`` the NLL (0 when ``cpo_alpha == 0``).
     """
-    if loss_type == "alphapo":  # CPOConfig.__post_init__ sugar
-        loss_type, cpo_alpha = "simpo", 0.0
-    if loss_type not in CPO_LOSSES:
-        raise ValueError(f"unknown CPO loss_type {loss_type!r}: expected one of {[*CPO_LOSSES, 'alphapo']}")
+    loss_type, beta, cpo_alpha, alpha = cfg.loss_type, cfg.beta, cfg.cpo_alpha, cfg.alpha
     if chosen_nll is None:
         chosen_nll = -chosen_logps.sum() / chosen_len.sum()  # token mean over the chosen completions
     if loss_type in AVERAGED_CPO_LOSSES:
         chosen_logps, rejected_logps = chosen_logps / chosen_len, rejected_logps / rejected_len  # (E,)
     chosen_rewards = alphapo_reward(chosen_logps, alpha)  # (E,)
     rejected_rewards = alphapo_reward(rejected_logps, alpha)
-    losses = CPO_LOSSES[loss_type](
-        chosen_rewards - rejected_rewards, beta, label_smoothing, simpo_gamma
-    )  # (E,)
+    losses = CPO_LOSSES[loss_type](chosen_rewards - rejected_rewards, beta, cfg.label_smoothing, cfg.simpo_gamma)  # (E,)
 
     # TRL skips the NLL forward entirely when its weight is 0 and logs nll_loss = 0
     nll = torch.zeros((), dtype=losses.dtype, device=losses.device) if cpo_alpha == 0 else chosen_nll

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from lit_align.losses.odds import CPO_LOSSES, CPOLossType, cpo_loss
+from lit_align.losses.odds import CPOLossConfig, CPOLossType, cpo_loss
 from lit_align.methods.base import AlignModule
 from lit_align.methods.metrics import preference_metrics
 from lit_align.ops.packing import SequenceBatch
@@ -54,8 +54,7 @@ class CPO(AlignModule):
             alpha: AlphaPO's reward shape ``(1 - p^-alpha) / alpha`` (0: log-probs as they are).
         """
         super().__init__(*args, **kwargs)
-        if loss_type not in (*CPO_LOSSES, "alphapo"):
-            raise ValueError(f"unknown CPO loss_type {loss_type!r}: expected one of {[*CPO_LOSSES, 'alphapo']}")
+        self.loss_config = CPOLossConfig(loss_type, beta, label_smoothing, simpo_gamma, cpo_alpha, alpha)  # checked here, once
         if loss_type in ("hinge", "ipo") and label_smoothing > 0:
             warnings.warn(f"label_smoothing has no effect with loss_type={loss_type!r}", stacklevel=2)
         self.beta = beta
@@ -68,17 +67,6 @@ class CPO(AlignModule):
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         policy = sequence_logps(self.model, batch, with_extras=True, chunk_size=self.chunk_size)
         e = batch.num_examples
-        loss, metrics = cpo_loss(
-            policy.logps[:e],
-            policy.logps[e:],
-            policy.lengths[:e],
-            policy.lengths[e:],
-            loss_type=self.loss_type,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            simpo_gamma=self.simpo_gamma,
-            cpo_alpha=self.cpo_alpha,
-            alpha=self.alpha,
-        )
+        loss, metrics = cpo_loss(policy.logps[:e], policy.logps[e:], policy.lengths[:e], policy.lengths[e:], cfg=self.loss_config)
         self.log_metrics(preference_metrics(self, policy, batch, stage, {"loss": loss, **metrics}), stage, e)
         return loss

@@ -18,8 +18,7 @@ from torch import Tensor
 
 from lit_align.data.base import DataRequirements
 from lit_align.losses.kto import (
-    KL_LOSS_TYPES,
-    KTO_LOSSES,
+    KTOLossConfig,
     KTOLossType,
     check_kto_weights,
     clamp_kl,
@@ -55,8 +54,7 @@ class KTO(ReferenceModule):
                 a warning says so at the start of training, as TRL's.
         """
         super().__init__(*args, **kwargs)
-        if loss_type not in KTO_LOSSES:
-            raise ValueError(f"unknown KTO loss_type {loss_type!r}: expected one of {list(KTO_LOSSES)}")
+        self.loss_config = KTOLossConfig(loss_type, beta, desirable_weight, undesirable_weight)  # checked here, once
         self.beta = beta
         self.loss_type = loss_type
         self.desirable_weight = desirable_weight
@@ -64,7 +62,7 @@ class KTO(ReferenceModule):
 
     @property
     def needs_kl_pairs(self) -> bool:
-        return self.loss_type in KL_LOSS_TYPES
+        return self.loss_config.needs_kl
 
     def data_requirements(self) -> DataRequirements:
         return replace(super().data_requirements(), kl_pairs=self.needs_kl_pairs)  # the data adds the mismatched pairs
@@ -86,10 +84,7 @@ class KTO(ReferenceModule):
         kl = None
         if self.needs_kl_pairs:  # z: mean over devices of each device's batch mean, clamped, no gradient
             kl = clamp_kl(self.global_sum(kl_estimate(policy.logps[e:].detach(), ref[e:])) / self.world_size)
-        loss, sums = kto_loss(
-            policy.logps[:e], ref[:e], batch.labels, kl, loss_type=self.loss_type, beta=self.beta,
-            desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
-        )
+        loss, sums = kto_loss(policy.logps[:e], ref[:e], batch.labels, kl, cfg=self.loss_config)
         metrics = unpaired_metrics(self, policy, batch, sums, loss, stage)
         metrics["kl"] = sums["kl"]
         self.log_metrics(metrics, stage, e)

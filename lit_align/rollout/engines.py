@@ -235,7 +235,7 @@ class HFEngine(TokenizerEngine):
             self.generator = torch.Generator(prompt_ids.device).manual_seed(self.seed)
         n, device = sampling.num_generations, prompt_ids.device
         cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache()  # a mixture brings a pair
-        cache_arg = _cache_argument(model)
+        cache_arg = decoder_cache_argument(model)
         positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1, **{cache_arg: cache})
@@ -273,7 +273,7 @@ class HFEngine(TokenizerEngine):
         """The engine samples from the policy itself: nothing to copy."""
 
 
-def _cache_argument(model: nn.Module) -> str:
+def decoder_cache_argument(model: nn.Module) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older models), by the forward's signature."""
     import inspect
 

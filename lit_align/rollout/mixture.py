@@ -40,10 +40,10 @@ class GeometricMixture(nn.Module):
             raise ValueError(f"mixture_coef must be in [0, 1], got {alpha}")
         self.policy, self.ref, self.alpha = policy, ref, alpha
         self.ref_context = ref_context
-        from lit_align.rollout.engines import _cache_argument
+        from lit_align.rollout.engines import decoder_cache_argument
 
         # Resolved once: forward runs once per decoded token.
-        self.cache_args = (_cache_argument(policy), _cache_argument(ref))
+        self.cache_args = (decoder_cache_argument(policy), decoder_cache_argument(ref))
         self.config = policy.config
         self.generation_config = getattr(policy, "generation_config", None)
 
