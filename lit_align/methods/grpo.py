@@ -29,9 +29,9 @@ from lit_align.losses.policy import (
     entropy_mask,
     grpo_loss,
 )
+from lit_align.methods.metrics import reward_metrics
 from lit_align.methods.online import OnlineModule
 from lit_align.rollout.engines import Generations
-from lit_align.rollout.metrics import reward_metrics
 from lit_align.rollout.types import Advantages, Rollout
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from lit_align.data.base import DataRequirements
 from lit_align.data.formats import PromptBatch
 from lit_align.methods.base import AlignModule
+from lit_align.methods.metrics import completion_metrics
 from lit_align.methods.reference import WithReference
 from lit_align.methods.sampling import Sampling
 from lit_align.methods.scoring import Scoring
@@ -28,7 +29,6 @@ from lit_align.ops.packing import SequenceBatch
 from lit_align.rewards.registry import load_reward_func
 from lit_align.rollout.callback import RolloutCallback
 from lit_align.rollout.engines import GenerationEngine, Generations, HFEngine, SamplingParams, VLLMEngine
-from lit_align.rollout.metrics import completion_metrics
 from lit_align.rollout.types import Advantages, Rollout
 
 

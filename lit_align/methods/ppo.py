@@ -25,6 +25,7 @@ from lit_align.data.formats import PromptBatch
 from lit_align.losses.advantages import gae, kl_penalised_rewards, masked_whiten, weighted_rewards
 from lit_align.losses.policy import ppo_policy_loss, ppo_value_loss
 from lit_align.methods.manual import ManualSteps
+from lit_align.methods.metrics import reward_metrics
 from lit_align.methods.online import OnlineModule
 from lit_align.models.heads import load_classifier
 from lit_align.ops.completions import (
@@ -35,7 +36,6 @@ from lit_align.ops.completions import (
 )
 from lit_align.rewards.model import RewardModelScorer
 from lit_align.rollout.engines import Generations
-from lit_align.rollout.metrics import reward_metrics
 from lit_align.rollout.types import Advantages, Rollout
 
 
