@@ -31,6 +31,8 @@ Layout = Literal["padded", "packed", "padding_free"]
 warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
 
 
+TokenizedRow = tuple[list[dict[str, list[int]]], dict[str, Any]]  # a row's token sequences and per-row values
+
 @dataclass(frozen=True)
 class DataRequirements:
     """What the method being trained asks of its data: declared by the module
@@ -232,7 +234,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
 
     # -- per-format hooks --------------------------------------------------------------------
     @abstractmethod
-    def tokenize_row(self, row: dict, tokenizer) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+    def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         """The token sequences of one row (each a dict of equal-length token lists:
         ``input_ids``, ``completion_mask``, ...) and its per-row values (``label``, ``margin``)."""
 

@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 import torch
 
-from lit_align.data.base import AlignDataModule
+from lit_align.data.base import AlignDataModule, TokenizedRow
 from lit_align.data.sources import Column, DataFormatError, check_same_form
 from lit_align.data.tokenize import (
     is_conversational,
@@ -54,7 +54,7 @@ class LanguageModelingDataModule(AlignDataModule):
                 )
         return super()._prepare(ds, label, tokenizer)
 
-    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+    def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         text = row.get("messages") if row.get("messages") is not None else row["text"]
         mask = is_conversational(text) and supports_assistant_mask(tokenizer)
         return [tokenize_text(tokenizer, text, row, assistant_mask=mask)], {}
@@ -75,7 +75,7 @@ class PromptCompletionDataModule(AlignDataModule):
     def check_row_values(self, row: dict, index: int, label: str) -> None:
         check_same_form(row, index, ["prompt", "completion"], label)
 
-    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+    def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         mask = is_conversational(row["prompt"]) and supports_assistant_mask(tokenizer)
         return [tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row, assistant_mask=mask)], {}
 
@@ -152,7 +152,7 @@ class PreferenceDataModule(AlignDataModule):
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin)):
             raise DataFormatError(f"{label}: row {index}: 'margin' is {margin!r}; expected a finite number (or null)")
 
-    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+    def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
         if prompt is None:
             prompt, chosen, rejected = extract_prompt(chosen, rejected)
@@ -189,7 +189,7 @@ class UnpairedPreferenceDataModule(AlignDataModule):
     def check_row_values(self, row: dict, index: int, label: str) -> None:
         check_same_form(row, index, ["prompt", "completion"], label)
 
-    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+    def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         seq = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row)
         start = seq["completion_mask"].index(1) if 1 in seq["completion_mask"] else len(seq["input_ids"])
         # The untruncated halves, from which the KL pairs are built (TRL cuts prompt_i + completion_{i-1}
@@ -274,7 +274,7 @@ class StepwiseDataModule(AlignDataModule):
                 f"{len(row['labels'])}; expected one boolean label per step"
             )
 
-    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+    def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         return [tokenize_steps(tokenizer, row["prompt"], row["completions"], row["labels"], self.step_separator)], {}
 
     def usable(self, seq: dict[str, list[int]]) -> bool:
@@ -305,7 +305,7 @@ class PromptOnlyDataModule(AlignDataModule):
     def keep_columns(self, ds: datasets.Dataset) -> set[str]:
         return set(ds.column_names)
 
-    def tokenize_row(self, row: dict, tokenizer) -> dict | None:
+    def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         ids = render_prompt(tokenizer, row["prompt"], row)
         return [{"input_ids": ids, "completion_mask": [0] * len(ids)}], {}
 
