@@ -44,10 +44,10 @@ class RewardModel(AlignModule):
         rewards = sequence_scores(self.model, batch)[:, 0]  # (2E,)
         e = batch.num_examples
         loss, metrics = bradley_terry_loss(rewards[:e], rewards[e:], batch.margin, self.center_rewards_coefficient)
-        self.log_metrics(self.reward_metrics(loss, metrics, batch, stage), stage, e)
+        self.log_metrics(self.global_pair_metrics(loss, metrics, batch, stage), stage, e)
         return loss
 
-    def reward_metrics(self, loss, metrics, batch, stage) -> dict[str, Tensor | float]:
+    def global_pair_metrics(self, loss, metrics, batch, stage) -> dict[str, Tensor | float]:
         """TRL's aggregation: per-device means averaged over devices, extremes over every device."""
         out: dict[str, Tensor | float] = {"loss": self.global_sum(loss.detach()) / self.world_size}
         for name, op in REWARD_METRIC_REDUCTIONS.items():
