@@ -371,3 +371,25 @@ def test_kto_matches_trl(smol_dir: str, smol_ref_dir: str, smol_tokenizer, tmp_p
     assert metrics["loss"] == _approx(ref_loss)
     _assert_metrics(metrics, ref_metrics, (*KTO_METRICS, "num_tokens"))  # logits/*: both completion means
     assert ref_metrics["kl"] > 1e-2  # the reference really differs: z is not clamped to 0
+
+
+# --------------------------------------------------------------------------- 5. model_init_kwargs
+
+
+def test_sft_on_the_gguf_file_through_the_cli(tmp_path, monkeypatch) -> None:
+    """The shipped SFT config on SmolLM2-135M read from its GGUF file with TRL's
+    ``model_init_kwargs: {gguf_file: ...}``: the policy and the data's tokenizer both come from the
+    file; two optimizer steps run and the export is a loadable directory with SmolLM2's vocabulary."""
+    from transformers import AutoConfig
+
+    from lit_align.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([
+        "fit", f"--config={Path(__file__).parents[1] / 'configs/sft.yaml'}", "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1", f"--model.init_args.model_name_or_path={GGUF_DIR}",
+        f"--model.init_args.model_init_kwargs={{gguf_file: {GGUF_FILE}}}", "--data.init_args.batch_size=4",
+    ])
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert cli.datamodule.tokenizer.vocab_size == cli.model.tokenizer.vocab_size == 49152
+    assert AutoConfig.from_pretrained(tmp_path / "runs/sft/hf_model").vocab_size == 49152

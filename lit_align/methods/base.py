@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lit_align.data.base import DataRequirements
 from lit_align.methods.safeguards import Safeguards
-from lit_align.models.loading import apply_lora, load_causal_lm, load_tokenizer, tokenizer_pad_id
+from lit_align.models.loading import ModelInit, apply_lora, load_causal_lm, load_tokenizer, tokenizer_pad_id
 from lit_align.optim import LinearWarmupDecay
 
 
@@ -35,6 +35,8 @@ class AlignModule(Safeguards, L.LightningModule):
         model_name_or_path: str = "builtin:tiny",
         dtype: str = "float32",
         attn_implementation: str | None = None,
+        model_init_kwargs: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         disable_dropout: bool | None = None,
@@ -49,6 +51,13 @@ class AlignModule(Safeguards, L.LightningModule):
                 embedded model (``builtin:tiny``). Its tokenizer is the data's tokenizer.
             dtype: Weights dtype: ``float32`` (TRL's default), ``bfloat16``, ``float16`` or ``auto``.
             attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``... (None: transformers' default).
+            model_init_kwargs: ``from_pretrained``'s keyword arguments for the policy and, as TRL, the
+                reference, reward and value models: ``revision``, ``subfolder``, ``gguf_file`` (a GGUF
+                file in the model directory, de-quantised; the tokenizer comes from it too),
+                ``quantization_config`` (``BitsAndBytesConfig`` fields such as ``{load_in_4bit: true}``;
+                CUDA only; with ``peft`` this is QLoRA), ... ``dtype`` and ``attn_implementation`` here
+                are the arguments above. ``device_map`` is refused: the Trainer places the model.
+            trust_remote_code: Run the model's own code from its repository (TRL's field).
             peft: LoRA settings as ``peft.LoraConfig`` fields (for example ``{r: 16, lora_alpha: 32}``),
                 or None to train every weight.
             gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
@@ -66,8 +75,9 @@ class AlignModule(Safeguards, L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model_name_or_path = model_name_or_path
-        self.dtype_name = dtype
-        self.attn_implementation = attn_implementation
+        self.model_init = ModelInit.from_arguments(model_init_kwargs, dtype, attn_implementation, trust_remote_code)
+        self.dtype_name = self.model_init.dtype
+        self.attn_implementation = self.model_init.attn_implementation
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
         self.disable_dropout = self.disable_dropout_default if disable_dropout is None else disable_dropout
@@ -96,7 +106,7 @@ class AlignModule(Safeguards, L.LightningModule):
 
     def load_model(self) -> torch.nn.Module:
         """The trained network before LoRA (a causal LM; reward models override it)."""
-        return load_causal_lm(self.model_name_or_path, self.dtype_name, self.attn_implementation)
+        return load_causal_lm(self.model_name_or_path, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
 
     def build_policy(self) -> torch.nn.Module:
         model = self.load_model()
@@ -108,7 +118,11 @@ class AlignModule(Safeguards, L.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.peft is not None:
-            if self.gradient_checkpointing:
+            if self.model_init.quantized:  # QLoRA: norms in fp32, inputs that carry gradients into the adapters
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+            elif self.gradient_checkpointing:
                 model.enable_input_require_grads()
             model = apply_lora(model, self.peft, self.peft_task_type)
         return model.train()  # from_pretrained returns eval mode; dropout is the model's own choice
@@ -116,7 +130,7 @@ class AlignModule(Safeguards, L.LightningModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_name_or_path)
+            self._tokenizer = load_tokenizer(self.model_name_or_path, **self.model_init.tokenizer_kwargs)
         return self._tokenizer
 
     @property
@@ -126,7 +140,8 @@ class AlignModule(Safeguards, L.LightningModule):
     # -- data ----------------------------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
         """What this method asks of its data; a lit-align DataModule receives it when a fit sets it up."""
-        return DataRequirements(tokenizer_name_or_path=self.model_name_or_path, add_bos_to_prompt=self.add_bos_to_prompt)
+        return DataRequirements(tokenizer_name_or_path=self.model_name_or_path, add_bos_to_prompt=self.add_bos_to_prompt,
+                                tokenizer_kwargs=self.model_init.tokenizer_kwargs)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lit_align.methods.base import AlignModule
 from lit_align.methods.sampling import Sampling
+from lit_align.models.loading import ModelInit
 from lit_align.models.reference import frozen_copy
 from lit_align.ops.completions import completion_batch
 from lit_align.ops.distill import LMHead, chunked_generalized_jsd, divergence_kind
@@ -102,6 +103,7 @@ class GKD(Sampling, AlignModule):
         self,
         *args: Any,
         teacher_model_name_or_path: str | None = None,
+        teacher_model_init_kwargs: dict[str, Any] | None = None,
         temperature: float = 0.9,
         lmbda: float = 0.5,
         beta: float = 0.5,
@@ -114,6 +116,9 @@ class GKD(Sampling, AlignModule):
             teacher_model_name_or_path: The teacher (required): a Hub id, a local Hugging Face model
                 directory or ``builtin:...``; loaded frozen with the policy's dtype, kept out of
                 checkpoints. It must share the policy's tokenizer; it may be larger.
+            teacher_model_init_kwargs: ``from_pretrained``'s keyword arguments for the teacher, as
+                ``model_init_kwargs`` for the policy (``dtype`` and ``attn_implementation`` default
+                to the policy's).
             temperature: Sampling temperature of the student's (and, with ``seq_kd``, the teacher's)
                 completions. As in TRL, the divergence itself is taken at temperature 1.
             lmbda: Probability that a training batch is replaced by the student's own completions
@@ -134,6 +139,10 @@ class GKD(Sampling, AlignModule):
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"lmbda must be in [0, 1] (the probability of an on-policy batch), got {lmbda}")
         self.teacher_model_name_or_path = teacher_model_name_or_path
+        self.teacher_init = ModelInit.from_arguments(
+            {"dtype": self.dtype_name, "attn_implementation": self.attn_implementation, **(teacher_model_init_kwargs or {})},
+            name="teacher_model_init_kwargs",
+        )
         self.temperature = temperature
         self.lmbda = lmbda
         self.beta = beta
@@ -145,7 +154,8 @@ class GKD(Sampling, AlignModule):
 
     def build_other_models(self) -> None:
         super().build_other_models()
-        self.teacher = frozen_copy(self.teacher_model_name_or_path, self.dtype_name, self.attn_implementation)
+        init = self.teacher_init
+        self.teacher = frozen_copy(self.teacher_model_name_or_path, init.dtype, init.attn_implementation, **init.kwargs)
         check_shared_vocabulary(self.model, self.teacher, self.model_name_or_path, self.teacher_model_name_or_path)
 
     def make_engine(self) -> GenerationEngine:

@@ -125,7 +125,8 @@ class PPO(ManualSteps, OnlineModule):
     def build_other_models(self) -> None:
         super().build_other_models()
         if self.value_model_name_or_path is not None:
-            self.value_model = load_classifier(self.value_model_name_or_path, "token", 1, self.dtype_name, self.attn_implementation)
+            self.value_model = load_classifier(self.value_model_name_or_path, "token", 1, self.dtype_name, self.attn_implementation,
+                               **self.model_init.kwargs)
         else:
             hidden = self.model.get_output_embeddings().weight.shape[1]
             self.value_head = nn.Linear(hidden, 1, dtype=self.model.get_output_embeddings().weight.dtype)

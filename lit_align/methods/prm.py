@@ -42,7 +42,7 @@ class PRM(AlignModule):
         )
 
     def load_model(self) -> torch.nn.Module:
-        return load_classifier(self.model_name_or_path, "token", 2, self.dtype_name, self.attn_implementation)
+        return load_classifier(self.model_name_or_path, "token", 2, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
 
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         logits, labels, sequence_index = labelled_token_scores(self.model, batch)

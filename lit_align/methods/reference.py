@@ -77,7 +77,7 @@ class WithReference:
 
     def load_reference_copy(self) -> torch.nn.Module:
         name = self.ref_model_name_or_path or self.model_name_or_path
-        return frozen_copy(name, self.dtype_name, self.attn_implementation)
+        return frozen_copy(name, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
 
     def build_other_models(self) -> None:
         super().build_other_models()

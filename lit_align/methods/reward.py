@@ -38,7 +38,7 @@ class RewardModel(AlignModule):
         self.center_rewards_coefficient = center_rewards_coefficient
 
     def load_model(self) -> torch.nn.Module:
-        return load_classifier(self.model_name_or_path, "sequence", 1, self.dtype_name, self.attn_implementation)
+        return load_classifier(self.model_name_or_path, "sequence", 1, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
 
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         rewards = sequence_scores(self.model, batch)[:, 0]  # (2E,)

@@ -19,7 +19,7 @@ class Scoring:
         super().build_other_models()
         for func in self.reward_funcs:  # reward models load with the other models, moved to the device when used
             if isinstance(func, RewardModelScorer):
-                func.load()
+                func.load(**self.model_init.kwargs)
 
     @property
     def can_score(self) -> bool:

@@ -4,6 +4,8 @@ PRM use. The ``score`` head is read directly by ``ops.heads`` so packed batches 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
@@ -14,7 +16,7 @@ from transformers import (
 )
 
 from lit_align.models.builtin import builtin_config, builtin_model, is_builtin
-from lit_align.models.loading import _check_local, resolve_dtype
+from lit_align.models.loading import _check_builtin_kwargs, _check_local, dense_gguf, resolve_dtype
 
 HEADS = {"sequence": (AutoModelForSequenceClassification, LlamaForSequenceClassification),
          "token": (AutoModelForTokenClassification, LlamaForTokenClassification)}
@@ -26,6 +28,7 @@ def load_classifier(
     num_labels: int,
     dtype: str | torch.dtype | None = "float32",
     attn_implementation: str | None = None,
+    **kwargs: Any,
 ) -> PreTrainedModel:
     """A causal LM's backbone with a fresh ``score`` head (``kind``: ``sequence`` or ``token``).
 
@@ -36,6 +39,7 @@ def load_classifier(
     auto_cls, builtin_cls = HEADS[kind]
     torch_dtype = resolve_dtype(dtype)
     if is_builtin(name_or_path):
+        _check_builtin_kwargs(name_or_path, kwargs)
         config = builtin_config(name_or_path)
         config.num_labels = num_labels
         config.architectures = [builtin_cls.__name__]
@@ -48,8 +52,9 @@ def load_classifier(
             model.set_attn_implementation(attn_implementation)
         return model
     _check_local(name_or_path)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = auto_cls.from_pretrained(name_or_path, num_labels=num_labels, dtype=torch_dtype, **kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = auto_cls.from_pretrained(name_or_path, num_labels=num_labels, dtype=torch_dtype, **dense_gguf(kwargs))
     if model.config.pad_token_id is None:  # sequence classifiers find the last token by the pad id
         model.config.pad_token_id = model.config.eos_token_id
     return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,85 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+# from_pretrained's arguments that also choose the tokenizer's files
+TOKENIZER_KWARGS = ("revision", "subfolder", "gguf_file", "cache_dir", "token", "local_files_only", "trust_remote_code")
+
+
+@dataclass(frozen=True)
+class ModelInit:
+    """How a model is read: its dtype, attention implementation, and the rest of TRL's
+    ``model_init_kwargs`` (``from_pretrained``'s keyword arguments: ``revision``, ``gguf_file``,
+    ``subfolder``, ``quantization_config``, ...). Build it with :meth:`from_arguments`."""
+
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_arguments(
+        cls, model_init_kwargs: Mapping[str, Any] | None, dtype: str = "float32", attn_implementation: str | None = None,
+        trust_remote_code: bool = False, name: str = "model_init_kwargs",
+    ) -> ModelInit:
+        """``dtype``/``torch_dtype`` and ``attn_implementation`` in the kwargs (as TRL configs carry
+        them) count as the module's arguments of those names; the two may not disagree."""
+        kwargs = dict(model_init_kwargs or {})
+        for key in ("dtype", "torch_dtype"):
+            if key in kwargs:
+                value = str(kwargs.pop(key)).removeprefix("torch.")
+                if dtype not in ("float32", value):
+                    raise ValueError(f"{name}.{key}={value!r} disagrees with dtype={dtype!r}: set one of them")
+                dtype = value
+        if "attn_implementation" in kwargs:
+            value = kwargs.pop("attn_implementation")
+            if attn_implementation not in (None, value):
+                raise ValueError(f"{name}.attn_implementation={value!r} disagrees with attn_implementation={attn_implementation!r}")
+            attn_implementation = value
+        if kwargs.get("device_map") is not None:
+            raise ValueError(
+                f"{name}.device_map is not used: Lightning places the model on the Trainer's devices "
+                "(--trainer.accelerator, --trainer.devices, --trainer.strategy)"
+            )
+        kwargs.pop("device_map", None)
+        if trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = quantization_config(kwargs["quantization_config"], name)
+        resolve_dtype(dtype)  # checks the name
+        return cls(dtype, attn_implementation, kwargs)
+
+    @property
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        return {k: self.kwargs[k] for k in TOKENIZER_KWARGS if k in self.kwargs}
+
+    @property
+    def quantized(self) -> bool:
+        return self.kwargs.get("quantization_config") is not None
+
+
+def quantization_config(spec: Any, name: str = "model_init_kwargs") -> Any:
+    """A ``transformers.BitsAndBytesConfig`` from its fields (``load_in_4bit``, ``bnb_4bit_quant_type``,
+    ...) or as given. bitsandbytes quantizes on CUDA only: elsewhere this says so before anything loads."""
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{name}.quantization_config: bitsandbytes 4/8-bit weights (QLoRA) need a CUDA GPU, and this machine "
+            "has none; drop quantization_config (and keep peft for LoRA) to train here"
+        )
+    return BitsAndBytesConfig(**spec) if isinstance(spec, Mapping) else spec
+
+
+def dense_gguf(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that read a ``gguf_file`` into a plain dense model: transformers
+    otherwise keeps the file's quantized blocks where a kernel exists and marks the model as
+    quantized, and such a model neither trains nor saves."""
+    if kwargs.get("gguf_file") and kwargs.get("quantization_config") is None:
+        from transformers import GgufConfig
+
+        kwargs = {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
+    return kwargs
+
+
 def _check_local(name: str) -> None:
     looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
     if looks_local and not Path(name).expanduser().is_dir():
@@ -41,9 +122,16 @@ def tokenizer_pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def _check_builtin_kwargs(name_or_path: str, kwargs: Mapping[str, Any]) -> None:
+    unused = sorted(k for k, v in kwargs.items() if k != "trust_remote_code" and v is not None)
+    if unused:
+        raise ValueError(f"{name_or_path} is embedded in lit-align: model_init_kwargs {unused} apply to Hub or local models only")
+
+
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; pad falls back to EOS, as in TRL."""
     if is_builtin(name_or_path):
+        _check_builtin_kwargs(name_or_path, kwargs)
         return builtin_tokenizer(name_or_path)
     _check_local(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
@@ -61,6 +149,7 @@ def load_causal_lm(
     """A causal LM from ``builtin:<name>``, a local directory or the Hub (float32 by default, as TRL)."""
     torch_dtype = resolve_dtype(dtype)
     if is_builtin(name_or_path):
+        _check_builtin_kwargs(name_or_path, kwargs)
         model = builtin_model(name_or_path, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
@@ -68,7 +157,7 @@ def load_causal_lm(
     _check_local(name_or_path)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **dense_gguf(kwargs))
 
 
 def apply_lora(model: PreTrainedModel, peft: dict[str, Any], task_type: str = "CAUSAL_LM") -> Any:

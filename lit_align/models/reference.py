@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,10 +13,10 @@ from torch import nn
 from lit_align.models.loading import load_causal_lm
 
 
-def frozen_copy(name_or_path: str, dtype: str, attn_implementation: str | None) -> nn.Module:
-    """A reference policy: loaded like the policy, dropout off (also if someone calls ``.train()``
-    on the module), in eval mode, without gradients."""
-    model = load_causal_lm(name_or_path, dtype, attn_implementation)
+def frozen_copy(name_or_path: str, dtype: str, attn_implementation: str | None, **kwargs: Any) -> nn.Module:
+    """A reference policy: loaded like the policy (``kwargs``: ``from_pretrained``'s), dropout off
+    (also if someone calls ``.train()`` on the module), in eval mode, without gradients."""
+    model = load_causal_lm(name_or_path, dtype, attn_implementation, **kwargs)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

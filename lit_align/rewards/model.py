@@ -3,6 +3,8 @@ sequence-classification directory, such as one written by ``lit_align.RewardMode
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
@@ -35,13 +37,15 @@ class RewardModelScorer:
         self.batch_size = batch_size
         self.model = self.tokenizer = None
 
-    def load(self) -> RewardModelScorer:
+    def load(self, **init_kwargs: Any) -> RewardModelScorer:
+        """Read the weights (``init_kwargs``: ``from_pretrained``'s, as an online module's
+        ``model_init_kwargs``, which TRL also applies to reward models)."""
         from lit_align.models.heads import load_classifier
-        from lit_align.models.loading import load_tokenizer
+        from lit_align.models.loading import TOKENIZER_KWARGS, load_tokenizer
 
         if self.model is None:
-            self.model = load_classifier(self.name_or_path, "sequence", 1, self.dtype).to(self.device).eval()
-            self.tokenizer = load_tokenizer(self.name_or_path)
+            self.model = load_classifier(self.name_or_path, "sequence", 1, self.dtype, **init_kwargs).to(self.device).eval()
+            self.tokenizer = load_tokenizer(self.name_or_path, **{k: v for k, v in init_kwargs.items() if k in TOKENIZER_KWARGS})
         return self
 
     def to(self, device: torch.device | str) -> RewardModelScorer:
