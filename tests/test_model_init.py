@@ -70,3 +70,53 @@ def test_the_teacher_has_its_own_kwargs(nested_model):
     assert module.teacher is not None and not module.teacher.training
     assert module.teacher_init.dtype == "float32"  # the policy's, unless the teacher's kwargs say otherwise
     assert GKD(teacher_model_name_or_path=nested_model, teacher_model_init_kwargs={"dtype": "bfloat16"}).teacher_init.dtype == "bfloat16"
+
+
+# --------------------------------------------------------------------------- chat_template_path, eos_token
+
+TEMPLATE = "{%- for m in messages -%}{{- '[' + m['role'] + '] ' + m['content'] + '<|im_end|>' -}}{%- endfor -%}"
+
+
+def test_a_jinja_template_is_the_one_the_data_is_tokenized_with(tmp_path):
+    from lit_align import SFT, LanguageModelingDataModule
+
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    module = SFT(chat_template_path=str(tmp_path / "chat.jinja"))
+    assert module.tokenizer.chat_template == TEMPLATE
+    data = LanguageModelingDataModule("builtin:arithmetic?size=16&steps=1&max_operand=4&conversational=true", batch_size=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert data.tokenizer is module.tokenizer
+    row = data.datasets["train"][0]["input_ids"][0]
+    assert module.tokenizer.decode(row).startswith("[user] ")
+    with pytest.raises(FileNotFoundError, match="no such template file"):
+        _ = SFT(chat_template_path=str(tmp_path / "missing.jinja")).tokenizer
+
+
+def test_a_cloned_template_brings_its_tokens_and_eos_and_the_models_grow(tmp_path):
+    """As TRL's clone_chat_template: the source's template, its special tokens the policy lacks,
+    its EOS; the policy's and the reference copy's embeddings grow to a multiple of 64."""
+    source = builtin_tokenizer("builtin:tiny")
+    source.add_special_tokens({"additional_special_tokens": ["<|tool|>", *(f"<|slot{i}|>" for i in range(4))]})
+    source.chat_template = TEMPLATE.replace("<|im_end|>", "<|tool|>")
+    source.eos_token = "<|tool|>"
+    source.save_pretrained(tmp_path / "source")
+    module = DPO(chat_template_path=str(tmp_path / "source"))
+    tok = module.tokenizer
+    assert "<|tool|>" in tok.get_vocab() and tok.eos_token == "<|tool|>" and len(tok) == 265  # the embedding has 264 rows
+    module.configure_model()
+    assert module.model.get_input_embeddings().num_embeddings == 320
+    assert module.ref_model.get_input_embeddings().num_embeddings == 320
+    assert module.model.config.eos_token_id == module.model.generation_config.eos_token_id == tok.eos_token_id
+
+
+def test_eos_token_must_be_a_token():
+    from lit_align import SFT
+
+    module = SFT(eos_token="<|endoftext|>")
+    module.configure_model()
+    assert module.tokenizer.eos_token == "<|endoftext|>"
+    assert module.model.config.eos_token_id == module.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    with pytest.raises(ValueError, match=r"eos_token '</s>' is not a token of the tokenizer"):
+        _ = SFT(eos_token="</s>").tokenizer

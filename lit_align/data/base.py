@@ -40,7 +40,7 @@ class DataRequirements:
     fit sets the data up. Set them with ``connect`` to prepare data without a Trainer."""
 
     tokenizer_name_or_path: str | None = None  # the policy's tokenizer
-    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)  # from_pretrained's (revision, gguf_file, ...)
+    tokenizer: Any = field(default=None, compare=False, repr=False)  # that tokenizer as the module reads it
     rows_per_prompt: int = 1  # completions per prompt (GRPO's num_generations): a prompt batch_size counts them
     batch_repeats: int = 1  # each prompt batch served this many times in a row (num_iterations)
     kl_pairs: bool = False  # KTO: mismatched (prompt, completion) pairs for the KL estimate
@@ -150,8 +150,10 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 f"{type(self).__name__} has no tokenizer: call data.connect(tokenizer), pass "
                 "tokenizer_name_or_path, or train it with a lit-align module"
             )
-        same = name == self.requirements.tokenizer_name_or_path  # the module's model: read as the module reads it
-        self.tokenizer = load_tokenizer(name, **(self.requirements.tokenizer_kwargs if same else {}))
+        if name == self.requirements.tokenizer_name_or_path and self.requirements.tokenizer is not None:
+            self.tokenizer = self.requirements.tokenizer  # the module's: its model_init_kwargs, chat template and EOS
+        else:
+            self.tokenizer = load_tokenizer(name)
         return self.tokenizer
 
     # -- preparation -------------------------------------------------------------------------

@@ -15,12 +15,21 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_align.data.base import DataRequirements
+from lit_align.methods.distributed import Distributed
 from lit_align.methods.safeguards import Safeguards
-from lit_align.models.loading import ModelInit, apply_lora, load_causal_lm, load_tokenizer, tokenizer_pad_id
+from lit_align.models.loading import (
+    ModelInit,
+    apply_lora,
+    customise_tokenizer,
+    fit_model_to_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    tokenizer_pad_id,
+)
 from lit_align.optim import LinearWarmupDecay
 
 
-class AlignModule(Safeguards, L.LightningModule):
+class AlignModule(Safeguards, Distributed, L.LightningModule):
     """Base class of the lit-align methods (not used directly)."""
 
     default_lr: ClassVar[float] = 1e-6
@@ -37,6 +46,8 @@ class AlignModule(Safeguards, L.LightningModule):
         attn_implementation: str | None = None,
         model_init_kwargs: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        chat_template_path: str | None = None,
+        eos_token: str | None = None,
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         disable_dropout: bool | None = None,
@@ -58,6 +69,10 @@ class AlignModule(Safeguards, L.LightningModule):
                 CUDA only; with ``peft`` this is QLoRA), ... ``dtype`` and ``attn_implementation`` here
                 are the arguments above. ``device_map`` is refused: the Trainer places the model.
             trust_remote_code: Run the model's own code from its repository (TRL's field).
+            chat_template_path: The chat template to train with: a ``.jinja`` file, or a tokenizer whose
+                template, special tokens and EOS are copied (embeddings grow to hold new tokens).
+            eos_token: The token that ends completions (a token of the vocabulary), mirrored into the
+                model's and generation configs. The data uses the module's tokenizer with both applied.
             peft: LoRA settings as ``peft.LoraConfig`` fields (for example ``{r: 16, lora_alpha: 32}``),
                 or None to train every weight.
             gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
@@ -77,6 +92,8 @@ class AlignModule(Safeguards, L.LightningModule):
         self.model_name_or_path = model_name_or_path
         self.model_init = ModelInit.from_arguments(model_init_kwargs, dtype, attn_implementation, trust_remote_code)
         self.dtype_name = self.model_init.dtype
+        self.chat_template_path = chat_template_path
+        self.eos_token = eos_token
         self.attn_implementation = self.model_init.attn_implementation
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
@@ -109,7 +126,7 @@ class AlignModule(Safeguards, L.LightningModule):
         return load_causal_lm(self.model_name_or_path, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
 
     def build_policy(self) -> torch.nn.Module:
-        model = self.load_model()
+        model = self.fit_to_tokenizer(self.load_model())
         if self.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -130,8 +147,15 @@ class AlignModule(Safeguards, L.LightningModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_name_or_path, **self.model_init.tokenizer_kwargs)
+            tokenizer = load_tokenizer(self.model_name_or_path, **self.model_init.tokenizer_kwargs)
+            self._tokenizer = customise_tokenizer(tokenizer, self.chat_template_path, self.eos_token)
         return self._tokenizer
+
+    def fit_to_tokenizer(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model loaded from the policy's path, fitted to a customised tokenizer (new tokens, EOS)."""
+        if self.chat_template_path or self.eos_token:
+            fit_model_to_tokenizer(model, self.tokenizer)
+        return model
 
     @property
     def pad_token_id(self) -> int:
@@ -140,8 +164,8 @@ class AlignModule(Safeguards, L.LightningModule):
     # -- data ----------------------------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
         """What this method asks of its data; a lit-align DataModule receives it when a fit sets it up."""
-        return DataRequirements(tokenizer_name_or_path=self.model_name_or_path, add_bos_to_prompt=self.add_bos_to_prompt,
-                                tokenizer_kwargs=self.model_init.tokenizer_kwargs)
+        return DataRequirements(tokenizer_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer,
+                                add_bos_to_prompt=self.add_bos_to_prompt)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -168,48 +192,6 @@ class AlignModule(Safeguards, L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self.shared_step(batch, "test")
-
-    # -- distributed bookkeeping ---------------------------------------------------------------
-    @property
-    def world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
-
-    def global_sum(self, values: Tensor) -> Tensor:
-        """Sum a tensor of statistics over all devices (one collective for all of them)."""
-        return self.global_reduce(values, "sum")
-
-    def global_reduce(self, values: Tensor, op: str) -> Tensor:
-        """Reduce over all devices with ``op``: ``sum``, ``min`` or ``max``."""
-        if self.world_size == 1:
-            return values
-        return self.trainer.strategy.reduce(values.clone(), reduce_op=op)
-
-    def gather(self, local: Tensor) -> tuple[Tensor, slice]:
-        """Every rank's rows of ``local`` in rank order (the global batch), and this rank's slice."""
-        n = local.size(0)
-        if self.world_size == 1:
-            return local, slice(0, n)
-        gathered = self.all_gather(local).reshape(-1, *local.shape[1:])
-        return gathered, slice(self.global_rank * n, (self.global_rank + 1) * n)
-
-    def global_mean(self, values: Tensor, mask: Tensor) -> Tensor:
-        """Masked mean over every rank's tokens."""
-        totals = self.global_sum(torch.stack([(values * mask).sum(), mask.sum()]).float())
-        return totals[0] / totals[1].clamp(min=1.0)
-
-    def global_token_mean(self, local_sum: Tensor, global_count: Tensor) -> Tensor:
-        """The loss to backward for a mean over every device's tokens: this device's sum over the
-        global count, times the world size because DDP averages the devices' gradients (one
-        process and N then take the same step)."""
-        return local_sum / global_count.clamp(min=1) * self.world_size
-
-    def count_tokens(self, tokens: Tensor | float, stage: str) -> Tensor | float:
-        """The ``num_tokens`` metric from a batch's global token count: the running total in
-        training (kept in checkpoints), the batch's own count in validation and test."""
-        if stage != "train":
-            return tokens
-        self.num_tokens_seen += int(tokens)
-        return float(self.num_tokens_seen)
 
     # -- logging -----------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Tensor | float], stage: str, batch_size: int) -> None:

@@ -76,8 +76,9 @@ class WithReference:
         return True
 
     def load_reference_copy(self) -> torch.nn.Module:
-        name = self.ref_model_name_or_path or self.model_name_or_path
-        return frozen_copy(name, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
+        if self.ref_model_name_or_path:
+            return frozen_copy(self.ref_model_name_or_path, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
+        return self.fit_to_tokenizer(frozen_copy(self.model_name_or_path, self.dtype_name, self.attn_implementation, **self.model_init.kwargs))
 
     def build_other_models(self) -> None:
         super().build_other_models()

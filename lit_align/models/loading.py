@@ -140,6 +140,50 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def customise_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template_path: str | None = None,
+                        eos_token: str | None = None) -> PreTrainedTokenizerBase:
+    """TRL's ``chat_template_path`` and ``eos_token`` on a loaded tokenizer.
+
+    ``chat_template_path``: a ``.jinja``/``.j2`` file (the template itself), or a tokenizer (a
+    directory, Hub id or ``builtin:``) whose template is copied with the special tokens it writes
+    and its EOS, as TRL's ``clone_chat_template``. ``eos_token``: a token of the vocabulary that
+    ends completions from now on."""
+    if chat_template_path:
+        path = Path(chat_template_path).expanduser()
+        if path.suffix in (".jinja", ".j2"):
+            if not path.is_file():
+                raise FileNotFoundError(f"chat_template_path {chat_template_path!r}: no such template file")
+            tokenizer.chat_template = path.read_text()
+        else:
+            source = load_tokenizer(chat_template_path)
+            if not source.chat_template:
+                raise ValueError(f"chat_template_path {chat_template_path!r}: that tokenizer has no chat template to copy")
+            tokenizer.chat_template = source.chat_template
+            vocab = tokenizer.get_vocab()
+            missing = [t.content for t in source.added_tokens_decoder.values() if t.special and t.content not in vocab]
+            if missing:
+                tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            if source.eos_token is not None:
+                tokenizer.eos_token = source.eos_token
+    if eos_token is not None:
+        if eos_token not in tokenizer.get_vocab():
+            raise ValueError(f"eos_token {eos_token!r} is not a token of the tokenizer; add it, or pick one of its special tokens "
+                             f"({', '.join(tokenizer.all_special_tokens[:8])})")
+        tokenizer.eos_token = eos_token
+    return tokenizer
+
+
+def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """After :func:`customise_tokenizer`: room in the embeddings for added tokens (rounded up to a
+    multiple of 64, as TRL), and the tokenizer's EOS in the model's and generation configs."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def load_causal_lm(
     name_or_path: str,
     dtype: str | torch.dtype | None = "float32",
