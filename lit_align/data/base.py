@@ -45,6 +45,7 @@ class DataRequirements:
     batch_repeats: int = 1  # each prompt batch served this many times in a row (num_iterations)
     kl_pairs: bool = False  # KTO: mismatched (prompt, completion) pairs for the KL estimate
     add_bos_to_prompt: bool = False  # CPO/ORPO: the tokenizer's BOS before every prompt
+    assistant_masks: bool = False  # SFT's assistant_only_loss: mark assistant tokens, with or without {% generation %}
 
 
 class AlignDataModule(L.LightningDataModule, ABC):
@@ -184,15 +185,18 @@ class AlignDataModule(L.LightningDataModule, ABC):
             splits["val"] = load_source(source, self.eval_split, self.format)
         for name, ds in splits.items():
             label = f"{source} [{self.eval_split if name == 'val' else self.split}]"
-            self.datasets[name] = self._prepare(ds, label, tokenizer)
+            ds = self._prepare(ds, label, tokenizer)
+            self.datasets[name] = self.pack_split(ds, self.packs(name)) if self.pack_across_examples else ds
 
     def _prepare(self, ds: datasets.Dataset, label: str, tokenizer) -> datasets.Dataset:
         if len(ds) == 0:
             raise DataFormatError(f"{label}: the dataset is empty")
-        check_columns(ds, self.columns, label, type(self).__name__)
+        tokenized = self.accepts_token_ids and "input_ids" in ds.column_names
+        columns = TOKEN_ID_COLUMNS if tokenized else self.columns
+        check_columns(ds, columns, label, type(self).__name__)
         total = len(ds)
         keep = self.keep_columns(ds)
-        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label)
+        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized)
         ds = ds.map(
             fn,
             with_indices=True,
@@ -212,14 +216,15 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 f"{label}: every row was dropped because its prompt alone is at least max_length="
                 f"{self.max_length} tokens; raise max_length or shorten the prompts"
             )
-        if self.packing and self.pack_across_examples:
-            ds = self._pack(ds)
         return ds
 
-    def _tokenize_checked(self, row: dict, index: int, tokenizer, label: str) -> dict:
-        check_row(row, index, self.columns, label)
-        self.check_row_values(row, index, label)
-        sequences, extras = self.tokenize_row(row, tokenizer)
+    def _tokenize_checked(self, row: dict, index: int, tokenizer, label: str, columns: list[Column], tokenized: bool) -> dict:
+        check_row(row, index, columns, label)
+        if tokenized:
+            sequences, extras = [token_id_sequence(row, index, label)], {}
+        else:
+            self.check_row_values(row, index, label)
+            sequences, extras = self.tokenize_row(row, tokenizer)
         sequences = [self.truncate(seq) for seq in sequences]
         return {
             **{k: [seq[k] for seq in sequences] for k in sequences[0]},
@@ -227,6 +232,14 @@ class AlignDataModule(L.LightningDataModule, ABC):
             "length": sum(len(seq["input_ids"]) for seq in sequences),
             "keep": all(self.usable(seq) for seq in sequences),
         }
+
+    def packs(self, split: str) -> bool:
+        """Whether the rows of ``split`` (``train``, ``val``) are packed."""
+        return self.packing
+
+    def pack_split(self, ds: datasets.Dataset, packed: bool) -> datasets.Dataset:
+        """A prepared split as it is batched: packed rows of ``max_length`` (best-fit decreasing), or as it is."""
+        return self._pack(ds) if packed else ds
 
     def _pack(self, ds: datasets.Dataset) -> datasets.Dataset:
         token_fields = [c for c in ds.column_names if c not in ("length",)]
@@ -237,6 +250,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
         return datasets.Dataset.from_dict(packed)
 
     # -- per-format hooks --------------------------------------------------------------------
+    accepts_token_ids: ClassVar[bool] = False  # rows with ``input_ids`` are used as tokenized (SFT formats)
+
     @abstractmethod
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         """The token sequences of one row (each a dict of equal-length token lists:
@@ -262,12 +277,15 @@ class AlignDataModule(L.LightningDataModule, ABC):
     # -- loaders -----------------------------------------------------------------------------
     @property
     def layout(self) -> Layout:
+        return self.layout_for("train")
+
+    def layout_for(self, split: str) -> Layout:
         if self.padding_free:
             return "padding_free"
-        return "packed" if self.packing else "padded"
+        return "packed" if self.packs(split) else "padded"
 
-    def collate(self, items: list[dict]) -> Any:
-        return collate_examples(items, self.pad_token_id, self.layout, self.max_length)
+    def collate(self, items: list[dict], split: str = "train") -> Any:
+        return collate_examples(items, self.pad_token_id, self.layout_for(split), self.max_length)
 
     @property
     def pad_token_id(self) -> int:
@@ -289,7 +307,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
             ds,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=self.collate,
+            collate_fn=self.collate if train or not self.pack_across_examples else functools.partial(self.collate, split=name),
             num_workers=self.num_workers,
             drop_last=False,
         )
@@ -313,6 +331,26 @@ class AlignDataModule(L.LightningDataModule, ABC):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+TOKEN_ID_COLUMNS = [
+    Column("input_ids", ("ids",)),
+    Column("completion_mask", ("ids",), optional=True),
+    Column("assistant_masks", ("ids",), optional=True),
+]
+
+
+def token_id_sequence(row: dict, index: int, label: str) -> dict[str, list[int]]:
+    """One sequence of an already tokenized row (TRL's names: ``input_ids``, and optionally
+    ``completion_mask`` and ``assistant_masks``, each as long as ``input_ids``)."""
+    ids = list(row["input_ids"])
+    seq = {"input_ids": ids, "completion_mask": list(row.get("completion_mask") or [1] * len(ids))}
+    if row.get("assistant_masks") is not None:
+        seq["assistant_mask"] = list(row["assistant_masks"])
+    for name, key in (("completion_mask", "completion_mask"), ("assistant_masks", "assistant_mask")):
+        if key in seq and len(seq[key]) != len(ids):
+            raise DataFormatError(f"{label}: row {index}, column {name!r} has {len(seq[key])} values for {len(ids)} input_ids")
+    return seq
 
 
 def _fraction_or_name(eval_split: float | str | None) -> float | str | None:

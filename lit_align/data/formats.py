@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import datasets
 import torch
@@ -20,21 +21,124 @@ from lit_align.data.tokenize import (
     tokenize_steps,
     tokenize_text,
 )
+from lit_align.imports import import_object
+from lit_align.ops.packing import split_sequence, wrap_sequences
 
 TEXT_OR_CHAT = ("text", "messages")
 
 
-class LanguageModelingDataModule(AlignDataModule):
+PackingStrategy = Literal["bfd", "bfd_split", "wrapped"]
+
+
+class SFTDataModule(AlignDataModule):
+    """What the two SFT formats share: TRL's ``SFTConfig`` data fields (not used directly).
+
+    Rows that already hold ``input_ids`` (and optionally ``completion_mask`` and
+    ``assistant_masks``) are used as tokenized, as TRL does."""
+
+    accepts_token_ids = True
+    pack_across_examples = True
+
+    def __init__(
+        self,
+        *args: Any,
+        packing_strategy: PackingStrategy = "bfd",
+        eval_packing: bool | None = None,
+        dataset_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            packing_strategy: With ``packing``: ``bfd`` (best-fit decreasing; longer sequences are
+                truncated), ``bfd_split`` (longer sequences are cut into pieces that are packed too)
+                or ``wrapped`` (everything joined and cut every ``max_length`` tokens, ignoring
+                document boundaries).
+            eval_packing: Pack the validation split (None: as ``packing``).
+            dataset_kwargs: TRL's; ``{skip_prepare_dataset: true}`` says the data is already
+                tokenized (an ``input_ids`` column, which is also recognised without it).
+        """
+        super().__init__(*args, **kwargs)
+        if packing_strategy not in get_args(PackingStrategy):
+            raise ValueError(f"packing_strategy must be one of {get_args(PackingStrategy)}, got {packing_strategy!r}")
+        unknown = sorted(set(dataset_kwargs or {}) - {"skip_prepare_dataset"})
+        if unknown:
+            raise ValueError(f"dataset_kwargs: unknown keys {unknown}; the one TRL key is 'skip_prepare_dataset'")
+        if eval_packing and self.max_length is None:
+            raise ValueError("eval_packing needs max_length: it is the length of a packed row")
+        self.packing_strategy = packing_strategy
+        self.eval_packing = eval_packing
+        self.dataset_kwargs = dict(dataset_kwargs or {})
+
+    def module_options(self) -> tuple:
+        return (*super().module_options(), self.requirements.assistant_masks)
+
+    def _prepare(self, ds: datasets.Dataset, label: str, tokenizer) -> datasets.Dataset:
+        if self.dataset_kwargs.get("skip_prepare_dataset") and "input_ids" not in ds.column_names:
+            raise DataFormatError(
+                f"{label}: dataset_kwargs.skip_prepare_dataset says the data is tokenized, but it has no 'input_ids' "
+                f"column (found: {', '.join(ds.column_names)})"
+            )
+        return super()._prepare(ds, label, tokenizer)
+
+    def packs(self, split: str) -> bool:
+        return self.packing if split == "train" or self.eval_packing is None else self.eval_packing
+
+    @property
+    def cuts_instead_of_truncating(self) -> bool:
+        return self.packing and self.packing_strategy != "bfd"
+
+    def truncate(self, seq: dict[str, list[int]]) -> dict[str, list[int]]:
+        return seq if self.cuts_instead_of_truncating else super().truncate(seq)
+
+    def pack_split(self, ds: datasets.Dataset, packed: bool) -> datasets.Dataset:
+        if self.cuts_instead_of_truncating and not packed:  # this split is not packed: truncate it after all
+            ds = ds.map(lambda row: _truncated(row, self), keep_in_memory=True, desc="Truncating")
+            return ds.filter(lambda mask: any(map(any, mask)), input_columns="completion_mask", keep_in_memory=True)
+        if not packed or self.packing_strategy == "bfd":
+            return super().pack_split(ds, packed)
+        token_fields = [c for c in ds.column_names if c != "length"]
+        cols = {k: ds[k] for k in token_fields}
+        sequences = [{k: cols[k][i][j] for k in token_fields} for i in range(len(ds)) for j in range(len(cols["input_ids"][i]))]
+        if self.packing_strategy == "wrapped":
+            pieces = wrap_sequences(sequences, self.max_length)
+        else:
+            pieces = [p for seq in sequences for p in split_sequence(seq, self.max_length)]
+        pieces = [p for p in pieces if any(p["completion_mask"])]
+        ds = datasets.Dataset.from_dict({
+            **{k: [[p[k]] for p in pieces] for k in token_fields}, "length": [len(p["input_ids"]) for p in pieces]
+        })
+        return ds if self.packing_strategy == "wrapped" else self._pack(ds)
+
+
+def _truncated(row: dict, dm: AlignDataModule) -> dict:
+    seqs = [dict(zip(row, values)) for values in zip(*(row[k] for k in row if k != "length"))]
+    cut = [AlignDataModule.truncate(dm, seq) for seq in seqs]
+    return {**{k: [c[k] for c in cut] for k in cut[0]}, "length": sum(len(c["input_ids"]) for c in cut)}
+
+
+class LanguageModelingDataModule(SFTDataModule):
     """Whole documents: a ``text`` column, or conversations in ``messages``.
 
-    Every token is trained on; with a chat template that marks assistant turns
-    (``{% generation %}``) conversational rows also carry an assistant mask, used by
-    SFT's ``assistant_only_loss``.
+    Every token is trained on. Conversational rows also carry an assistant mask for SFT's
+    ``assistant_only_loss``: the chat template's ``{% generation %}`` markers where it has them,
+    else the assistant turns found by rendering the conversation turn by turn.
     """
 
     format = "language_modeling"
     columns = [Column("text", TEXT_OR_CHAT, optional=True), Column("messages", ("messages",), optional=True)]
-    pack_across_examples = True
+
+    def __init__(
+        self, *args: Any, dataset_text_field: str = "text", formatting_func: str | Callable | None = None, **kwargs: Any
+    ) -> None:
+        """
+        Args:
+            dataset_text_field: The column holding the text (TRL's; default ``text``).
+            formatting_func: A function ``row -> str`` that makes each row's text (TRL's), or its
+                import path (``my_project.data:format_row``).
+        """
+        super().__init__(*args, **kwargs)
+        self.dataset_text_field = dataset_text_field
+        self.formatting_func = formatting_func
 
     def check_row_values(self, row: dict, index: int, label: str) -> None:
         if row.get("text") is None and row.get("messages") is None:
@@ -44,20 +148,46 @@ class LanguageModelingDataModule(AlignDataModule):
             )
 
     def _prepare(self, ds, label, tokenizer):
+        if "input_ids" in ds.column_names:
+            return super()._prepare(ds, label, tokenizer)
+        if self.formatting_func is not None:
+            ds = _formatted(ds, self.formatting_func, label)
+        elif self.dataset_text_field != "text":
+            if self.dataset_text_field not in ds.column_names:
+                raise DataFormatError(
+                    f"{label}: dataset_text_field={self.dataset_text_field!r} is not a column "
+                    f"(found: {', '.join(ds.column_names)})"
+                )
+            ds = ds.remove_columns([c for c in ("text",) if c in ds.column_names]).rename_column(self.dataset_text_field, "text")
         if "text" not in ds.column_names and "messages" not in ds.column_names:
             if "conversations" in ds.column_names:
                 ds = ds.map(_sharegpt_to_chatml, remove_columns=["conversations"], desc="Converting to ChatML")
             else:
                 raise DataFormatError(
                     f"{label}: LanguageModelingDataModule needs a 'text' or a 'messages' column "
-                    f"(found: {', '.join(ds.column_names)})"
+                    f"(found: {', '.join(ds.column_names)}); name another text column with dataset_text_field, "
+                    "or make the text with formatting_func"
                 )
         return super()._prepare(ds, label, tokenizer)
 
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         text = row.get("messages") if row.get("messages") is not None else row["text"]
-        mask = is_conversational(text) and supports_assistant_mask(tokenizer)
+        mask = is_conversational(text) and (supports_assistant_mask(tokenizer) or self.requirements.assistant_masks)
         return [tokenize_text(tokenizer, text, row, assistant_mask=mask)], {}
+
+
+def _formatted(ds: datasets.Dataset, formatting_func: str | Callable, label: str) -> datasets.Dataset:
+    """Each row's ``text`` made by ``formatting_func`` (checked to be a string)."""
+    func = import_object(formatting_func, "formatting_func") if isinstance(formatting_func, str) else formatting_func
+    name = getattr(func, "__name__", repr(func))
+
+    def one(row: dict, index: int) -> dict:
+        text = func(row)
+        if not isinstance(text, str):
+            raise DataFormatError(f"{label}: formatting_func {name} returned {type(text).__name__} for row {index}; expected a string")
+        return {"text": text}
+
+    return ds.map(one, with_indices=True, remove_columns=ds.column_names, keep_in_memory=True, desc=f"Formatting with {name}")
 
 
 def _sharegpt_to_chatml(row: dict) -> dict:
@@ -65,18 +195,17 @@ def _sharegpt_to_chatml(row: dict) -> dict:
     return {"messages": [{"role": roles.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]}
 
 
-class PromptCompletionDataModule(AlignDataModule):
+class PromptCompletionDataModule(SFTDataModule):
     """``prompt`` and ``completion`` (strings, or message lists); the loss mask marks the completion."""
 
     format = "prompt_completion"
     columns = [Column("prompt", TEXT_OR_CHAT), Column("completion", TEXT_OR_CHAT)]
-    pack_across_examples = True
 
     def check_row_values(self, row: dict, index: int, label: str) -> None:
         check_same_form(row, index, ["prompt", "completion"], label)
 
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
-        mask = is_conversational(row["prompt"]) and supports_assistant_mask(tokenizer)
+        mask = is_conversational(row["prompt"]) and (supports_assistant_mask(tokenizer) or self.requirements.assistant_masks)
         return [tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"], row, assistant_mask=mask)], {}
 
 

@@ -25,7 +25,7 @@ class DataFormatError(ValueError):
 class Column:
     """One column of a format: its name, whether it may be absent, and its allowed kinds.
 
-    ``kinds`` is a subset of ``{"text", "messages", "bool", "text_list", "bool_list", "any"}``.
+    ``kinds`` is a subset of ``{"text", "messages", "bool", "text_list", "bool_list", "ids", "any"}``.
     """
 
     name: str
@@ -39,6 +39,7 @@ KIND_DOC = {
     "bool": "a boolean (true/false)",
     "text_list": "a list of strings",
     "bool_list": "a list of booleans",
+    "ids": "a list of integers (token ids, or a 0/1 mask)",
     "any": "any value",
 }
 
@@ -63,6 +64,8 @@ def value_kind(value) -> str | None:
         return "text_list"
     if isinstance(value, list) and value and all(isinstance(v, bool) for v in value):
         return "bool_list"
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return "ids"
     return None
 
 

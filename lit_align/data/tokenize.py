@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from typing import Any
@@ -54,10 +55,44 @@ def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], row: dict, *
     tools = row.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     extra = row.get("chat_template_kwargs") or {}
+    derive = kwargs.get("return_assistant_tokens_mask") and not supports_assistant_mask(tokenizer)
+    if derive:
+        kwargs.pop("return_assistant_tokens_mask")
     out = tokenizer.apply_chat_template(
         messages, tools=tools, tokenize=True, return_dict=True, **extra, **kwargs
     )
-    return {k: list(v) for k, v in out.items() if k in ("input_ids", "assistant_masks")}
+    out = {k: list(v) for k, v in out.items() if k in ("input_ids", "assistant_masks")}
+    if derive:
+        warn_once("derived-assistant-mask", "the chat template has no {% generation %} markers: assistant turns are "
+                  "found by rendering the conversation turn by turn (for assistant_only_loss)")
+        render = functools.partial(_chat, tokenizer, row=row, **kwargs)
+        out["assistant_masks"] = derived_assistant_mask(render, messages, out["input_ids"], tokenizer.eos_token_id)
+    return out
+
+
+def derived_assistant_mask(render, messages: list[dict], ids: list[int], eos_token_id: int | None) -> list[int]:
+    """The assistant tokens of the rendered conversation ``ids``, for a chat template without
+    ``{% generation %}`` markers. Assistant turn ``i`` spans from the end of the conversation before
+    it rendered with the generation prompt to the end of the conversation through it, up to its last
+    EOS token (the template's line breaks after a turn are not the model's to write). ``render``:
+    ``(messages, add_generation_prompt=...) -> {"input_ids": ...}``."""
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        start = len(render(messages[:i], add_generation_prompt=True)["input_ids"]) if i else 0
+        through = render(messages[: i + 1])["input_ids"]
+        if ids[: len(through)] != through or start > len(through):
+            raise ValueError(
+                f"assistant_only_loss: the chat template renders the conversation before turn {i} differently once "
+                "later turns follow, so the assistant tokens cannot be found by rendering turn by turn; give a "
+                "template that marks assistant turns with {% generation %} (chat_template_path)"
+            )
+        end = len(through)
+        if eos_token_id is not None and eos_token_id in through[start:end]:
+            end = start + max(j for j, t in enumerate(through[start:end]) if t == eos_token_id) + 1
+        mask[start:end] = [1] * (end - start)
+    return mask
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], row: dict) -> list[int]:

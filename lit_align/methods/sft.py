@@ -8,11 +8,13 @@ prompt-completion data (``completion_only_loss``), the assistant tokens of conve
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lit_align.data.base import DataRequirements
 from lit_align.losses.sft import SFT_LOSSES, SFTLossType, sft_loss_sum
 from lit_align.methods.base import AlignModule
 from lit_align.ops.forward import target_logprobs, target_mask
@@ -39,8 +41,9 @@ class SFT(AlignModule):
                 its probability, Dynamic Fine-Tuning).
             completion_only_loss: Train on completion tokens only (prompt-completion data). None: yes
                 when the data has a prompt, as TRL.
-            assistant_only_loss: Train on assistant turns only (conversational data whose chat template
-                marks them with ``{% generation %}``).
+            assistant_only_loss: Train on assistant turns only (conversational data): where the chat
+                template marks them with ``{% generation %}``, those tokens; otherwise the data finds each
+                assistant turn by rendering the conversation turn by turn (a warning says which).
         """
         super().__init__(*args, **kwargs)
         if loss_type not in SFT_LOSSES:
@@ -48,6 +51,9 @@ class SFT(AlignModule):
         self.loss_type = loss_type
         self.completion_only_loss = completion_only_loss
         self.assistant_only_loss = assistant_only_loss
+
+    def data_requirements(self) -> DataRequirements:
+        return replace(super().data_requirements(), assistant_masks=self.assistant_only_loss)
 
     def token_mask(self, batch: SequenceBatch) -> Tensor:
         """Tokens trained on, ``(R, T)`` bool."""
@@ -57,8 +63,8 @@ class SFT(AlignModule):
         if self.assistant_only_loss:
             if batch.assistant_mask is None:
                 raise ValueError(
-                    "assistant_only_loss=True needs conversational data and a chat template that marks "
-                    "assistant turns with {% generation %}; this batch has no assistant mask"
+                    "assistant_only_loss=True needs conversational data ('messages', or prompt and completion "
+                    "as message lists) prepared for this module; this batch has no assistant mask"
                 )
             mask = mask & batch.assistant_mask
         return mask

@@ -59,6 +59,21 @@ class SequenceBatch:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def split_sequence(seq: dict[str, list[int]], capacity: int) -> list[dict[str, list[int]]]:
+    """``seq`` cut into pieces of at most ``capacity`` tokens (every key cut at the same places):
+    TRL's ``bfd_split`` keeps what ``bfd`` would truncate, as further sequences."""
+    n = len(seq["input_ids"])
+    return [{k: v[start : start + capacity] for k, v in seq.items()} for start in range(0, max(n, 1), capacity)]
+
+
+def wrap_sequences(seqs: Sequence[dict[str, list[int]]], capacity: int) -> list[dict[str, list[int]]]:
+    """TRL's ``wrapped`` packing: every sequence joined end to end, then cut every ``capacity``
+    tokens regardless of where sequences end (a piece may attend across a document boundary)."""
+    keys = [k for k in seqs[0] if all(k in s for s in seqs)]
+    joined = {k: [t for s in seqs for t in s[k]] for k in keys}
+    return split_sequence(joined, capacity)
+
+
 def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: indices of ``lengths`` grouped in bins of at most ``capacity``.
 

@@ -15,7 +15,6 @@ A reward function has TRL's signature ``f(prompts, completions, completion_ids, 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import math
 import os
@@ -26,21 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_align.imports import import_object
+
 RewardFunc = Callable[..., Sequence[float | None]]
 
 
 def _import(path: str) -> Any:
-    module, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not module:
-        module, attr = "lit_align.rewards", path
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"reward function {path!r}: cannot import {attr!r} from {module!r} ({err}); expected an import "
-            "path such as 'lit_align.rewards.arithmetic_reward', a reward-model directory, or "
-            "{class_path: ..., init_args: ...}"
-        ) from err
+    return import_object(
+        path, "reward function", default_module="lit_align.rewards",
+        expected="an import path such as 'lit_align.rewards.arithmetic_reward', a reward-model directory, or "
+        "{class_path: ..., init_args: ...}",
+    )
 
 
 def load_reward_func(spec: str | dict | RewardFunc) -> RewardFunc:

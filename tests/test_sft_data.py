@@ -1,0 +1,159 @@
+"""TRL's SFT data options: dataset_text_field, formatting_func, pre-tokenized rows and
+dataset_kwargs, packing_strategy and eval_packing, and assistant_only_loss on chat templates
+without {% generation %} markers."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+
+from lit_align import SFT, LanguageModelingDataModule, PromptCompletionDataModule
+from lit_align.data.arithmetic import arithmetic_rows
+from lit_align.data.base import DataRequirements
+from lit_align.data.sources import DataFormatError
+from lit_align.data.tokenize import tokenize_text
+from lit_align.models.builtin import builtin_tokenizer
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def prepared(dm, requirements: DataRequirements | None = None):
+    dm.connect(builtin_tokenizer("builtin:tiny"), requirements)
+    dm.setup()
+    return dm
+
+
+def texts(n=12):
+    return [{"text": r["prompt"] + r["completion"]} for r in arithmetic_rows("prompt_completion", size=n, steps=1, max_operand=9)]
+
+
+def format_row(row: dict) -> str:
+    """A formatting_func as a TRL user writes one."""
+    return f"{row['question']}{row['answer']}"
+
+
+def not_a_string(row: dict):
+    return [row["question"]]
+
+
+def test_dataset_text_field_and_formatting_func_give_the_rows_text_gives(tmp_path):
+    rows = texts()
+    plain = prepared(LanguageModelingDataModule(write_jsonl(tmp_path / "t.jsonl", rows)))
+    renamed = prepared(LanguageModelingDataModule(
+        write_jsonl(tmp_path / "c.jsonl", [{"content": r["text"], "text": "ignored"} for r in rows]), dataset_text_field="content"))
+    qa = [{"question": r["text"][:8], "answer": r["text"][8:]} for r in rows]
+    formatted = prepared(LanguageModelingDataModule(write_jsonl(tmp_path / "qa.jsonl", qa), formatting_func="tests.test_sft_data:format_row"))
+    called = prepared(LanguageModelingDataModule(str(tmp_path / "qa.jsonl"), formatting_func=format_row))
+    expected = plain.datasets["train"]["input_ids"]
+    for dm in (renamed, formatted, called):
+        assert dm.datasets["train"]["input_ids"] == expected
+    with pytest.raises(DataFormatError, match=r"dataset_text_field='body' is not a column \(found: content, text\)"):
+        prepared(LanguageModelingDataModule(str(tmp_path / "c.jsonl"), dataset_text_field="body"))
+    with pytest.raises(DataFormatError, match="formatting_func not_a_string returned list for row 0; expected a string"):
+        prepared(LanguageModelingDataModule(str(tmp_path / "qa.jsonl"), formatting_func="tests.test_sft_data.not_a_string"))
+    with pytest.raises(ValueError, match="formatting_func 'tests.test_sft_data:nothing': cannot import 'nothing'"):
+        prepared(LanguageModelingDataModule(str(tmp_path / "qa.jsonl"), formatting_func="tests.test_sft_data:nothing"))
+
+
+def test_tokenized_rows_are_used_as_they_are(tmp_path):
+    """Rows with input_ids (TRL: pre-tokenized data skips preparation): the ids and masks as given."""
+    tok = builtin_tokenizer("builtin:tiny")
+    rows = []
+    for r in arithmetic_rows("prompt_completion", size=8, steps=1, max_operand=9):
+        p, c = tok(r["prompt"])["input_ids"], tok(r["completion"] + tok.eos_token)["input_ids"]
+        rows.append({"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)})
+    for kwargs in ({}, {"dataset_kwargs": {"skip_prepare_dataset": True}}):
+        for cls in (LanguageModelingDataModule, PromptCompletionDataModule):
+            dm = prepared(cls(write_jsonl(tmp_path / "ids.jsonl", rows), **kwargs))
+            assert dm.datasets["train"]["input_ids"] == [[r["input_ids"]] for r in rows]
+            assert dm.datasets["train"]["completion_mask"] == [[r["completion_mask"]] for r in rows]
+    with pytest.raises(DataFormatError, match="skip_prepare_dataset says the data is tokenized, but it has no 'input_ids'"):
+        prepared(LanguageModelingDataModule(write_jsonl(tmp_path / "t.jsonl", texts()), dataset_kwargs={"skip_prepare_dataset": True}))
+    with pytest.raises(DataFormatError, match=r"row 1, column 'completion_mask' has 2 values for \d+ input_ids"):
+        bad = [rows[0], {**rows[1], "completion_mask": [0, 1]}]
+        prepared(LanguageModelingDataModule(write_jsonl(tmp_path / "bad.jsonl", bad)))
+    with pytest.raises(DataFormatError, match=r"row 0, column 'input_ids': expected a list of integers"):
+        prepared(LanguageModelingDataModule(write_jsonl(tmp_path / "str.jsonl", [{"input_ids": ["a", "b"]}])))
+    with pytest.raises(ValueError, match=r"dataset_kwargs: unknown keys \['add_special_tokens'\]"):
+        LanguageModelingDataModule(dataset_kwargs={"add_special_tokens": False})
+
+
+def test_packing_strategies(tmp_path):
+    """bfd truncates a long document, bfd_split keeps its overflow as more pieces, wrapped joins
+    everything and cuts every max_length tokens; all but bfd keep every token."""
+    rows = texts(24)
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    whole = prepared(LanguageModelingDataModule(path, max_length=None))
+    total = sum(len(s) for seqs in whole.datasets["train"]["input_ids"] for s in seqs)
+    longest = max(len(s) for seqs in whole.datasets["train"]["input_ids"] for s in seqs)
+    cap = longest - 4  # every long document overflows
+    packed = {s: prepared(LanguageModelingDataModule(path, max_length=cap, packing=True, packing_strategy=s))
+              for s in ("bfd", "bfd_split", "wrapped")}
+    tokens = {s: sum(len(x) for seqs in dm.datasets["train"]["input_ids"] for x in seqs) for s, dm in packed.items()}
+    assert tokens["bfd"] < total and tokens["bfd_split"] == tokens["wrapped"] == total
+    wrapped = [len(seqs[0]) for seqs in packed["wrapped"].datasets["train"]["input_ids"]]
+    assert wrapped[:-1] == [cap] * (len(wrapped) - 1) and wrapped[-1] <= cap
+    for dm in packed.values():
+        assert all(sum(len(x) for x in seqs) <= cap for seqs in dm.datasets["train"]["input_ids"])
+    with pytest.raises(ValueError, match="packing_strategy must be one of"):
+        LanguageModelingDataModule(packing=True, packing_strategy="greedy")
+
+
+def test_eval_packing(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", texts(40))
+    for eval_packing, val_layout in ((None, "packed"), (False, "padded")):
+        dm = prepared(LanguageModelingDataModule(path, eval_split=0.25, max_length=64, packing=True, eval_packing=eval_packing,
+                                                 packing_strategy="bfd_split"))
+        assert dm.layout_for("train") == "packed" and dm.layout_for("val") == val_layout
+        val = dm.datasets["val"]
+        if val_layout == "padded":  # one document per row, cut to max_length
+            assert len(val) == 10 and all(len(seqs) == 1 and len(seqs[0]) <= 64 for seqs in val["input_ids"])
+        batch = next(iter(dm.val_dataloader()))
+        assert (batch.num_sequences == batch.input_ids.size(0)) == (val_layout == "padded")
+    only_eval = prepared(LanguageModelingDataModule(path, eval_split=0.25, max_length=64, eval_packing=True))
+    assert only_eval.layout_for("train") == "padded" and only_eval.layout_for("val") == "packed"
+    assert len(only_eval.datasets["val"]) < 10
+
+
+# --------------------------------------------------------------------------- assistant_only_loss
+
+
+def without_markers(tok):
+    tok.chat_template = tok.chat_template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    return tok
+
+
+def conversations(n=6):
+    rows = arithmetic_rows("language_modeling", size=2 * n, steps=1, max_operand=9, conversational=True)
+    return [{"messages": [{"role": "system", "content": "Be brief."}, *a["messages"], *b["messages"]]}
+            for a, b in zip(rows[::2], rows[1::2])]
+
+
+def test_assistant_turns_found_by_rendering_match_the_template_markers():
+    """On a template with {% generation %} markers, the tokens found by rendering turn by turn with
+    the markers removed are exactly the marked ones (two assistant turns per conversation)."""
+    marked, plain = builtin_tokenizer("builtin:tiny"), without_markers(builtin_tokenizer("builtin:tiny"))
+    for row in conversations():
+        want = tokenize_text(marked, row["messages"], row, assistant_mask=True)
+        got = tokenize_text(plain, row["messages"], row, assistant_mask=True)
+        assert got["input_ids"] == want["input_ids"]
+        assert got["assistant_mask"] == want["assistant_mask"] and sum(want["assistant_mask"]) > 0
+
+
+def test_assistant_only_loss_trains_on_a_template_without_markers(tmp_path):
+    """Before, SFT(assistant_only_loss=True) stopped at the first batch on such a template."""
+    (tmp_path / "plain.jinja").write_text(without_markers(builtin_tokenizer("builtin:tiny")).chat_template)
+    module = SFT(assistant_only_loss=True, chat_template_path=str(tmp_path / "plain.jinja"))
+    data = LanguageModelingDataModule(write_jsonl(tmp_path / "chat.jsonl", conversations(8)), batch_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    row = data.datasets["train"][0]
+    trained = [t for t, m in zip(row["input_ids"][0], row["assistant_mask"][0]) if m]
+    assert module.tokenizer.decode(trained).count("Answer:") == 2 and "Be brief" not in module.tokenizer.decode(trained)
