@@ -157,3 +157,76 @@ def test_assistant_only_loss_trains_on_a_template_without_markers(tmp_path):
     row = data.datasets["train"][0]
     trained = [t for t, m in zip(row["input_ids"][0], row["assistant_mask"][0]) if m]
     assert module.tokenizer.decode(trained).count("Answer:") == 2 and "Be brief" not in module.tokenizer.decode(trained)
+
+
+# --------------------------------------------------------------------------- sources: mixtures, files, columns
+
+
+def qa_rows(n, seed=0):
+    return [{"q": r["prompt"], "a": r["completion"], "source": "qa"}
+            for r in arithmetic_rows("prompt_completion", size=n, steps=1, max_operand=9, seed=seed)]
+
+
+def test_a_two_source_mixture_with_renamed_columns_and_a_fraction(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", arithmetic_rows("prompt_completion", size=12, steps=1, max_operand=9))
+    b = write_jsonl(tmp_path / "b.jsonl", qa_rows(20, seed=1))
+    mixture = [{"path": a}, {"path": b, "columns": {"q": "prompt", "a": "completion"}, "fraction": 0.5}]
+    dm = prepared(PromptCompletionDataModule(mixture=mixture))
+    assert len(dm.datasets["train"]) == 12 + 10
+    held = prepared(PromptCompletionDataModule(mixture=mixture, eval_split=0.5))
+    assert len(held.datasets["train"]) + len(held.datasets["val"]) == 22
+    with pytest.raises(DataFormatError, match=r"must end with the same columns .* mixture\[1\]: a, q, source"):
+        prepared(PromptCompletionDataModule(mixture=[{"path": a}, {"path": b}]))
+    with pytest.raises(ValueError, match=r"mixture\[0\]: unknown keys \['weight'\]"):
+        prepared(PromptCompletionDataModule(mixture=[{"path": a, "weight": 2}]))
+    with pytest.raises(DataFormatError, match=r"mixture\[0\] \(.*b.jsonl\): no column 'question'"):
+        prepared(PromptCompletionDataModule(mixture=[{"path": b, "columns": ["question"]}]))
+
+
+def test_column_mapping_and_data_files(tmp_path):
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir/one.jsonl", qa_rows(6))
+    write_jsonl(tmp_path / "dir/two.jsonl", qa_rows(9, seed=2))
+    dm = prepared(PromptCompletionDataModule(str(tmp_path / "dir"), data_files="two.jsonl",
+                                             column_mapping={"q": "prompt", "a": "completion"}))
+    assert len(dm.datasets["train"]) == 9
+    with pytest.raises(DataFormatError, match="column_mapping: no column 'question' to rename"):
+        prepared(PromptCompletionDataModule(str(tmp_path / "dir"), column_mapping={"question": "prompt"}))
+    with pytest.raises(DataFormatError, match=r"builtin:arithmetic is generated, not read: \['data_files'\]"):
+        prepared(PromptCompletionDataModule("builtin:arithmetic", data_files="x.jsonl"))
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def sft_cli(tmp_path, monkeypatch, *overrides):
+    from pathlib import Path
+
+    from lit_align.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs/sft.yaml"
+    cli = build_cli(["fit", f"--config={config}", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                     "--data.init_args.eval_split=0.25", *overrides])
+    assert cli.trainer.global_step == 2
+    return cli
+
+
+@pytest.mark.slow
+def test_sft_config_on_tokenized_formatted_and_mixed_data(tmp_path, monkeypatch):
+    """The shipped SFT config with TRL's data options, through lit-align fit: pre-tokenized rows,
+    a formatting_func by import path, and a two-source mixture."""
+    tok = builtin_tokenizer("builtin:tiny")
+    ids = [{"input_ids": tok(r["prompt"] + r["completion"] + tok.eos_token)["input_ids"]}
+           for r in arithmetic_rows("prompt_completion", size=16, steps=1, max_operand=9)]
+    cli = sft_cli(tmp_path, monkeypatch, f"--data.init_args.dataset_name_or_path={write_jsonl(tmp_path / 'ids.jsonl', ids)}",
+                  "--data.init_args.dataset_kwargs={skip_prepare_dataset: true}")
+    assert cli.datamodule.datasets["train"][0]["input_ids"][0] in [r["input_ids"] for r in ids]
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": r["q"], "answer": r["a"]} for r in qa_rows(16)])
+    cli = sft_cli(tmp_path, monkeypatch, "--data=LanguageModelingDataModule", f"--data.dataset_name_or_path={qa}",
+                  "--data.formatting_func=tests.test_sft_data:format_row", "--data.eval_split=0.25")
+    assert type(cli.datamodule).__name__ == "LanguageModelingDataModule"
+    a = write_jsonl(tmp_path / "a.jsonl", arithmetic_rows("prompt_completion", size=12, steps=1, max_operand=9))
+    cli = sft_cli(tmp_path, monkeypatch,
+                  f"--data.init_args.mixture=[{{path: {a}}}, {{path: {qa}, columns: {{question: prompt, answer: completion}}}}]")
+    assert len(cli.datamodule.datasets["train"]) + len(cli.datamodule.datasets["val"]) == 28

@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.data.sampler import ResumableLoader, ShardedSampler
-from lit_align.data.sources import Column, DataFormatError, check_columns, check_row, load_source
+from lit_align.data.sources import (
+    Column,
+    DataFormatError,
+    check_columns,
+    check_row,
+    load_mixture,
+    load_source,
+)
 from lit_align.data.tokenize import truncate
 from lit_align.models.loading import tokenizer_pad_id
 from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
@@ -74,6 +81,11 @@ class AlignDataModule(L.LightningDataModule, ABC):
         num_workers: int = 0,
         dataset_num_proc: int | None = None,
         tokenizer_name_or_path: str | None = None,
+        dataset_config: str | None = None,
+        data_dir: str | None = None,
+        data_files: str | list[str] | dict[str, Any] | None = None,
+        column_mapping: dict[str, str] | None = None,
+        mixture: list[dict[str, Any]] | None = None,
     ) -> None:
         """
         Args:
@@ -100,6 +112,15 @@ class AlignDataModule(L.LightningDataModule, ABC):
             tokenizer_name_or_path: Where the tokenizer comes from. The CLI links it to the model's
                 ``model_name_or_path``; in Python call ``connect(tokenizer)``, or leave it empty and
                 the tokenizer of the module being trained is used.
+            dataset_config: The Hub dataset's configuration (``name`` of ``datasets.load_dataset``; TRL's
+                ``dataset_config``).
+            data_dir, data_files: Which files of a Hub dataset or local directory to read (as
+                ``datasets.load_dataset``).
+            column_mapping: Rename columns to the format's names, e.g. ``{question: prompt, answer: completion}``.
+            mixture: Several sources trained on as one (TRL's ``DatasetMixtureConfig.datasets``), in place of
+                ``dataset_name_or_path``: ``[{path, name?, data_dir?, data_files?, split?, columns?, fraction?}]``;
+                ``columns`` keeps (a list) or renames (a mapping) columns, ``fraction`` takes that share of a
+                source's rows. A named ``eval_split`` is read from every source.
         """
         super().__init__()
         if packing and padding_free:
@@ -121,6 +142,11 @@ class AlignDataModule(L.LightningDataModule, ABC):
         self.num_workers = num_workers
         self.dataset_num_proc = dataset_num_proc
         self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.dataset_config = dataset_config
+        self.data_dir = data_dir
+        self.data_files = data_files
+        self.column_mapping = dict(column_mapping or {})
+        self.mixture = list(mixture) if mixture else None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.requirements = DataRequirements()
         self.datasets: dict[str, datasets.Dataset] = {}
@@ -173,8 +199,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
             return
         self.datasets, self.num_dropped, self._prepared_for = {}, {}, options
         tokenizer = self._resolve_tokenizer()
-        source = self.dataset_name_or_path
-        train = load_source(source, self.split, self.format)
+        source = "mixture" if self.mixture else self.dataset_name_or_path
+        train = self.load_split(self.split, train=True)
         splits = {"train": train}
         if isinstance(self.eval_split, float):
             if not 0.0 < self.eval_split < 1.0:
@@ -182,11 +208,26 @@ class AlignDataModule(L.LightningDataModule, ABC):
             parts = train.train_test_split(test_size=self.eval_split, seed=self.seed)
             splits = {"train": parts["train"], "val": parts["test"]}
         elif self.eval_split:
-            splits["val"] = load_source(source, self.eval_split, self.format)
+            splits["val"] = self.load_split(self.eval_split, train=False)
         for name, ds in splits.items():
             label = f"{source} [{self.eval_split if name == 'val' else self.split}]"
             ds = self._prepare(ds, label, tokenizer)
             self.datasets[name] = self.pack_split(ds, self.packs(name)) if self.pack_across_examples else ds
+
+    def load_split(self, split: str, train: bool) -> datasets.Dataset:
+        """One split, raw: from the mixture or the source, columns renamed by ``column_mapping``."""
+        if self.mixture:
+            sources = [{"split": split, **s} if train else {**s, "split": split} for s in self.mixture]
+            ds = load_mixture(sources, None, self.format, self.seed)
+        else:
+            ds = load_source(self.dataset_name_or_path, split, self.format, self.dataset_config, self.data_dir, self.data_files)
+        if self.column_mapping:
+            missing = [c for c in self.column_mapping if c not in ds.column_names]
+            if missing:
+                raise DataFormatError(f"column_mapping: no column {missing[0]!r} to rename (found: {', '.join(ds.column_names)})")
+            ds = ds.remove_columns([v for k, v in self.column_mapping.items() if v in ds.column_names and v not in self.column_mapping])
+            ds = ds.rename_columns({k: v for k, v in self.column_mapping.items() if k != v})
+        return ds
 
     def _prepare(self, ds: datasets.Dataset, label: str, tokenizer) -> datasets.Dataset:
         if len(ds) == 0:

@@ -69,16 +69,26 @@ def value_kind(value) -> str | None:
     return None
 
 
-def load_source(name_or_path: str, split: str, fmt: str) -> datasets.Dataset:
-    """Load one split from ``builtin:<task>``, a data file, a local directory or a Hub id."""
+def load_source(
+    name_or_path: str, split: str, fmt: str, name: str | None = None, data_dir: str | None = None,
+    data_files: str | list | dict | None = None,
+) -> datasets.Dataset:
+    """Load one split from ``builtin:<task>``, a data file, a local directory or a Hub id
+    (``name``: the Hub dataset's configuration; ``data_dir``/``data_files``: which of its files,
+    as ``datasets.load_dataset`` takes them)."""
+    hub_args = {k: v for k, v in (("name", name), ("data_dir", data_dir), ("data_files", data_files)) if v is not None}
     from lit_align.models.builtin import is_builtin
 
     if is_builtin(name_or_path):
         from lit_align.data.arithmetic import arithmetic_dataset
 
+        if hub_args:
+            raise DataFormatError(f"{name_or_path} is generated, not read: {sorted(hub_args)} apply to Hub datasets and directories")
         return arithmetic_dataset(name_or_path, fmt, split)
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() in FILE_BUILDERS:
+        if hub_args:
+            raise DataFormatError(f"{name_or_path} is one file: {sorted(hub_args)} apply to Hub datasets and directories")
         if not path.is_file():
             raise FileNotFoundError(f"dataset file {name_or_path!r} does not exist")
         if split != "train":
@@ -99,18 +109,63 @@ def load_source(name_or_path: str, split: str, fmt: str) -> datasets.Dataset:
                     raise DataFormatError(f"{name_or_path}: no split {split!r}; it has {sorted(saved)}")
                 return saved[split]
             return saved
-        return datasets.load_dataset(str(path), split=split)
+        return datasets.load_dataset(str(path), split=split, **hub_args)
     if path.exists():
         raise DataFormatError(
             f"{name_or_path}: unsupported file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}"
         )
     try:
-        return datasets.load_dataset(name_or_path, split=split)
-    except (FileNotFoundError, ConnectionError, OSError) as err:  # offline, typo, or private
+        return datasets.load_dataset(name_or_path, split=split, **hub_args)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:  # offline, typo, or private
         raise DataFormatError(
             f"could not load dataset {name_or_path!r} (split {split!r}) from the Hugging Face Hub: {err}. "
             "Expected a Hub id, a local directory, a .jsonl/.json/.parquet/.csv file, or builtin:arithmetic"
         ) from err
+
+
+MIXTURE_KEYS = {"path", "name", "data_dir", "data_files", "split", "columns", "fraction"}
+
+
+def load_mixture(sources: list[dict], split: str | None, fmt: str, seed: int = 0) -> datasets.Dataset:
+    """Several sources joined into one dataset (TRL's ``DatasetMixtureConfig.datasets``): each
+    ``{path, name?, data_dir?, data_files?, split? (default: split, else 'train'), columns?, fraction?}``.
+    ``columns``: a list of the columns to keep, or a mapping renaming them (``{question: prompt}``);
+    ``fraction``: the share of that source's rows taken (a seeded sample)."""
+    parts = []
+    for i, source in enumerate(sources):
+        where = f"mixture[{i}]"
+        if not isinstance(source, dict) or "path" not in source:
+            raise ValueError(f"{where}: expected a mapping with 'path' (and optional {sorted(MIXTURE_KEYS - {'path'})}), got {source!r}")
+        unknown = sorted(set(source) - MIXTURE_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; expected {sorted(MIXTURE_KEYS)}")
+        part_split = source.get("split") or split or "train"
+        ds = load_source(source["path"], part_split, fmt, source.get("name"), source.get("data_dir"), source.get("data_files"))
+        columns = source.get("columns")
+        if columns:
+            names = list(columns) if not isinstance(columns, dict) else list(columns)
+            missing = [c for c in names if c not in ds.column_names]
+            if missing:
+                raise DataFormatError(f"{where} ({source['path']}): no column {missing[0]!r} (found: {', '.join(ds.column_names)})")
+            ds = ds.select_columns(names)
+            if isinstance(columns, dict):
+                ds = ds.rename_columns({k: v for k, v in columns.items() if k != v})
+        fraction = source.get("fraction")
+        if fraction is not None:
+            if not 0.0 < float(fraction) <= 1.0:
+                raise ValueError(f"{where}: fraction must be in (0, 1], got {fraction}")
+            ds = ds.shuffle(seed=seed).select(range(max(1, round(len(ds) * float(fraction)))))
+        parts.append(ds)
+    if not parts:
+        raise ValueError("mixture is empty: give at least one source")
+    columns = [set(p.column_names) for p in parts]
+    if any(c != columns[0] for c in columns):
+        detail = "; ".join(f"mixture[{i}]: {', '.join(sorted(c))}" for i, c in enumerate(columns))
+        raise DataFormatError(f"the sources of a mixture must end with the same columns (rename them with 'columns'): {detail}")
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as err:  # the same names with different feature types
+        raise DataFormatError(f"the sources of the mixture do not join: {err}") from err
 
 
 def _unreadable(path: Path, builder: str, err: Exception) -> str:
