@@ -393,3 +393,27 @@ def test_sft_on_the_gguf_file_through_the_cli(tmp_path, monkeypatch) -> None:
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert cli.datamodule.tokenizer.vocab_size == cli.model.tokenizer.vocab_size == 49152
     assert AutoConfig.from_pretrained(tmp_path / "runs/sft/hf_model").vocab_size == 49152
+
+
+def test_assistant_only_loss_on_smollm2s_own_template_through_the_cli(tmp_path, monkeypatch) -> None:
+    """SmolLM2's chat template has no ``{% generation %}`` markers: the assistant turns are found by
+    rendering turn by turn. Trained tokens are the answers and their ``<|im_end|>``; the template's
+    default system prompt and the user turns are not."""
+    from lit_align.cli import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli([
+        "fit", f"--config={Path(__file__).parents[1] / 'configs/sft.yaml'}", "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1", f"--model.init_args.model_name_or_path={GGUF_DIR}",
+        f"--model.init_args.model_init_kwargs={{gguf_file: {GGUF_FILE}}}", "--model.init_args.assistant_only_loss=true",
+        "--data=LanguageModelingDataModule", "--data.batch_size=4",
+        "--data.dataset_name_or_path=builtin:arithmetic?size=16&steps=1&max_operand=9&conversational=true",
+        "--data.eval_split=test",
+    ])
+    assert cli.trainer.global_step == 2
+    tok = cli.model.tokenizer
+    assert "{% generation %}" not in tok.chat_template and "endgeneration" not in tok.chat_template
+    row = cli.datamodule.datasets["train"][0]
+    trained = tok.decode([t for t, m in zip(row["input_ids"][0], row["assistant_mask"][0]) if m])
+    assert trained.count("Answer:") == 1 and trained.endswith("<|im_end|>")
+    assert "SmolLM" not in trained and "Compute" not in trained
