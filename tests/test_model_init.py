@@ -120,3 +120,80 @@ def test_eos_token_must_be_a_token():
     assert module.model.config.eos_token_id == module.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     with pytest.raises(ValueError, match=r"eos_token '</s>' is not a token of the tokenizer"):
         _ = SFT(eos_token="</s>").tokenizer
+
+
+# --------------------------------------------------------------------------- PEFT beyond LoRA, activation offloading
+
+
+def one_step(module, data, steps=1):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    return trainer
+
+
+@pytest.mark.parametrize("peft", [
+    {"r": 4, "use_dora": True},
+    {"r": 4, "use_rslora": True, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]},
+    {"class_path": "peft.LoHaConfig", "init_args": {"r": 4, "target_modules": "all-linear"}},
+    {"class_path": "IA3Config", "init_args": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}},
+], ids=["dora", "rslora", "loha", "ia3"])
+def test_peft_methods_train_with_the_adapters_off_policy_as_reference(peft, tmp_path):
+    """DPO with each PEFT method: no reference copy is loaded (the adapters-off policy is the
+    reference), only adapter (and modules_to_save) weights move, and the export merges them."""
+    from lit_align import SaveHFModel
+
+    module = DPO(peft=peft, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    export = SaveHFModel(str(tmp_path / "hf"))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[export])
+    data = PreferenceDataModule(PAIRS, batch_size=4)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer.fit(module, data)
+    assert module.ref_model is None
+    moved = {n for n, p in module.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(p.requires_grad for n, p in module.model.named_parameters() if n in moved)
+    assert not any(p.requires_grad for n, p in module.model.named_parameters() if "base_layer" in n)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert not any("lora" in n or "hada" in n or "ia3" in n for n, _ in merged.named_parameters())
+
+
+def test_prompt_learning_and_bad_peft_settings_are_refused():
+    with pytest.raises(ValueError, match="PromptTuningConfig adds virtual tokens in PeftModel.forward"):
+        DPO(peft={"class_path": "peft.PromptTuningConfig", "init_args": {"num_virtual_tokens": 4}}).configure_model()
+    with pytest.raises(ValueError, match="peft class_path 'peft.NoSuchConfig': cannot import"):
+        DPO(peft={"class_path": "peft.NoSuchConfig"}).configure_model()
+    with pytest.raises(ValueError, match="invalid peft settings"):
+        DPO(peft={"rank": 4}).configure_model()
+
+
+def test_activation_offloading_keeps_the_step_exact(monkeypatch):
+    """The saved activations go through save_on_cpu; loss and gradients are bit-identical."""
+    from lit_align import SFT, PromptCompletionDataModule
+
+    entered = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def counting(*args, **kwargs):
+        entered.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    grads = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        module = SFT(activation_offloading=offload)
+        data = PromptCompletionDataModule("builtin:arithmetic?size=16&steps=1&max_operand=4", batch_size=4, shuffle=False)
+        data.connect(module.tokenizer)
+        data.setup()
+        module.configure_model()
+        batch = data.collate([data.datasets["train"][i] for i in range(4)])
+        with module.activation_context():
+            loss = module.shared_step(batch, "val")
+        loss.backward()
+        grads.append([p.grad.clone() for p in module.model.parameters()])
+    assert len(entered) == 1 and entered[0] == {"pin_memory": False}
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

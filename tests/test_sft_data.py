@@ -230,3 +230,17 @@ def test_sft_config_on_tokenized_formatted_and_mixed_data(tmp_path, monkeypatch)
     cli = sft_cli(tmp_path, monkeypatch,
                   f"--data.init_args.mixture=[{{path: {a}}}, {{path: {qa}, columns: {{question: prompt, answer: completion}}}}]")
     assert len(cli.datamodule.datasets["train"]) + len(cli.datamodule.datasets["val"]) == 28
+
+
+def test_pad_to_multiple_of(tmp_path):
+    from lit_align import PromptOnlyDataModule
+
+    path = write_jsonl(tmp_path / "t.jsonl", texts(8))
+    for layout in ({}, {"packing": True}, {"padding_free": True}):
+        batch = next(iter(prepared(LanguageModelingDataModule(path, batch_size=4, pad_to_multiple_of=64, **layout)).train_dataloader()))
+        assert batch.input_ids.size(1) % 64 == 0 and batch.num_tokens < batch.input_ids.numel()
+    assert next(iter(prepared(LanguageModelingDataModule(path, batch_size=4)).train_dataloader())).input_ids.size(1) % 64
+    prompts = prepared(PromptOnlyDataModule("builtin:arithmetic?size=8&steps=1&max_operand=4", batch_size=4, pad_to_multiple_of=16))
+    assert next(iter(prompts.train_dataloader())).prompt_ids.size(1) == 16
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
+        LanguageModelingDataModule(pad_to_multiple_of=0)

@@ -86,6 +86,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         data_files: str | list[str] | dict[str, Any] | None = None,
         column_mapping: dict[str, str] | None = None,
         mixture: list[dict[str, Any]] | None = None,
+        pad_to_multiple_of: int | Literal["auto"] | None = "auto",
     ) -> None:
         """
         Args:
@@ -121,6 +122,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 ``dataset_name_or_path``: ``[{path, name?, data_dir?, data_files?, split?, columns?, fraction?}]``;
                 ``columns`` keeps (a list) or renames (a mapping) columns, ``fraction`` takes that share of a
                 source's rows. A named ``eval_split`` is read from every source.
+            pad_to_multiple_of: Round every batch's row width up to a multiple of this (TRL's; ``auto``:
+                no rounding, as TRL off Neuron devices).
         """
         super().__init__()
         if packing and padding_free:
@@ -147,6 +150,9 @@ class AlignDataModule(L.LightningDataModule, ABC):
         self.data_files = data_files
         self.column_mapping = dict(column_mapping or {})
         self.mixture = list(mixture) if mixture else None
+        if pad_to_multiple_of not in ("auto", None) and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, 'auto' or None, got {pad_to_multiple_of!r}")
+        self.pad_to_multiple_of = None if pad_to_multiple_of == "auto" else pad_to_multiple_of
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.requirements = DataRequirements()
         self.datasets: dict[str, datasets.Dataset] = {}
@@ -326,7 +332,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         return "packed" if self.packs(split) else "padded"
 
     def collate(self, items: list[dict], split: str = "train") -> Any:
-        return collate_examples(items, self.pad_token_id, self.layout_for(split), self.max_length)
+        return collate_examples(items, self.pad_token_id, self.layout_for(split), self.max_length, self.pad_to_multiple_of)
 
     @property
     def pad_token_id(self) -> int:
@@ -404,7 +410,9 @@ def _fraction_or_name(eval_split: float | str | None) -> float | str | None:
     return eval_split
 
 
-def collate_examples(items: list[dict], pad_token_id: int, layout: str, capacity: int | None) -> SequenceBatch:
+def collate_examples(
+    items: list[dict], pad_token_id: int, layout: str, capacity: int | None, pad_to_multiple_of: int | None = None
+) -> SequenceBatch:
     """Collate tokenized examples into a :class:`SequenceBatch`.
 
     When every example holds the same number ``k`` of sequences (pairs: ``k = 2``), sequence
@@ -419,7 +427,7 @@ def collate_examples(items: list[dict], pad_token_id: int, layout: str, capacity
     else:
         pairs = [(i, j) for i, item in enumerate(items) for j in range(len(item["input_ids"]))]
     sequences = [{f: items[i][f][j] for f in fields} for i, j in pairs]
-    tensors = collate_sequences(sequences, pad_token_id, layout, capacity)
+    tensors = collate_sequences(sequences, pad_token_id, layout, capacity, pad_to_multiple_of)
     labels = torch.tensor([bool(it["label"]) for it in items]) if "label" in items[0] else None
     margin = torch.tensor([float(it["margin"]) for it in items]) if "margin" in items[0] else None
     ref = [it["ref_logps"] for it in items] if "ref_logps" in items[0] else None

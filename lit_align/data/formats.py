@@ -446,7 +446,7 @@ class PromptOnlyDataModule(AlignDataModule):
         return self.max_length is None or len(seq["input_ids"]) < self.max_length
 
     def collate(self, items: list[dict]) -> PromptBatch:
-        return collate_prompts(items, self.pad_token_id)
+        return collate_prompts(items, self.pad_token_id, self.pad_to_multiple_of)
 
     def loader_batch_size(self, train: bool) -> int:
         """``batch_size`` counts completions, as TRL's ``per_device_train_batch_size`` does: a
@@ -479,9 +479,11 @@ class PromptBatch:
         return len(self.prompts)
 
 
-def collate_prompts(items: list[dict], pad_token_id: int) -> PromptBatch:
+def collate_prompts(items: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> PromptBatch:
     ids = [it["input_ids"][0] for it in items]
     width = max(len(x) for x in ids)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     prompt_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
     prompt_mask = torch.zeros(len(ids), width, dtype=torch.long)
     for r, x in enumerate(ids):

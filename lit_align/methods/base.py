@@ -6,6 +6,7 @@ rate for it) and writes ``training_step``/``validation_step`` from ``ops`` and `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +20,7 @@ from lit_align.methods.distributed import Distributed
 from lit_align.methods.safeguards import Safeguards
 from lit_align.models.loading import (
     ModelInit,
-    apply_lora,
+    apply_peft,
     customise_tokenizer,
     fit_model_to_tokenizer,
     load_causal_lm,
@@ -50,6 +51,7 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
         eos_token: str | None = None,
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        activation_offloading: bool = False,
         disable_dropout: bool | None = None,
         chunk_size: int = 1024,
         nonfinite: Literal["error", "skip"] = "error",
@@ -73,9 +75,13 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
                 template, special tokens and EOS are copied (embeddings grow to hold new tokens).
             eos_token: The token that ends completions (a token of the vocabulary), mirrored into the
                 model's and generation configs. The data uses the module's tokenizer with both applied.
-            peft: LoRA settings as ``peft.LoraConfig`` fields (for example ``{r: 16, lora_alpha: 32}``),
-                or None to train every weight.
+            peft: Adapters: ``peft.LoraConfig`` fields (for example ``{r: 16, lora_alpha: 32}``; DoRA with
+                ``use_dora: true``, rsLoRA with ``use_rslora: true``), or another PEFT method as
+                ``{class_path: peft.IA3Config, init_args: {...}}`` (LoHa, LoKr, IA3, ...), or None to train
+                every weight. The policy with its adapters off is the reference where one is needed.
             gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
+            activation_offloading: Keep the activations saved for backward in CPU memory (pinned on
+                CUDA) instead of the accelerator's, as TRL's; the step's math is unchanged.
             disable_dropout: Set every dropout probability of the policy to 0 (None: the method's TRL
                 default, on for preference methods, off for SFT/GRPO/RLOO).
             chunk_size: Tokens per block of the chunked LM-head log-prob op (memory is ``chunk_size x vocab``).
@@ -97,6 +103,7 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
         self.attn_implementation = self.model_init.attn_implementation
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
+        self.activation_offloading = activation_offloading
         self.disable_dropout = self.disable_dropout_default if disable_dropout is None else disable_dropout
         self.chunk_size = chunk_size
         if nonfinite not in ("error", "skip"):
@@ -141,7 +148,7 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
             elif self.gradient_checkpointing:
                 model.enable_input_require_grads()
-            model = apply_lora(model, self.peft, self.peft_task_type)
+            model = apply_peft(model, self.peft, self.peft_task_type)
         return model.train()  # from_pretrained returns eval mode; dropout is the model's own choice
 
     @property
@@ -185,7 +192,14 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
         raise TypeError(f"{type(self).__name__} does not define shared_step")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+        with self.activation_context():
+            return self.shared_step(batch, "train")
+
+    def activation_context(self) -> contextlib.AbstractContextManager:
+        """Where the forward of a training step keeps what backward needs (``activation_offloading``)."""
+        if self.activation_offloading:
+            return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+        return contextlib.nullcontext()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.shared_step(batch, "val")

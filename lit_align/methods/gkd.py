@@ -200,7 +200,8 @@ class GKD(Sampling, AlignModule):
         source = self.batch_source(batch_idx)
         if source != "data":
             batch = self.generate_completions(batch, self.model if source == "student" else self.teacher)
-        return self.shared_step(batch, "train")
+        with self.activation_context():
+            return self.shared_step(batch, "train")
 
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         if self.teacher is None:

@@ -191,7 +191,8 @@ class PPO(ManualSteps, OnlineModule):
             order = torch.randperm(n, device=self.device)
             for start in range(0, n, size):
                 idx = order[start : start + size]
-                loss, step_stats = self.minibatch_loss(r, idx)
+                with self.activation_context():
+                    loss, step_stats = self.minibatch_loss(r, idx)
                 self.manual_step(loss, optimizer, scheduler, self.max_grad_norm)
                 stats.append(step_stats)
         names = list(stats[0])

@@ -204,24 +204,44 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **dense_gguf(kwargs))
 
 
-def apply_lora(model: PreTrainedModel, peft: dict[str, Any], task_type: str = "CAUSAL_LM") -> Any:
-    """Wrap ``model`` with LoRA adapters from a plain dict of ``peft.LoraConfig`` fields.
+def apply_peft(model: PreTrainedModel, peft: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap ``model`` with PEFT adapters.
 
-    Defaults follow TRL's ModelConfig (r=16, alpha=32, dropout 0.05, all linear layers but the
-    LM head). A LoRA on the LM head is rejected: the chunked log-prob op reads its weight directly.
-    Classifiers (``SEQ_CLS``, ``TOKEN_CLS``) train their fresh ``score`` head in full, as TRL advises.
+    ``peft`` is a plain dict of ``peft.LoraConfig`` fields (DoRA: ``use_dora``, rsLoRA:
+    ``use_rslora``, ``target_modules: all-linear``, ``modules_to_save``, ...), with TRL's
+    ModelConfig defaults (r=16, alpha=32, dropout 0.05, all linear layers but the LM head); or
+    ``{class_path: peft.IA3Config, init_args: {...}}`` for another adapter method (LoHa, LoKr,
+    IA3, ...); or a ``peft`` config object. Classifiers (``SEQ_CLS``, ``TOKEN_CLS``) train their
+    fresh ``score`` head in full, as TRL advises. Adapters on the LM head are refused (the chunked
+    log-prob op reads its weight directly), and so are prompt-learning methods (their virtual
+    tokens live in ``PeftModel.forward``, which lit-align's forward does not call).
     """
-    from peft import LoraConfig, get_peft_model
+    import peft as peft_lib
 
-    settings = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", **peft}
-    settings.setdefault("task_type", task_type)
-    if task_type != "CAUSAL_LM":
-        settings.setdefault("modules_to_save", ["score"])
-    targets = settings.get("target_modules")
-    if isinstance(targets, (list, tuple)) and "lm_head" in targets:
+    if isinstance(peft, peft_lib.PeftConfig):
+        config = peft
+    else:
+        spec = dict(peft)
+        if "class_path" in spec:
+            from lit_align.imports import import_object
+
+            cls = import_object(spec["class_path"], "peft class_path", default_module="peft")
+            settings = dict(spec.get("init_args") or {})
+        else:
+            cls, settings = peft_lib.LoraConfig, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", **spec}
+        settings.setdefault("task_type", task_type)
+        if task_type != "CAUSAL_LM" and "modules_to_save" in getattr(cls, "__dataclass_fields__", {}):
+            settings.setdefault("modules_to_save", ["score"])
+        try:
+            config = cls(**settings)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"invalid peft settings {peft}: {err}") from err
+    if config.is_prompt_learning:
+        raise ValueError(
+            f"peft: {type(config).__name__} adds virtual tokens in PeftModel.forward, which lit-align's forward does not "
+            "call; use an adapter method (LoRA, DoRA, IA3, LoHa, LoKr, ...)"
+        )
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (list, tuple, set)) and "lm_head" in targets:
         raise ValueError("peft.target_modules may not include 'lm_head': train it with modules_to_save instead")
-    try:
-        config = LoraConfig(**settings)
-    except TypeError as err:
-        raise ValueError(f"invalid peft settings {peft}: {err}") from err
-    return get_peft_model(model, config)
+    return peft_lib.get_peft_model(model, config)

@@ -105,8 +105,10 @@ def collate_sequences(
     pad_token_id: int,
     layout: str = "padded",
     capacity: int | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, Tensor]:
-    """Lay sequences out in rows (``layout``: ``padded``, ``packed`` or ``padding_free``).
+    """Lay sequences out in rows (``layout``: ``padded``, ``packed`` or ``padding_free``), the
+    row width rounded up to a multiple of ``pad_to_multiple_of`` when given.
 
     Each sequence is a dict of equal-length token lists (``input_ids``, ``completion_mask``
     and optionally ``assistant_mask``, ``step_labels``). Returns the tensor fields of
@@ -124,6 +126,8 @@ def collate_sequences(
         raise ValueError(f"unknown layout {layout!r}: expected 'padded', 'packed' or 'padding_free'")
     keys = [k for k in sequences[0] if isinstance(sequences[0][k], list)]
     width = max(sum(len(sequences[i]["input_ids"]) for i in row) for row in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     out = {k: torch.full((len(rows), width), _pad_value(k, pad_token_id), dtype=torch.long) for k in keys}
     position_ids = torch.zeros(len(rows), width, dtype=torch.long)
     sequence_ids = torch.full((len(rows), width), -1, dtype=torch.long)
