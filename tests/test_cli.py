@@ -111,7 +111,7 @@ def test_short_class_names_and_help(capsys):
     code, out, _ = cli_exit(["fit", "--model", "SFT", "--model.help", "SFT"], capsys)
     out = " ".join(out.split())  # argparse wraps help text
     assert code == 0
-    for text in ("--model.loss_type", "Dynamic Fine-Tuning", "--model.peft", "LoRA settings", "--model.nonfinite"):
+    for text in ("--model.loss_type", "Dynamic Fine-Tuning", "--model.peft", "peft.LoraConfig", "--model.nonfinite", "--model.model_init_kwargs"):
         assert text in out
     code, out, _ = cli_exit(["fit", "--data.help", "PromptCompletionDataModule"], capsys)
     out = " ".join(out.split())

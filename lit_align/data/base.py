@@ -115,8 +115,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 the tokenizer of the module being trained is used.
             dataset_config: The Hub dataset's configuration (``name`` of ``datasets.load_dataset``; TRL's
                 ``dataset_config``).
-            data_dir, data_files: Which files of a Hub dataset or local directory to read (as
-                ``datasets.load_dataset``).
+            data_dir: The directory of a Hub dataset or local directory to read (as ``datasets.load_dataset``).
+            data_files: Which files of it to read (as ``datasets.load_dataset``).
             column_mapping: Rename columns to the format's names, e.g. ``{question: prompt, answer: completion}``.
             mixture: Several sources trained on as one (TRL's ``DatasetMixtureConfig.datasets``), in place of
                 ``dataset_name_or_path``: ``[{path, name?, data_dir?, data_files?, split?, columns?, fraction?}]``;

@@ -64,8 +64,9 @@ class GRPO(OnlineModule):
                 (per-sequence means), ``bnpo`` (token mean of the micro-batch), ``dr_grpo`` (over
                 ``N * max_completion_length``), ``cispo`` (clipped IS weight times log-prob), ``sapo``
                 (soft gate instead of the clip).
-            epsilon, epsilon_high: Lower and upper clip range (``epsilon_high`` defaults to ``epsilon``;
-                DAPO uses 0.28; CISPO's upper bound on the weight, about 5).
+            epsilon: Lower clip range of the ratio (``1 - epsilon``).
+            epsilon_high: Upper clip range (default: ``epsilon``; DAPO uses 0.28; CISPO's upper bound
+                on the weight, about 5).
             delta: Upper clip of the unclipped ratio (INTELLECT-2 two-sided clipping); None: off.
             importance_sampling_level: ``token`` or ``sequence`` (GSPO: the geometric mean ratio).
             scale_rewards: Divide advantages by the ``group`` std, the ``batch`` std, or ``none``
@@ -73,7 +74,8 @@ class GRPO(OnlineModule):
             multi_objective_aggregation: ``sum_then_normalize`` or ``normalize_then_sum`` (GDPO).
             top_entropy_quantile: Train on the tokens whose entropy is in this top fraction (1: all).
             use_bias_correction_kl: Multiply the KL by the importance ratio.
-            sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures.
+            sapo_temperature_pos: SAPO's gate temperature for positive advantages.
+            sapo_temperature_neg: SAPO's gate temperature for negative advantages.
             dynamic_sampling: DAPO's dynamic sampling: groups whose rewards are all equal (no signal)
                 are sampled again, up to ``max_resample_rounds`` times, before the update.
         """

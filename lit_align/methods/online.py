@@ -71,14 +71,19 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             reward_weights: One weight per reward function (default all 1).
             num_generations: Completions sampled per prompt (the group).
             max_completion_length: Longest completion in tokens.
-            temperature, top_p, top_k, min_p, repetition_penalty: Sampling settings (TRL's); the
-                log-probs of the loss are taken at the same temperature.
+            temperature: Sampling temperature (TRL's); the log-probs of the loss are taken at it too.
+            top_p: Nucleus sampling's probability mass (1: off).
+            top_k: Sample among the ``top_k`` likeliest tokens (0: off).
+            min_p: Drop tokens below ``min_p`` times the likeliest one's probability (None: off).
+            repetition_penalty: Penalty on tokens already in the sequence (1: off).
             generation_kwargs: Extra keyword arguments for the engine's generate call.
             num_iterations: Updates per rollout (the old log-probs are stored with the rollout).
             beta: Weight of the KL to the reference; 0 loads no reference model.
             mask_truncated_completions: Leave completions without EOS out of the loss.
             use_vllm: Generate with a colocated vLLM engine (CUDA; weights synced after each step).
-            vllm_gpu_memory_utilization, vllm_tensor_parallel_size, vllm_max_model_length: vLLM settings.
+            vllm_gpu_memory_utilization: Share of the GPU's memory vLLM may take.
+            vllm_tensor_parallel_size: vLLM's tensor-parallel degree.
+            vllm_max_model_length: vLLM's context length (None: the model's).
             log_completions: Log a W&B table of prompts, completions, rewards and advantages
                 every ``log_completions_steps`` steps.
         """
@@ -208,18 +213,6 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
     def old_token_logps(self, rollout: Rollout) -> Tensor:
         """The policy's per-token log-probs at sampling time ``(N, C)``."""
         return self.token_logps(self.model, rollout.sequences, rollout.generations)[0]
-
-    def check_prompt_budget(self, batch: PromptBatch) -> None:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        longest = int(batch.prompt_mask.sum(dim=1).max())
-        if limit is not None and longest + self.max_completion_length > limit:
-            i = int(batch.prompt_mask.sum(dim=1).argmax())
-            raise ValueError(
-                f"prompt {str(batch.prompts[i])[:80]!r} has {longest} tokens; with max_completion_length="
-                f"{self.max_completion_length} it exceeds the model's context of {limit} tokens. Drop long prompts "
-                f"with the DataModule's max_length (for example {limit - self.max_completion_length}) or lower "
-                "max_completion_length"
-            )
 
     def sequences(self, gens: Generations) -> SequenceBatch:
         return completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)

@@ -78,14 +78,17 @@ class PPO(ManualSteps, OnlineModule):
             num_mini_batches: Mini-batches (optimizer steps) per pass.
             kl_coef: Weight of the per-token KL penalty in the reward.
             kl_estimator: ``k1`` (``log p - log ref``) or ``k3`` (``exp(r) - 1 - r``, ``r = log ref - log p``).
-            cliprange, cliprange_value: Clip ranges of the policy ratio and the value change.
+            cliprange: Clip range of the policy ratio.
+            cliprange_value: Clip range of the value change.
             vf_coef: Weight of the value loss.
-            gamma, lam: GAE's discount and lambda.
+            gamma: GAE's discount.
+            lam: GAE's lambda.
             whiten_rewards: Whiten the per-token rewards before GAE.
             missing_eos_penalty: Subtracted from the score of completions that never end.
             max_grad_norm: Gradient norm clip of each optimizer step (None: off).
-            num_generations, max_completion_length, temperature: TRL's PPO sampling defaults
-                (``response_length=53``, ``temperature=0.7``).
+            num_generations: Completions per prompt (TRL's PPO: 1).
+            max_completion_length: Longest completion (TRL's PPO ``response_length=53``).
+            temperature: Sampling temperature (TRL's PPO: 0.7).
         """
         for name in ("beta", "mask_truncated_completions"):
             if kwargs.get(name):  # OnlineModule's arguments that PPO has no use for

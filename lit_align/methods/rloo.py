@@ -41,7 +41,8 @@ class RLOO(OnlineModule):
         Args:
             num_generations: Completions per prompt (RLOO's k; TRL default 2).
             beta: Weight of the KL penalty folded into the reward (TRL default 0.05).
-            epsilon, epsilon_high: Clip range of the sequence ratio.
+            epsilon: Lower clip range of the sequence ratio (``1 - epsilon``).
+            epsilon_high: Upper clip range (default: ``epsilon``).
             normalize_advantages: Standardise advantages over the batch.
             reward_clip_range: Clip the weighted reward to ``(low, high)`` before the KL shaping.
         """

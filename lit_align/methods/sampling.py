@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lit_align.data.formats import PromptBatch
 from lit_align.rollout.engines import GenerationEngine, Generations, HFEngine, SamplingParams
 
 
 class Sampling:
     """A module's generation engine (made on first use by ``make_engine``, or handed over by a
-    ``RolloutCallback(engine=...)``) and ``sample``. Reads the module's ``model``, ``tokenizer``
-    and ``sampling`` (its :class:`~lit_align.rollout.engines.SamplingParams`)."""
+    ``RolloutCallback(engine=...)``), ``sample`` and ``check_prompt_budget``. Reads the module's
+    ``model``, ``tokenizer``, ``max_completion_length`` and ``sampling`` (its
+    :class:`~lit_align.rollout.engines.SamplingParams`)."""
 
     _engine: GenerationEngine | None = None
     sampling: SamplingParams
@@ -46,3 +48,16 @@ class Sampling:
                 "any model (HFEngine, use_vllm=False)"
             )
         return self.engine.generate(model, prompt_ids, prompt_mask, sampling or self.sampling)
+
+    def check_prompt_budget(self, batch: PromptBatch) -> None:
+        """A prompt and ``max_completion_length`` new tokens must fit the model's context."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = int(batch.prompt_mask.sum(dim=1).max())
+        if limit is not None and longest + self.max_completion_length > limit:
+            i = int(batch.prompt_mask.sum(dim=1).argmax())
+            raise ValueError(
+                f"prompt {str(batch.prompts[i])[:80]!r} has {longest} tokens; with max_completion_length="
+                f"{self.max_completion_length} it exceeds the model's context of {limit} tokens. Drop long prompts "
+                f"with the DataModule's max_length (for example {limit - self.max_completion_length}) or lower "
+                "max_completion_length"
+            )
