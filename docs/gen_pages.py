@@ -70,7 +70,6 @@ ONLINE_IS = "not yet: off-policy correction is the issue \"Online RL at real sca
 ELSEWHERE = {  # fields lit-align has under another name or owner, or does not need; (config or *, field)
     ("*", "shuffle_dataset"): "DataModule `shuffle` (default on; TRL's default is off)",
     ("*", "pad_token"): "deprecated in TRL; the tokenizer's own pad token is used (EOS when it has none)",
-    ("*", "router_aux_loss_coef"): "not yet: MoE load-balancing loss (the model's `aux_loss`) is not added",
     ("*", "ds3_gather_for_generation"): "not yet: DeepSpeed is the issue \"Scale-out and real-model speed\"",
     ("*", "cast_lm_head_to_fp32"): "the chunked LM-head op takes log-softmax in fp32 after a matmul in the weights' dtype",
     ("*", "max_completion_length"): "not yet for this method: sequences are truncated whole (`max_length`)",

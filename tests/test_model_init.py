@@ -197,3 +197,61 @@ def test_activation_offloading_keeps_the_step_exact(monkeypatch):
         grads.append([p.grad.clone() for p in module.model.parameters()])
     assert len(entered) == 1 and entered[0] == {"pin_memory": False}
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# --------------------------------------------------------------------------- router_aux_loss_coef
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = builtin_tokenizer("builtin:tiny")
+    config = MixtralConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                           router_aux_loss_coef=0.02, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("moe")
+    MixtralForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_router_aux_loss_matches_the_models_own_loss(tiny_moe):
+    """SFT on a Mixture-of-Experts model adds the config's router_aux_loss_coef times the
+    load-balancing loss, as the model's own forward with labels does (TRL's default)."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_align import SFT, LanguageModelingDataModule
+
+    module = SFT(model_name_or_path=tiny_moe)
+    module.configure_model()
+    data = LanguageModelingDataModule("builtin:arithmetic?size=4&steps=1&max_operand=4", batch_size=1)
+    data.connect(module.tokenizer)
+    data.setup()
+    batch = data.collate([data.datasets["train"][0]])
+    loss = module.with_router_aux_loss(module.shared_step(batch, "val"))
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_moe)(input_ids=batch.input_ids, labels=batch.input_ids, output_router_logits=True)
+    torch.testing.assert_close(loss, theirs.loss)
+    assert module.aux_loss_coef == 0.02 and module.router_logits.losses == []
+    off = SFT(model_name_or_path=tiny_moe, router_aux_loss_coef=0.0)
+    off.configure_model()
+    assert off.router_logits is None and not off.model.config.output_router_logits
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef=0.01 but LlamaForCausalLM is not a Mixture-of-Experts model"):
+        SFT(router_aux_loss_coef=0.01).configure_model()
+
+
+def test_router_aux_loss_is_logged_in_training(tiny_moe):
+    from lit_align import DPO
+
+    module = DPO(model_name_or_path=tiny_moe, router_aux_loss_coef=0.1)
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            self.aux = float(trainer.callback_metrics["train/aux_loss"])
+
+    record = Record()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[record])
+    trainer.fit(module, PreferenceDataModule(PAIRS, batch_size=4))
+    assert record.aux > 0 and module.ref_model.config.output_router_logits is False

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lit_align.data.base import DataRequirements
 from lit_align.methods.distributed import Distributed
+from lit_align.methods.moe import RouterAuxLoss
 from lit_align.methods.safeguards import Safeguards
 from lit_align.models.loading import (
     ModelInit,
@@ -30,7 +31,7 @@ from lit_align.models.loading import (
 from lit_align.optim import LinearWarmupDecay
 
 
-class AlignModule(Safeguards, Distributed, L.LightningModule):
+class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
     """Base class of the lit-align methods (not used directly)."""
 
     default_lr: ClassVar[float] = 1e-6
@@ -52,6 +53,7 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         activation_offloading: bool = False,
+        router_aux_loss_coef: float | None = None,
         disable_dropout: bool | None = None,
         chunk_size: int = 1024,
         nonfinite: Literal["error", "skip"] = "error",
@@ -82,6 +84,8 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
             gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
             activation_offloading: Keep the activations saved for backward in CPU memory (pinned on
                 CUDA) instead of the accelerator's, as TRL's; the step's math is unchanged.
+            router_aux_loss_coef: Weight of a Mixture-of-Experts model's load-balancing loss added to
+                the training loss (``train/aux_loss``). None: the model config's own, as TRL; 0: off.
             disable_dropout: Set every dropout probability of the policy to 0 (None: the method's TRL
                 default, on for preference methods, off for SFT/GRPO/RLOO).
             chunk_size: Tokens per block of the chunked LM-head log-prob op (memory is ``chunk_size x vocab``).
@@ -104,6 +108,7 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
         self.activation_offloading = activation_offloading
+        self.router_aux_loss_coef = router_aux_loss_coef
         self.disable_dropout = self.disable_dropout_default if disable_dropout is None else disable_dropout
         self.chunk_size = chunk_size
         if nonfinite not in ("error", "skip"):
@@ -134,6 +139,7 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
 
     def build_policy(self) -> torch.nn.Module:
         model = self.fit_to_tokenizer(self.load_model())
+        self.enable_router_aux_loss(model)
         if self.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -193,7 +199,7 @@ class AlignModule(Safeguards, Distributed, L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         with self.activation_context():
-            return self.shared_step(batch, "train")
+            return self.with_router_aux_loss(self.shared_step(batch, "train"))
 
     def activation_context(self) -> contextlib.AbstractContextManager:
         """Where the forward of a training step keeps what backward needs (``activation_offloading``)."""

@@ -201,7 +201,7 @@ class GKD(Sampling, AlignModule):
         if source != "data":
             batch = self.generate_completions(batch, self.model if source == "student" else self.teacher)
         with self.activation_context():
-            return self.shared_step(batch, "train")
+            return self.with_router_aux_loss(self.shared_step(batch, "train"))
 
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         if self.teacher is None:

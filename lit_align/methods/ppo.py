@@ -196,6 +196,7 @@ class PPO(ManualSteps, OnlineModule):
                 idx = order[start : start + size]
                 with self.activation_context():
                     loss, step_stats = self.minibatch_loss(r, idx)
+                loss = self.with_router_aux_loss(loss)
                 self.manual_step(loss, optimizer, scheduler, self.max_grad_norm)
                 stats.append(step_stats)
         names = list(stats[0])
