@@ -20,6 +20,7 @@ from lit_align.data.tokenize import (
     tokenize_prompt_completion,
     tokenize_steps,
     tokenize_text,
+    truncate,
 )
 from lit_align.imports import import_object
 from lit_align.ops.packing import split_sequence, wrap_sequences
@@ -92,7 +93,7 @@ class SFTDataModule(AlignDataModule):
 
     def pack_split(self, ds: datasets.Dataset, packed: bool) -> datasets.Dataset:
         if self.cuts_instead_of_truncating and not packed:  # this split is not packed: truncate it after all
-            ds = ds.map(lambda row: _truncated(row, self), keep_in_memory=True, desc="Truncating")
+            ds = ds.map(lambda row: _truncated(row, self.max_length, self.truncation_mode), keep_in_memory=True, desc="Truncating")
             return ds.filter(lambda mask: any(map(any, mask)), input_columns="completion_mask", keep_in_memory=True)
         if not packed or self.packing_strategy == "bfd":
             return super().pack_split(ds, packed)
@@ -110,9 +111,10 @@ class SFTDataModule(AlignDataModule):
         return ds if self.packing_strategy == "wrapped" else self._pack(ds)
 
 
-def _truncated(row: dict, dm: AlignDataModule) -> dict:
-    seqs = [dict(zip(row, values)) for values in zip(*(row[k] for k in row if k != "length"))]
-    cut = [AlignDataModule.truncate(dm, seq) for seq in seqs]
+def _truncated(row: dict, max_length: int, mode: str) -> dict:
+    """A prepared row (token fields holding lists of sequences) with every sequence cut to ``max_length``."""
+    keys = [k for k in row if k != "length"]
+    cut = [truncate(dict(zip(keys, values)), max_length, mode) for values in zip(*(row[k] for k in keys))]
     return {**{k: [c[k] for c in cut] for k in cut[0]}, "length": sum(len(c["input_ids"]) for c in cut)}
 
 
