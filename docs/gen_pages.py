@@ -71,7 +71,6 @@ ELSEWHERE = {  # fields lit-align has under another name or owner, or does not n
     ("*", "shuffle_dataset"): "DataModule `shuffle` (default on; TRL's default is off)",
     ("*", "pad_token"): "deprecated in TRL; the tokenizer's own pad token is used (EOS when it has none)",
     ("*", "ds3_gather_for_generation"): "not yet: DeepSpeed is the issue \"Scale-out and real-model speed\"",
-    ("*", "cast_lm_head_to_fp32"): "the chunked LM-head op takes log-softmax in fp32 after a matmul in the weights' dtype",
     ("*", "max_completion_length"): "not yet for this method: sequences are truncated whole (`max_length`)",
     ("*", "generate_during_eval"): "not yet: no sampled completions are logged during evaluation",
     ("*", "is_encoder_decoder"): "not applicable: lit-align trains causal LMs",

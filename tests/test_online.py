@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lit_align import GRPO, PPO, RLOO, OnlineDPO, PromptOnlyDataModule, RolloutCallback
 from lit_align.data.sampler import ShardedSampler
 from lit_align.models.builtin import builtin_model, builtin_tokenizer
-from lit_align.ops.completions import completion_batch, completion_logprobs
+from lit_align.ops.completions import completion_batch, completion_hidden, completion_logprobs
 from lit_align.rollout.engines import HFEngine, SamplingParams, VLLMEngine, completion_mask
 from tests.scripted_engine import ScriptedEngine
 
@@ -525,3 +525,27 @@ def test_reward_models_load_with_the_other_models():
     assert scorer.model is None
     module.configure_model()
     assert scorer.model is not None and not scorer.model.training
+
+
+def test_cast_lm_head_to_fp32_takes_the_logits_in_fp32():
+    """On a bf16 policy, cast_lm_head_to_fp32 gives the log-probs of fp32 logits from the bf16
+    hidden states and head (to fp32 precision); without it the matmul runs in bf16."""
+    from lit_align.rollout.engines import Generations
+
+    prompt_ids, prompt_mask, completion_ids, cmask = random_rollout(3)
+    gens = Generations(prompt_ids, prompt_mask, completion_ids, cmask, torch.zeros(len(cmask), dtype=torch.bool))
+    seqs = completion_batch(prompt_ids, prompt_mask, completion_ids, cmask, 256)
+    exact, plain = [GRPO(reward_funcs=["arithmetic_reward"], num_generations=2, dtype="bfloat16", cast_lm_head_to_fp32=cast)
+                    for cast in (True, False)]
+    for m in (exact, plain):
+        m.configure_model()
+    plain.model.load_state_dict(exact.model.state_dict())
+    with torch.no_grad():
+        states, labels, index = completion_hidden(exact.model, seqs)
+        head = exact.model.get_output_embeddings().weight
+        want = torch.log_softmax(states.float() @ head.float().T, -1).gather(-1, labels[:, None]).squeeze(-1)
+        got = exact.token_logps(exact.model, seqs, gens)[0][gens.completion_mask.bool()]
+        rough = plain.token_logps(plain.model, seqs, gens)[0][gens.completion_mask.bool()]
+    assert got.dtype == torch.float32
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (rough - want).abs().max() > 1e-4

@@ -55,6 +55,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         num_iterations: int = 1,
         beta: float = 0.0,
         mask_truncated_completions: bool = False,
+        cast_lm_head_to_fp32: bool = False,
         use_vllm: bool = False,
         vllm_gpu_memory_utilization: float = 0.3,
         vllm_tensor_parallel_size: int = 1,
@@ -80,6 +81,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             num_iterations: Updates per rollout (the old log-probs are stored with the rollout).
             beta: Weight of the KL to the reference; 0 loads no reference model.
             mask_truncated_completions: Leave completions without EOS out of the loss.
+            cast_lm_head_to_fp32: Compute the log-probs' logits in fp32 on a bf16/fp16 model (TRL's).
             use_vllm: Generate with a colocated vLLM engine (CUDA; weights synced after each step).
             vllm_gpu_memory_utilization: Share of the GPU's memory vLLM may take.
             vllm_tensor_parallel_size: vLLM's tensor-parallel degree.
@@ -117,6 +119,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         self.num_iterations = num_iterations
         self.beta = beta
         self.mask_truncated_completions = mask_truncated_completions
+        self.cast_lm_head_to_fp32 = cast_lm_head_to_fp32
         self.use_vllm = use_vllm
         self.vllm_settings = {
             "gpu_memory_utilization": vllm_gpu_memory_utilization,
@@ -226,7 +229,8 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
     def token_logps(self, model: torch.nn.Module, seqs: SequenceBatch, gens: Generations, with_entropy: bool = False):
         """Per-token log-probs ``(N, C)`` at the sampling temperature (and entropies)."""
         return completion_logprobs(
-            model, seqs, gens.completion_mask, temperature=self.temperature, chunk_size=self.chunk_size, with_entropy=with_entropy
+            model, seqs, gens.completion_mask, temperature=self.temperature, chunk_size=self.chunk_size,
+            with_entropy=with_entropy, fp32_head=self.cast_lm_head_to_fp32,
         )
 
     @torch.no_grad()

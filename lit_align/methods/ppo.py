@@ -141,7 +141,7 @@ class PPO(ManualSteps, OnlineModule):
         hidden = completion_hidden(self.model, seqs)
         logps, entropy = completion_logprobs(
             self.model, seqs, gens.completion_mask, temperature=self.temperature, chunk_size=self.chunk_size,
-            with_entropy=with_entropy, hidden=hidden,
+            with_entropy=with_entropy, hidden=hidden, fp32_head=self.cast_lm_head_to_fp32,
         )
         if self.value_model is not None:
             values = completion_values(self.value_model.score, completion_hidden(self.value_model, seqs), gens.completion_mask)

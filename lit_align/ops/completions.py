@@ -10,6 +10,8 @@ completion tokens, and the results are scattered back to ``(N, C)``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -86,19 +88,22 @@ def completion_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     hidden: tuple[Tensor, Tensor, Tensor] | None = None,
+    fp32_head: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs of the completion tokens at ``temperature`` ``(N, C)`` (0 elsewhere),
-    and their entropies (detached) when asked. ``hidden`` reuses a :func:`completion_hidden`."""
+    and their entropies (detached) when asked. ``hidden`` reuses a :func:`completion_hidden`;
+    ``fp32_head`` computes the logits in fp32 from a half-precision model (TRL's
+    ``cast_lm_head_to_fp32``), outside any autocast."""
     states, labels, index = hidden if hidden is not None else completion_hidden(model, batch)
-    stats = selected_logprobs(
-        states,
-        labels=labels,
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-        with_accuracy=False,
-        **lm_head_params(model),
-    )
+    head = lm_head_params(model)
+    if fp32_head:
+        states = states.float()
+        head.update(weight=head["weight"].float(), bias=None if head["bias"] is None else head["bias"].float())
+    with torch.autocast(states.device.type, enabled=False) if fp32_head else contextlib.nullcontext():
+        stats = selected_logprobs(
+            states, labels=labels, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy,
+            with_accuracy=False, **head,
+        )
     logps = scatter_to_completions(stats.logps, index, completion_mask)
     entropy = scatter_to_completions(stats.entropy, index, completion_mask) if with_entropy else None
     return logps, entropy
