@@ -71,8 +71,8 @@ ELSEWHERE = {  # fields lit-align has under another name or owner, or does not n
     ("*", "shuffle_dataset"): "DataModule `shuffle` (default on; TRL's default is off)",
     ("*", "pad_token"): "deprecated in TRL; the tokenizer's own pad token is used (EOS when it has none)",
     ("*", "ds3_gather_for_generation"): "not yet: DeepSpeed is the issue \"Scale-out and real-model speed\"",
-    ("*", "max_completion_length"): "not yet for this method: sequences are truncated whole (`max_length`)",
-    ("*", "generate_during_eval"): "not yet: no sampled completions are logged during evaluation",
+    ("*", "max_completion_length"): "TRL reads it for encoder-decoder models only; for a causal LM `max_length` bounds "
+    "prompt and completion together, as TRL",
     ("*", "is_encoder_decoder"): "not applicable: lit-align trains causal LMs",
     ("*", "padding_value"): "the tokenizer's pad token (the DataModule pads with it)",
     ("*", "chat_template_kwargs"): "per row, as a `chat_template_kwargs` column of the data",

@@ -13,8 +13,9 @@ import torch
 from lit_align import LanguageModelingDataModule, PromptCompletionDataModule
 from lit_align.data.base import collate_examples
 from lit_align.losses.gkd import generalized_jsd, gkd_loss
-from lit_align.methods.gkd import GKD, distill_targets, left_padded_prompts
+from lit_align.methods.gkd import GKD
 from lit_align.models.builtin import builtin_model, builtin_tokenizer
+from lit_align.ops.completions import last_completion_run, left_padded_prompts
 from lit_align.ops.distill import LMHead, chunked_generalized_jsd
 from lit_align.ops.forward import target_mask
 
@@ -175,7 +176,7 @@ def test_targets_are_the_last_assistant_turn_and_prompts_what_precedes(tmp_path,
     items = [dm.datasets["train"][i] for i in range(2)]
     for layout in ("padded", "packed"):
         batch = collate_examples(items, tokenizer.pad_token_id, layout, 256)
-        targets = distill_targets(batch)
+        targets = last_completion_run(batch)
         texts = [tokenizer.decode(batch.input_ids[targets & (batch.sequence_ids == s)]) for s in range(2)]
         assert texts == ["7<|im_end|>", "Hello there<|im_end|>"]
         ids, mask = left_padded_prompts(batch, targets, tokenizer.pad_token_id)
@@ -191,7 +192,7 @@ def test_plain_text_has_no_prompt_to_sample_from(tokenizer):
     dm.setup()
     batch = collate_examples([dm.datasets["train"][i] for i in range(2)], tokenizer.pad_token_id, "padded", None)
     with pytest.raises(ValueError, match="prompt-completion or conversational data"):
-        left_padded_prompts(batch, distill_targets(batch), tokenizer.pad_token_id)
+        left_padded_prompts(batch, last_completion_run(batch), tokenizer.pad_token_id)
 
 
 def test_lmbda_coin_is_reproducible_and_has_the_right_rate(monkeypatch):
@@ -218,7 +219,7 @@ def test_module_loss_equals_trl_full_logit_loss_on_a_batch(teacher_dir, tokenize
     with torch.no_grad():
         s_logits = module.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         t_logits = module.teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    mask = target_mask(batch, distill_targets(batch))
+    mask = target_mask(batch, last_completion_run(batch))
     labels = batch.input_ids[:, 1:].masked_fill(~mask, -100)
     expected = trl_gkd.GKDTrainer.generalized_jsd_loss(s_logits[:, :-1], t_logits[:, :-1], labels=labels, beta=0.5)
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)

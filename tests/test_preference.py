@@ -160,3 +160,30 @@ def test_orpo_learns_the_pairs(learning):
     assert after["nll_loss"] < 2.0 < 5.0 < before["nll_loss"]
     assert after["log_odds_chosen"] > before["log_odds_chosen"] + 0.5
     assert after["rewards/accuracies"] >= 0.9 and after["rewards/margins"] > before["rewards/margins"] + 0.3
+
+
+def test_generate_during_eval_logs_the_policys_completions(tmp_path):
+    """TRL's generate_during_eval on CPO and ORPO: at validation, the policy completes the first
+    batch's prompts, logged as the W&B table game_log (Prompt, Policy)."""
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lit_align import CPO, ORPO, PreferenceDataModule
+
+    for cls in (CPO, ORPO):
+        logger = WandbLogger(project="lit-align", save_dir=str(tmp_path), offline=True)
+        tables: list = []
+        logger.log_table = lambda key, columns, data, into=tables: into.append((key, columns, data))
+        data = PreferenceDataModule("builtin:arithmetic?size=16&steps=1&max_operand=4", batch_size=4, eval_split=0.25, max_length=64)
+        L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=logger,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  ).fit(cls(generate_during_eval=True), data)
+        import wandb
+
+        wandb.finish()
+        assert [(k, c) for k, c, _ in tables] == [("game_log", ["Prompt", "Policy"])]
+        rows = tables[0][2]
+        assert len(rows) == 4 and all(p.startswith("Compute") and isinstance(c, str) for p, c in rows)
+    with pytest.warns(UserWarning, match="generate_during_eval logs its completions to W&B, and the Trainer has no WandbLogger"):
+        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0).fit(CPO(generate_during_eval=True), data)

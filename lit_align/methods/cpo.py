@@ -20,12 +20,13 @@ from torch import Tensor
 
 from lit_align.losses.odds import CPOLossConfig, CPOLossType, cpo_loss
 from lit_align.methods.base import AlignModule
+from lit_align.methods.eval_samples import GenerateDuringEval
 from lit_align.methods.metrics import preference_metrics
 from lit_align.ops.packing import SequenceBatch
 from lit_align.ops.preference import sequence_logps
 
 
-class CPO(AlignModule):
+class CPO(GenerateDuringEval, AlignModule):
     """CPO / SimPO / AlphaPO on preference pairs (``PreferenceDataModule``)."""
 
     default_lr = 1e-6

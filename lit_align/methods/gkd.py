@@ -31,56 +31,13 @@ from lit_align.methods.base import AlignModule
 from lit_align.methods.sampling import Sampling
 from lit_align.models.loading import ModelInit
 from lit_align.models.reference import frozen_copy
-from lit_align.ops.completions import completion_batch
+from lit_align.ops.completions import completion_batch, last_completion_run, left_padded_prompts
 from lit_align.ops.distill import LMHead, chunked_generalized_jsd, divergence_kind
 from lit_align.ops.forward import decoder_hidden, lm_head_params, target_mask
 from lit_align.ops.packing import SequenceBatch
 from lit_align.rollout.engines import GenerationEngine, HFEngine, SamplingParams
 
 Source = Literal["student", "teacher", "data"]
-
-
-def distill_targets(batch: SequenceBatch) -> Tensor:
-    """The tokens distilled, ``(R, T)`` bool: each sequence's last run of completion tokens (of assistant
-    tokens too, when the chat template marks them), so a conversation trains on its last assistant turn."""
-    mask = batch.completion_mask & (batch.sequence_ids >= 0)
-    if batch.assistant_mask is not None:
-        mask = mask & batch.assistant_mask
-    seq = batch.sequence_ids
-    continues = torch.zeros_like(mask)
-    continues[:, 1:] = mask[:, :-1] & (seq[:, 1:] == seq[:, :-1])  # (R, T) the previous token is in the same run
-    starts = mask & ~continues  # (R, T) first token of each run
-    flat = torch.arange(mask.numel(), device=mask.device).view_as(mask)  # (R, T) row-major token index
-    last_start = torch.full((int(seq.max()) + 1,), -1, dtype=torch.long, device=mask.device)
-    last_start = last_start.scatter_reduce(0, seq[starts], flat[starts], "amax")  # (S,)
-    return mask & (flat >= last_start[seq.clamp(min=0)])
-
-
-def left_padded_prompts(batch: SequenceBatch, targets: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Each sequence's tokens before its first target, left-padded: ``(S, P)`` ids and mask (sequence order)."""
-    ids, seq, tgt = batch.input_ids.flatten().tolist(), batch.sequence_ids.flatten().tolist(), targets.flatten().tolist()
-    prompts: dict[int, list[int]] = {}
-    done: set[int] = set()
-    for token, s, is_target in zip(ids, seq, tgt):
-        if s < 0 or s in done:
-            continue
-        if is_target:
-            done.add(s)
-        else:
-            prompts.setdefault(s, []).append(token)
-    rows = [prompts.get(s, []) for s in range(int(batch.sequence_ids.max()) + 1)]
-    if not all(rows):
-        raise ValueError(
-            "GKD samples completions from each sequence's prompt (the tokens before its completion), and a "
-            "sequence of this batch has none: use prompt-completion or conversational data"
-        )
-    width = max(len(r) for r in rows)
-    prompt_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        prompt_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        prompt_mask[i, width - len(r):] = 1
-    return prompt_ids.to(batch.input_ids.device), prompt_mask.to(batch.input_ids.device)
 
 
 def check_shared_vocabulary(student: nn.Module, teacher: nn.Module, student_name: str, teacher_name: str) -> None:
@@ -177,7 +134,7 @@ class GKD(Sampling, AlignModule):
 
     def generate_completions(self, batch: SequenceBatch, model: nn.Module) -> SequenceBatch:
         """The batch's prompts with completions sampled from ``model`` (up to and including EOS)."""
-        prompt_ids, prompt_mask = left_padded_prompts(batch, distill_targets(batch), self.pad_token_id)
+        prompt_ids, prompt_mask = left_padded_prompts(batch, last_completion_run(batch), self.pad_token_id)
         gens = self.sample(model, prompt_ids, prompt_mask, policy=model is self.model)
         return completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)
 
@@ -206,7 +163,7 @@ class GKD(Sampling, AlignModule):
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         if self.teacher is None:
             raise RuntimeError("GKD has no teacher: configure_model() loads it (the Trainer calls it)")
-        mask = target_mask(batch, distill_targets(batch))  # (R, T-1)
+        mask = target_mask(batch, last_completion_run(batch))  # (R, T-1)
         jsd = self.token_divergence(batch, mask)  # (n,)
         loss_sum = jsd.sum()
         local = torch.stack(

@@ -18,12 +18,13 @@ from torch import Tensor
 
 from lit_align.losses.odds import orpo_loss
 from lit_align.methods.base import AlignModule
+from lit_align.methods.eval_samples import GenerateDuringEval
 from lit_align.methods.metrics import preference_metrics
 from lit_align.ops.packing import SequenceBatch
 from lit_align.ops.preference import sequence_logps
 
 
-class ORPO(AlignModule):
+class ORPO(GenerateDuringEval, AlignModule):
     """ORPO on preference pairs (``PreferenceDataModule``)."""
 
     default_lr = 1e-6

@@ -116,3 +116,46 @@ def completion_values(head: nn.Module, hidden: tuple[Tensor, Tensor, Tensor], co
     """
     states, _, index = hidden
     return scatter_to_completions(head(states).squeeze(-1).float(), index, completion_mask)
+
+
+def last_completion_run(batch: SequenceBatch) -> Tensor:
+    """The tokens distilled, ``(R, T)`` bool: each sequence's last run of completion tokens (of assistant
+    tokens too, when the chat template marks them), so a conversation trains on its last assistant turn."""
+    mask = batch.completion_mask & (batch.sequence_ids >= 0)
+    if batch.assistant_mask is not None:
+        mask = mask & batch.assistant_mask
+    seq = batch.sequence_ids
+    continues = torch.zeros_like(mask)
+    continues[:, 1:] = mask[:, :-1] & (seq[:, 1:] == seq[:, :-1])  # (R, T) the previous token is in the same run
+    starts = mask & ~continues  # (R, T) first token of each run
+    flat = torch.arange(mask.numel(), device=mask.device).view_as(mask)  # (R, T) row-major token index
+    last_start = torch.full((int(seq.max()) + 1,), -1, dtype=torch.long, device=mask.device)
+    last_start = last_start.scatter_reduce(0, seq[starts], flat[starts], "amax")  # (S,)
+    return mask & (flat >= last_start[seq.clamp(min=0)])
+
+
+def left_padded_prompts(batch: SequenceBatch, targets: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Each sequence's tokens before its first target, left-padded: ``(S, P)`` ids and mask (sequence order)."""
+    ids, seq, tgt = batch.input_ids.flatten().tolist(), batch.sequence_ids.flatten().tolist(), targets.flatten().tolist()
+    prompts: dict[int, list[int]] = {}
+    done: set[int] = set()
+    for token, s, is_target in zip(ids, seq, tgt):
+        if s < 0 or s in done:
+            continue
+        if is_target:
+            done.add(s)
+        else:
+            prompts.setdefault(s, []).append(token)
+    rows = [prompts.get(s, []) for s in range(int(batch.sequence_ids.max()) + 1)]
+    if not all(rows):
+        raise ValueError(
+            "sampling completes each sequence's prompt (the tokens before its completion), and a sequence of "
+            "this batch has none: use prompt-completion or conversational data"
+        )
+    width = max(len(r) for r in rows)
+    prompt_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompt_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        prompt_mask[i, width - len(r):] = 1
+    return prompt_ids.to(batch.input_ids.device), prompt_mask.to(batch.input_ids.device)
