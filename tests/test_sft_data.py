@@ -244,3 +244,29 @@ def test_pad_to_multiple_of(tmp_path):
     assert next(iter(prompts.train_dataloader())).prompt_ids.size(1) == 16
     with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
         LanguageModelingDataModule(pad_to_multiple_of=0)
+
+
+def test_chat_template_kwargs_reach_every_row(tmp_path):
+    """TRL's chat_template_kwargs: variables for the template of every conversational row; a row's
+    own column adds to them and wins."""
+    from lit_align import PromptOnlyDataModule
+
+    tok = builtin_tokenizer("builtin:tiny")
+    tok.chat_template = "{{- greeting ~ ' ' -}}{%- for m in messages -%}{{- m['content'] -}}{%- endfor -%}"
+    rows = [{"prompt": [{"role": "user", "content": "Compute 1+1."}]},
+            {"prompt": [{"role": "user", "content": "Compute 2+2."}], "chat_template_kwargs": {"greeting": "Yo"}}]
+    dm = PromptOnlyDataModule(write_jsonl(tmp_path / "p.jsonl", rows), batch_size=2, chat_template_kwargs={"greeting": "Hi"})
+    dm.connect(tok)
+    dm.setup()
+    texts = [tok.decode(r[0]) for r in dm.datasets["train"]["input_ids"]]
+    assert texts == ["Hi Compute 1+1.", "Yo Compute 2+2."]
+
+
+def test_reward_model_path_is_a_reward_model():
+    from lit_align import OnlineDPO
+    from lit_align.rewards.model import RewardModelScorer
+
+    module = OnlineDPO(reward_model_path="builtin:tiny")
+    assert [type(f) for f in module.reward_funcs] == [RewardModelScorer]
+    with pytest.raises(ValueError, match="exactly one of judge and reward_funcs"):
+        OnlineDPO(reward_model_path="builtin:tiny", judge={"class_path": "lit_align.rewards.judges.RewardJudge"})

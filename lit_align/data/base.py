@@ -87,6 +87,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         column_mapping: dict[str, str] | None = None,
         mixture: list[dict[str, Any]] | None = None,
         pad_to_multiple_of: int | Literal["auto"] | None = "auto",
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -124,6 +125,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 source's rows. A named ``eval_split`` is read from every source.
             pad_to_multiple_of: Round every batch's row width up to a multiple of this (TRL's; ``auto``:
                 no rounding, as TRL off Neuron devices).
+            chat_template_kwargs: Extra variables for the chat template of every conversational row
+                (TRL's; a row's own ``chat_template_kwargs`` column adds to them and wins).
         """
         super().__init__()
         if packing and padding_free:
@@ -153,6 +156,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         if pad_to_multiple_of not in ("auto", None) and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
             raise ValueError(f"pad_to_multiple_of must be a positive integer, 'auto' or None, got {pad_to_multiple_of!r}")
         self.pad_to_multiple_of = None if pad_to_multiple_of == "auto" else pad_to_multiple_of
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.requirements = DataRequirements()
         self.datasets: dict[str, datasets.Dataset] = {}
@@ -271,6 +275,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
             sequences, extras = [token_id_sequence(row, index, label)], {}
         else:
             self.check_row_values(row, index, label)
+            if self.chat_template_kwargs:
+                row = {**row, "chat_template_kwargs": {**self.chat_template_kwargs, **(row.get("chat_template_kwargs") or {})}}
             sequences, extras = self.tokenize_row(row, tokenizer)
         sequences = [self.truncate(seq) for seq in sequences]
         return {

@@ -47,6 +47,7 @@ class OnlinePreferenceModule(OnlineModule):
         *args: Any,
         judge: Any = None,
         reward_funcs: list[str | dict] | None = None,
+        reward_model_path: str | None = None,
         missing_eos_penalty: float | None = None,
         beta: float | list[float] = 0.1,
         loss_type: str = "sigmoid",
@@ -60,6 +61,7 @@ class OnlinePreferenceModule(OnlineModule):
                 ``judge(prompts, completion_pairs) -> probabilities``, or ``{class_path, init_args}``.
                 Exactly one of ``judge`` and ``reward_funcs`` ranks the pair.
             reward_funcs: Reward functions / reward-model directories that score both samples.
+            reward_model_path: A reward-model directory (TRL's field): the same as listing it in ``reward_funcs``.
             missing_eos_penalty: Subtracted from the score of a sample without EOS (reward functions only).
             beta: KL weight; a list gives one value per epoch (the last one sticks).
             loss_type: ``sigmoid`` or ``ipo`` (OnlineDPO, XPO).
@@ -73,6 +75,8 @@ class OnlinePreferenceModule(OnlineModule):
             raise ValueError(f"{type(self).__name__} cannot use use_vllm=True: it samples the reference model too, "
                              "and the vLLM engine serves the policy only")
         betas = list(beta) if isinstance(beta, (list, tuple)) else [beta]
+        if reward_model_path is not None:
+            reward_funcs = [*(reward_funcs or []), reward_model_path]
         super().__init__(*args, reward_funcs=reward_funcs, beta=betas[0], max_completion_length=max_new_tokens,
                          temperature=temperature, num_generations=1, **kwargs)
         if (judge is None) == (not self.reward_funcs):
