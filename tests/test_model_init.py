@@ -255,3 +255,17 @@ def test_router_aux_loss_is_logged_in_training(tiny_moe):
                         enable_model_summary=False, callbacks=[record])
     trainer.fit(module, PreferenceDataModule(PAIRS, batch_size=4))
     assert record.aux > 0 and module.ref_model.config.output_router_logits is False
+
+
+def test_kwargs_as_lit_align_loads(monkeypatch):
+    """GGUF files become dense models; bitsandbytes weights load onto this process's GPU (TRL's
+    get_kbit_device_map), the one place device_map is set."""
+    from transformers import BitsAndBytesConfig, GgufConfig
+
+    from lit_align.models.loading import pretrained_kwargs
+
+    gguf = pretrained_kwargs({"gguf_file": "m.gguf"})["quantization_config"]
+    assert isinstance(gguf, GgufConfig) and gguf.dequantize
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pretrained_kwargs({"quantization_config": BitsAndBytesConfig(load_in_4bit=True)})["device_map"] == {"": 3}
+    assert pretrained_kwargs({"revision": "v1"}) == {"revision": "v1"}

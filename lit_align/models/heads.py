@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from lit_align.models.builtin import builtin_config, builtin_model, is_builtin
-from lit_align.models.loading import _check_builtin_kwargs, _check_local, dense_gguf, resolve_dtype
+from lit_align.models.loading import _check_builtin_kwargs, _check_local, pretrained_kwargs, resolve_dtype
 
 HEADS = {"sequence": (AutoModelForSequenceClassification, LlamaForSequenceClassification),
          "token": (AutoModelForTokenClassification, LlamaForTokenClassification)}
@@ -54,7 +54,7 @@ def load_classifier(
     _check_local(name_or_path)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = auto_cls.from_pretrained(name_or_path, num_labels=num_labels, dtype=torch_dtype, **dense_gguf(kwargs))
+    model = auto_cls.from_pretrained(name_or_path, num_labels=num_labels, dtype=torch_dtype, **pretrained_kwargs(kwargs))
     if model.config.pad_token_id is None:  # sequence classifiers find the last token by the pad id
         model.config.pad_token_id = model.config.eos_token_id
     return model

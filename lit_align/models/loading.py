@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,14 +95,18 @@ def quantization_config(spec: Any, name: str = "model_init_kwargs") -> Any:
     return BitsAndBytesConfig(**spec) if isinstance(spec, Mapping) else spec
 
 
-def dense_gguf(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``from_pretrained`` kwargs that read a ``gguf_file`` into a plain dense model: transformers
-    otherwise keeps the file's quantized blocks where a kernel exists and marks the model as
-    quantized, and such a model neither trains nor saves."""
-    if kwargs.get("gguf_file") and kwargs.get("quantization_config") is None:
+def pretrained_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` kwargs as lit-align loads: a ``gguf_file`` is read into a plain dense model
+    (transformers otherwise keeps the file's quantized blocks where a kernel exists, and such a model
+    neither trains nor saves); bitsandbytes weights are placed on this process's GPU as they load
+    (TRL's ``get_kbit_device_map``), since they are quantized there."""
+    config = kwargs.get("quantization_config")
+    if kwargs.get("gguf_file") and config is None:
         from transformers import GgufConfig
 
         kwargs = {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
+    elif config is not None and getattr(config, "quant_method", None) == "bitsandbytes" and "device_map" not in kwargs:
+        kwargs = {**kwargs, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
     return kwargs
 
 
@@ -201,7 +206,7 @@ def load_causal_lm(
     _check_local(name_or_path)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **dense_gguf(kwargs))
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **pretrained_kwargs(kwargs))
 
 
 def apply_peft(model: PreTrainedModel, peft: Any, task_type: str = "CAUSAL_LM") -> Any:
