@@ -27,6 +27,7 @@ from lit_align import (  # noqa: E402
     PPO,
     RLOO,
     SFT,
+    LanguageModelingDataModule,
     OnlineDPO,
     PreferenceDataModule,
     PromptCompletionDataModule,
@@ -38,6 +39,7 @@ from lit_align.models.builtin import builtin_tokenizer  # noqa: E402
 
 METHODS = {
     "sft": (SFT, PromptCompletionDataModule),
+    "sft_stream": (SFT, LanguageModelingDataModule),  # a shuffled stream, each rank reading every other row
     "dpo": (DPO, PreferenceDataModule),
     "kto": (KTO, UnpairedPreferenceDataModule),
     "bco": (BCO, UnpairedPreferenceDataModule),
@@ -87,7 +89,10 @@ def run(method: str, devices: int, out: str) -> None:
         module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.0, optimizer=optimizer)
     else:
         module = module_cls(optimizer=optimizer)
-    data = data_cls(dataset, batch_size=global_batch // devices, shuffle=False, group_by_length=False)
+    if method == "sft_stream":
+        data = data_cls(dataset, batch_size=global_batch // devices, streaming=True, shuffle_buffer_size=8)
+    else:
+        data = data_cls(dataset, batch_size=global_batch // devices, shuffle=False, group_by_length=False)
     record = callbacks[0]
     max_steps = 4 if method == "ppo" else 2  # PPO: two rollouts of two epochs
     trainer = L.Trainer(

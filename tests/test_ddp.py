@@ -1,5 +1,6 @@
 """Two-process DDP on CPU (gloo) gives the same losses, metrics and weights as one process on the same
-global batch: SFT's global token normalisation, DPO's pair means, KTO's KL estimate (``train/kl``),
+global batch: SFT's global token normalisation (also on a shuffled stream, each rank reading every
+other row), DPO's pair means, KTO's KL estimate (``train/kl``),
 BCO's running reward mean (``train/delta``), GRPO's batch-scaled advantages and DAPO token count,
 RLOO's normalised advantages, PPO's whitening and GKD's token mean are all computed over both ranks."""
 
@@ -15,7 +16,7 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-METHODS = ["sft", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo"]
+METHODS = ["sft", "sft_stream", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo"]
 
 
 @pytest.fixture(scope="module")

@@ -270,3 +270,69 @@ def test_reward_model_path_is_a_reward_model():
     assert [type(f) for f in module.reward_funcs] == [RewardModelScorer]
     with pytest.raises(ValueError, match="exactly one of judge and reward_funcs"):
         OnlineDPO(reward_model_path="builtin:tiny", judge={"class_path": "lit_align.rewards.judges.RewardJudge"})
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def stream_batches(dm, n=None):
+    out = []
+    for i, batch in enumerate(dm.train_dataloader()):
+        if n is not None and i == n:
+            break
+        out.append([batch.input_ids[r][batch.sequence_ids[r] >= 0].tolist() for r in range(batch.input_ids.size(0))])
+    return out
+
+
+def test_a_stream_gives_the_batches_the_dataset_gives(tmp_path):
+    """Unshuffled, a streamed split is batched as the same split held in memory; packed, every row
+    fits max_length and keeps the tokens best-fit decreasing keeps in memory (per block)."""
+    path = write_jsonl(tmp_path / "t.jsonl", texts(24))
+    held = prepared(LanguageModelingDataModule(path, batch_size=4, shuffle=False, group_by_length=False))
+    streamed = prepared(LanguageModelingDataModule(path, batch_size=4, shuffle=False, streaming=True))
+    assert stream_batches(streamed) == stream_batches(held)
+    packed = prepared(LanguageModelingDataModule(path, batch_size=2, streaming=True, packing=True, max_length=48))
+    rows = [row for batch in stream_batches(packed) for row in batch]
+    assert all(len(r) <= 48 for r in rows)
+    assert sum(map(len, rows)) == sum(len(s) for seqs in held.datasets["train"]["input_ids"] for s in seqs)
+    with pytest.raises(ValueError, match="with streaming give a split name"):
+        LanguageModelingDataModule(path, streaming=True, eval_split=0.1)
+    with pytest.raises(ValueError, match="a stream is batched as it comes"):
+        LanguageModelingDataModule(path, streaming=True, group_by_length=True)
+
+
+def test_a_streamed_run_resumes_on_the_batches_it_stopped_at(tmp_path):
+    """SFT on a shuffled stream, checkpointed mid-epoch (step 3), at the end of the first epoch
+    (step 10: Lightning has already looked past the stream's end) and in the second (step 12): each
+    resumed run trains on the batches the uninterrupted run trained on, step for step."""
+    path = write_jsonl(tmp_path / "t.jsonl", texts(40))
+    saves = (3, 10, 12)
+
+    class SaveAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in saves:
+                trainer.save_checkpoint(tmp_path / f"step={trainer.global_step}.ckpt")
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.batches = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches[trainer.global_step] = batch.input_ids[batch.sequence_ids >= 0].tolist()
+
+    def run(steps, ckpt=None, save=False):
+        L.seed_everything(0)
+        record = Record()
+        callbacks = [record, SaveAt()] if save else [record]
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=False)
+        data = LanguageModelingDataModule(path, batch_size=4, streaming=True, shuffle_buffer_size=8)
+        trainer.fit(SFT(), data, ckpt_path=ckpt)
+        return record.batches
+
+    whole = run(14, save=True)
+    assert len(whole) == 14 and whole[0] != whole[10]  # two epochs of 10 batches, shuffled differently
+    for step in saves:
+        resumed = run(14, ckpt=str(tmp_path / f"step={step}.ckpt"))
+        assert sorted(resumed) == list(range(step, 14))
+        assert all(resumed[s] == whole[s] for s in resumed), step

@@ -25,9 +25,11 @@ from lit_align.data.sources import (
     DataFormatError,
     check_columns,
     check_row,
+    column_names,
     load_mixture,
     load_source,
 )
+from lit_align.data.streaming import StreamLoader
 from lit_align.data.tokenize import truncate
 from lit_align.models.loading import tokenizer_pad_id
 from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
@@ -200,10 +202,14 @@ class AlignDataModule(L.LightningDataModule, ABC):
         for another module) is prepared again rather than trained on as it is."""
         return ()
 
-    def setup(self, stage: str | None = None) -> None:
+    def connect_trainer_module(self) -> None:
+        """Receive the requirements of the lit-align module the Trainer trains, if any."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         if callable(getattr(module, "data_requirements", None)):  # a lit-align method declares them
             self.connect(requirements=module.data_requirements())
+
+    def setup(self, stage: str | None = None) -> None:
+        self.connect_trainer_module()
         options = self.module_options()
         if self.datasets and options == self._prepared_for:
             return
@@ -224,18 +230,20 @@ class AlignDataModule(L.LightningDataModule, ABC):
             ds = self._prepare(ds, label, tokenizer)
             self.datasets[name] = self.pack_split(ds, self.packs(name)) if self.pack_across_examples else ds
 
-    def load_split(self, split: str, train: bool) -> datasets.Dataset:
+    def load_split(self, split: str, train: bool, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
         """One split, raw: from the mixture or the source, columns renamed by ``column_mapping``."""
         if self.mixture:
             sources = [{"split": split, **s} if train else {**s, "split": split} for s in self.mixture]
-            ds = load_mixture(sources, None, self.format, self.seed)
+            ds = load_mixture(sources, None, self.format, self.seed, streaming)
         else:
-            ds = load_source(self.dataset_name_or_path, split, self.format, self.dataset_config, self.data_dir, self.data_files)
+            ds = load_source(self.dataset_name_or_path, split, self.format, self.dataset_config, self.data_dir,
+                             self.data_files, streaming)
         if self.column_mapping:
-            missing = [c for c in self.column_mapping if c not in ds.column_names]
+            present = column_names(ds)
+            missing = [c for c in self.column_mapping if c not in present]
             if missing:
-                raise DataFormatError(f"column_mapping: no column {missing[0]!r} to rename (found: {', '.join(ds.column_names)})")
-            ds = ds.remove_columns([v for k, v in self.column_mapping.items() if v in ds.column_names and v not in self.column_mapping])
+                raise DataFormatError(f"column_mapping: no column {missing[0]!r} to rename (found: {', '.join(present)})")
+            ds = ds.remove_columns([v for k, v in self.column_mapping.items() if v in present and v not in self.column_mapping])
             ds = ds.rename_columns({k: v for k, v in self.column_mapping.items() if k != v})
         return ds
 
@@ -348,6 +356,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
         if name not in self.datasets:
             self.setup()
         ds = self.datasets[name]
+        if isinstance(ds, datasets.IterableDataset):
+            return StreamLoader.over(ds, self, name, train)
         batch_size = self.loader_batch_size(train)
         if train:
             lengths = ds["length"] if self.group_by_length else [0] * len(ds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,8 +11,8 @@ from typing import Any, Literal, get_args
 import datasets
 import torch
 
-from lit_align.data.base import AlignDataModule, TokenizedRow
-from lit_align.data.sources import Column, DataFormatError, check_same_form
+from lit_align.data.base import TOKEN_ID_COLUMNS, AlignDataModule, TokenizedRow
+from lit_align.data.sources import Column, DataFormatError, check_columns, check_same_form, column_names
 from lit_align.data.tokenize import (
     is_conversational,
     render_prompt,
@@ -46,6 +47,9 @@ class SFTDataModule(AlignDataModule):
         packing_strategy: PackingStrategy = "bfd",
         eval_packing: bool | None = None,
         dataset_kwargs: dict[str, Any] | None = None,
+        streaming: bool = False,
+        shuffle_buffer_size: int = 1000,
+        group_by_length: bool | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -57,8 +61,25 @@ class SFTDataModule(AlignDataModule):
             eval_packing: Pack the validation split (None: as ``packing``).
             dataset_kwargs: TRL's; ``{skip_prepare_dataset: true}`` says the data is already
                 tokenized (an ``input_ids`` column, which is also recognised without it).
+            streaming: Read the data as it is iterated (``datasets`` streaming; TRL's
+                ``dataset_streaming``), for corpora larger than memory: rows are tokenized, shuffled
+                through a buffer and packed (in blocks of 1000 rows) as they come, each rank reads
+                every world-size-th row, and a resumed run continues where the checkpoint stopped.
+                ``eval_split`` must then be a split name.
+            shuffle_buffer_size: Rows in the shuffle buffer of a streamed training split.
+            group_by_length: As the other DataModules'; None: on, off when streaming (a stream is
+                batched in the order it comes).
         """
-        super().__init__(*args, **kwargs)
+        if group_by_length is None:
+            group_by_length = not streaming
+        if streaming and group_by_length:
+            raise ValueError("group_by_length sorts the whole dataset by length; a stream is batched as it comes")
+        super().__init__(*args, group_by_length=group_by_length, **kwargs)
+        if streaming and isinstance(self.eval_split, float):
+            raise ValueError(f"eval_split={self.eval_split} holds out a fraction of the whole dataset; with streaming give a split name")
+        self.streaming = streaming
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.stream_loader = None
         if packing_strategy not in get_args(PackingStrategy):
             raise ValueError(f"packing_strategy must be one of {get_args(PackingStrategy)}, got {packing_strategy!r}")
         unknown = sorted(set(dataset_kwargs or {}) - {"skip_prepare_dataset"})
@@ -72,6 +93,49 @@ class SFTDataModule(AlignDataModule):
 
     def module_options(self) -> tuple:
         return (*super().module_options(), self.requirements.assistant_masks)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.streaming:
+            return super().setup(stage)
+        self.connect_trainer_module()
+        if self.datasets and self.module_options() == self._prepared_for:
+            return
+        tokenizer = self._resolve_tokenizer()
+        self._prepared_for = self.module_options()
+        self.datasets = {"train": self.stream_split(self.split, True, tokenizer)}
+        if self.eval_split:
+            self.datasets["val"] = self.stream_split(self.eval_split, False, tokenizer)
+
+    def stream_split(self, split: str, train: bool, tokenizer) -> datasets.IterableDataset:
+        """A split as a stream: rows checked and tokenized as they are read, shuffled through a
+        seeded buffer (training), and packed in blocks of 1000 rows."""
+        label = f"{'mixture' if self.mixture else self.dataset_name_or_path} [{split}] (streaming)"
+        ds = self.format_rows(self.load_split(split, train, streaming=True), label)
+        raw = column_names(ds)
+        tokenized = "input_ids" in raw
+        columns = TOKEN_ID_COLUMNS if tokenized else self.columns
+        check_columns(ds, columns, label, type(self).__name__)
+        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized)
+        ds = ds.map(fn, with_indices=True, remove_columns=raw).filter(lambda keep: keep, input_columns="keep")
+        ds = ds.remove_columns("keep")
+        if train and self.shuffle:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
+        packed = self.packs("train" if train else "val")
+        if packed or self.cuts_instead_of_truncating:
+            fields = column_names(ds)
+            ds = ds.map(lambda block: self.pack_split(datasets.Dataset.from_dict(block), packed).to_dict(), batched=True,
+                        batch_size=1000, remove_columns=fields)
+        return ds
+
+    def format_rows(self, ds, label: str):
+        """Rows in the format's columns (``LanguageModelingDataModule``: ``formatting_func``,
+        ``dataset_text_field``, ShareGPT conversations)."""
+        return ds
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.stream_loader is not None and self.trainer is not None and self.trainer.training:
+            self.stream_loader.trained += 1
+        return batch
 
     def _prepare(self, ds: datasets.Dataset, label: str, tokenizer) -> datasets.Dataset:
         if self.dataset_kwargs.get("skip_prepare_dataset") and "input_ids" not in ds.column_names:
@@ -149,28 +213,31 @@ class LanguageModelingDataModule(SFTDataModule):
                 "or a 'messages' list of {'role', 'content'} dicts)"
             )
 
-    def _prepare(self, ds, label, tokenizer):
-        if "input_ids" in ds.column_names:
-            return super()._prepare(ds, label, tokenizer)
+    def format_rows(self, ds, label: str):
+        names = column_names(ds)
+        if "input_ids" in names:
+            return ds
         if self.formatting_func is not None:
             ds = _formatted(ds, self.formatting_func, label)
         elif self.dataset_text_field != "text":
-            if self.dataset_text_field not in ds.column_names:
+            if self.dataset_text_field not in names:
                 raise DataFormatError(
-                    f"{label}: dataset_text_field={self.dataset_text_field!r} is not a column "
-                    f"(found: {', '.join(ds.column_names)})"
+                    f"{label}: dataset_text_field={self.dataset_text_field!r} is not a column (found: {', '.join(names)})"
                 )
-            ds = ds.remove_columns([c for c in ("text",) if c in ds.column_names]).rename_column(self.dataset_text_field, "text")
-        if "text" not in ds.column_names and "messages" not in ds.column_names:
-            if "conversations" in ds.column_names:
-                ds = ds.map(_sharegpt_to_chatml, remove_columns=["conversations"], desc="Converting to ChatML")
-            else:
+            ds = ds.remove_columns([c for c in ("text",) if c in names]).rename_column(self.dataset_text_field, "text")
+        names = column_names(ds)
+        if "text" not in names and "messages" not in names:
+            if "conversations" not in names:
                 raise DataFormatError(
                     f"{label}: LanguageModelingDataModule needs a 'text' or a 'messages' column "
-                    f"(found: {', '.join(ds.column_names)}); name another text column with dataset_text_field, "
+                    f"(found: {', '.join(names)}); name another text column with dataset_text_field, "
                     "or make the text with formatting_func"
                 )
-        return super()._prepare(ds, label, tokenizer)
+            ds = ds.map(_sharegpt_to_chatml, remove_columns=["conversations"], **_in_memory(ds, "Converting to ChatML"))
+        return ds
+
+    def _prepare(self, ds, label, tokenizer):
+        return super()._prepare(self.format_rows(ds, label), label, tokenizer)
 
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         text = row.get("messages") if row.get("messages") is not None else row["text"]
@@ -189,7 +256,12 @@ def _formatted(ds: datasets.Dataset, formatting_func: str | Callable, label: str
             raise DataFormatError(f"{label}: formatting_func {name} returned {type(text).__name__} for row {index}; expected a string")
         return {"text": text}
 
-    return ds.map(one, with_indices=True, remove_columns=ds.column_names, keep_in_memory=True, desc=f"Formatting with {name}")
+    return ds.map(one, with_indices=True, remove_columns=column_names(ds), **_in_memory(ds, f"Formatting with {name}"))
+
+
+def _in_memory(ds, desc: str) -> dict[str, Any]:
+    """``map`` arguments of an in-memory dataset (a stream's ``map`` takes neither)."""
+    return {"keep_in_memory": True, "desc": desc} if isinstance(ds, datasets.Dataset) else {}
 
 
 def _sharegpt_to_chatml(row: dict) -> dict:

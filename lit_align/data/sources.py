@@ -71,11 +71,17 @@ def value_kind(value) -> str | None:
 
 def load_source(
     name_or_path: str, split: str, fmt: str, name: str | None = None, data_dir: str | None = None,
-    data_files: str | list | dict | None = None,
-) -> datasets.Dataset:
+    data_files: str | list | dict | None = None, streaming: bool = False,
+) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split from ``builtin:<task>``, a data file, a local directory or a Hub id
     (``name``: the Hub dataset's configuration; ``data_dir``/``data_files``: which of its files,
-    as ``datasets.load_dataset`` takes them)."""
+    as ``datasets.load_dataset`` takes them); ``streaming``: an ``IterableDataset`` read as it is
+    iterated (sources held in memory anyway, the builtin task and ``save_to_disk`` output, are wrapped)."""
+    ds = _load_source(name_or_path, split, fmt, name, data_dir, data_files, streaming)
+    return ds.to_iterable_dataset() if streaming and isinstance(ds, datasets.Dataset) else ds
+
+
+def _load_source(name_or_path, split, fmt, name, data_dir, data_files, streaming):
     hub_args = {k: v for k, v in (("name", name), ("data_dir", data_dir), ("data_files", data_files)) if v is not None}
     from lit_align.models.builtin import is_builtin
 
@@ -98,7 +104,7 @@ def load_source(
             )
         builder = FILE_BUILDERS[path.suffix.lower()]
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
         except Exception as err:  # datasets raises StopIteration, ArrowInvalid, ... on bad files
             raise DataFormatError(f"{name_or_path}: {_unreadable(path, builder, err)}") from err
     if path.is_dir():
@@ -109,13 +115,13 @@ def load_source(
                     raise DataFormatError(f"{name_or_path}: no split {split!r}; it has {sorted(saved)}")
                 return saved[split]
             return saved
-        return datasets.load_dataset(str(path), split=split, **hub_args)
+        return datasets.load_dataset(str(path), split=split, streaming=streaming, **hub_args)
     if path.exists():
         raise DataFormatError(
             f"{name_or_path}: unsupported file type {path.suffix!r}; expected one of {sorted(FILE_BUILDERS)}"
         )
     try:
-        return datasets.load_dataset(name_or_path, split=split, **hub_args)
+        return datasets.load_dataset(name_or_path, split=split, streaming=streaming, **hub_args)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:  # offline, typo, or private
         raise DataFormatError(
             f"could not load dataset {name_or_path!r} (split {split!r}) from the Hugging Face Hub: {err}. "
@@ -126,7 +132,9 @@ def load_source(
 MIXTURE_KEYS = {"path", "name", "data_dir", "data_files", "split", "columns", "fraction"}
 
 
-def load_mixture(sources: list[dict], split: str | None, fmt: str, seed: int = 0) -> datasets.Dataset:
+def load_mixture(
+    sources: list[dict], split: str | None, fmt: str, seed: int = 0, streaming: bool = False
+) -> datasets.Dataset | datasets.IterableDataset:
     """Several sources joined into one dataset (TRL's ``DatasetMixtureConfig.datasets``): each
     ``{path, name?, data_dir?, data_files?, split? (default: split, else 'train'), columns?, fraction?}``.
     ``columns``: a list of the columns to keep, or a mapping renaming them (``{question: prompt}``);
@@ -140,17 +148,20 @@ def load_mixture(sources: list[dict], split: str | None, fmt: str, seed: int = 0
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; expected {sorted(MIXTURE_KEYS)}")
         part_split = source.get("split") or split or "train"
-        ds = load_source(source["path"], part_split, fmt, source.get("name"), source.get("data_dir"), source.get("data_files"))
+        ds = load_source(source["path"], part_split, fmt, source.get("name"), source.get("data_dir"), source.get("data_files"),
+                         streaming)
         columns = source.get("columns")
         if columns:
             names = list(columns) if not isinstance(columns, dict) else list(columns)
-            missing = [c for c in names if c not in ds.column_names]
+            missing = [c for c in names if c not in column_names(ds)]
             if missing:
-                raise DataFormatError(f"{where} ({source['path']}): no column {missing[0]!r} (found: {', '.join(ds.column_names)})")
+                raise DataFormatError(f"{where} ({source['path']}): no column {missing[0]!r} (found: {', '.join(column_names(ds))})")
             ds = ds.select_columns(names)
             if isinstance(columns, dict):
                 ds = ds.rename_columns({k: v for k, v in columns.items() if k != v})
         fraction = source.get("fraction")
+        if fraction is not None and streaming:
+            raise ValueError(f"{where}: fraction needs the whole source, and streaming reads it as it comes; drop one of them")
         if fraction is not None:
             if not 0.0 < float(fraction) <= 1.0:
                 raise ValueError(f"{where}: fraction must be in (0, 1], got {fraction}")
@@ -158,7 +169,7 @@ def load_mixture(sources: list[dict], split: str | None, fmt: str, seed: int = 0
         parts.append(ds)
     if not parts:
         raise ValueError("mixture is empty: give at least one source")
-    columns = [set(p.column_names) for p in parts]
+    columns = [set(column_names(p)) for p in parts]
     if any(c != columns[0] for c in columns):
         detail = "; ".join(f"mixture[{i}]: {', '.join(sorted(c))}" for i, c in enumerate(columns))
         raise DataFormatError(f"the sources of a mixture must end with the same columns (rename them with 'columns'): {detail}")
@@ -166,6 +177,13 @@ def load_mixture(sources: list[dict], split: str | None, fmt: str, seed: int = 0
         return datasets.concatenate_datasets(parts)
     except ValueError as err:  # the same names with different feature types
         raise DataFormatError(f"the sources of the mixture do not join: {err}") from err
+
+
+def column_names(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+    """A dataset's columns; a stream that does not know them yet shows its first row's."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds)).keys())
 
 
 def _unreadable(path: Path, builder: str, err: Exception) -> str:
@@ -193,7 +211,7 @@ def _unreadable(path: Path, builder: str, err: Exception) -> str:
 
 def check_columns(ds: datasets.Dataset, columns: list[Column], source: str, owner: str) -> None:
     """Raise if a required column is missing, suggesting the closest present name."""
-    present = list(ds.column_names)
+    present = column_names(ds)
     expected = ", ".join(c.name + ("?" if c.optional else "") for c in columns)
     for col in columns:
         if col.optional or col.name in present:
