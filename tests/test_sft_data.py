@@ -336,3 +336,16 @@ def test_a_streamed_run_resumes_on_the_batches_it_stopped_at(tmp_path):
         resumed = run(14, ckpt=str(tmp_path / f"step={step}.ckpt"))
         assert sorted(resumed) == list(range(step, 14))
         assert all(resumed[s] == whole[s] for s in resumed), step
+
+
+def test_streamed_mixture_and_validation(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", texts(6))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"body": r["text"]} for r in texts(10)])
+    dm = prepared(LanguageModelingDataModule(mixture=[{"path": a}, {"path": b, "columns": {"body": "text"}}], batch_size=4,
+                                             streaming=True, shuffle=False))
+    assert sum(len(batch) for batch in stream_batches(dm)) == 16
+    with pytest.raises(ValueError, match=r"mixture\[0\]: fraction needs the whole source"):
+        prepared(LanguageModelingDataModule(mixture=[{"path": a, "fraction": 0.5}], streaming=True))
+    val = prepared(LanguageModelingDataModule("builtin:arithmetic?size=16&steps=1", eval_split="test", batch_size=4, streaming=True))
+    batch = next(iter(val.val_dataloader()))
+    assert batch.num_examples == 4
