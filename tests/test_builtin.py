@@ -437,13 +437,14 @@ def test_tiny_sft_knows_the_sums_but_samples_slips():
 
 
 def test_tiny_sft_recipe_runs_and_a_missing_weights_file_is_reported(tmp_path, monkeypatch):
-    from lit_align.models import builtin, tiny_sft
+    from lit_align import tiny_sft
+    from lit_align.models import builtin
 
     out = tiny_sft.regenerate(tmp_path / "w.safetensors", ["--trainer.max_steps=2"])
     monkeypatch.setitem(builtin.BUILTIN_WEIGHTS, "builtin:tiny-sft", out)
     builtin_model("builtin:tiny-sft")  # a recipe run's file loads as the builtin
     monkeypatch.setitem(builtin.BUILTIN_WEIGHTS, "builtin:tiny-sft", tmp_path / "missing.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"regenerate them with: python -m lit_align.models.tiny_sft"):
+    with pytest.raises(FileNotFoundError, match=r"regenerate them with: python -m lit_align.tiny_sft"):
         builtin_model("builtin:tiny-sft")
 
 

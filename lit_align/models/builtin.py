@@ -4,7 +4,7 @@
 downloaded, the tokenizer needs no files, and the weights come from a fixed seed so two
 runs start from the same model. ``builtin:tiny-sft`` is the same network after supervised
 fine-tuning on the arithmetic task, its weights shipped with the package
-(``assets/tiny-sft.safetensors``, made by :mod:`lit_align.models.tiny_sft`): the warm start of
+(``assets/tiny-sft.safetensors``, made by :mod:`lit_align.tiny_sft`): the warm start of
 the online methods, the same on every machine.
 """
 
@@ -182,7 +182,7 @@ def _shipped_weights(name: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{name} needs its shipped weights {path}, which are missing from this installation; "
-            "regenerate them with: python -m lit_align.models.tiny_sft"
+            "regenerate them with: python -m lit_align.tiny_sft"
         )
     state = load_file(str(path))
     if "lm_head.weight" not in state:  # save_pretrained leaves tied weights out; builtin models untie them

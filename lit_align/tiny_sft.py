@@ -1,8 +1,8 @@
 """Regenerate ``builtin:tiny-sft``, the shipped warm start of the online configs.
 
-``python -m lit_align.models.tiny_sft`` runs the recipe ``assets/tiny-sft.yaml`` through
+``python -m lit_align.tiny_sft`` runs the recipe ``models/assets/tiny-sft.yaml`` through
 ``lit-align fit`` (one torch thread, in a temporary directory) and writes the trained weights to
-``assets/tiny-sft.safetensors`` (float32, about 0.5 MB). The config of the model is
+``models/assets/tiny-sft.safetensors`` (float32, about 0.5 MB). The config of the model is
 ``builtin:tiny``'s, so only the weights are stored.
 
 Training on another CPU gives other weights of the same quality (floating-point reduction order
@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "models" / "assets"
 RECIPE = ASSETS / "tiny-sft.yaml"
 WEIGHTS = ASSETS / "tiny-sft.safetensors"
 
