@@ -198,3 +198,24 @@ def test_prm_last_step_only_and_validation_metrics():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert 0.0 <= out["val/accuracy"] <= 1.0
+
+
+def test_reward_model_drops_pairs_longer_than_max_length():
+    """As TRL's RewardTrainer: a pair over max_length is dropped, not truncated (DPO truncates it)."""
+    from lit_align import DPO, PreferenceDataModule, RewardModel
+    from lit_align.models.builtin import builtin_tokenizer
+
+    source = "builtin:arithmetic?size=24&steps=3&max_operand=20"
+    whole = PreferenceDataModule(source, max_length=None).connect(builtin_tokenizer("builtin:tiny"))
+    whole.setup()
+    longest = [max(len(s) for s in seqs) for seqs in whole.datasets["train"]["input_ids"]]
+    cap = sorted(longest)[len(longest) // 2]
+    prepared = {}
+    for module in (DPO(), RewardModel()):
+        dm = PreferenceDataModule(source, max_length=cap).connect(module.tokenizer, module.data_requirements())
+        dm.setup()
+        prepared[type(module).__name__] = dm
+    assert len(prepared["DPO"].datasets["train"]) == len(longest)
+    kept = prepared["RewardModel"].datasets["train"]
+    assert len(kept) == sum(n <= cap for n in longest) < len(longest)
+    assert all(len(s) <= cap for seqs in kept["input_ids"] for s in seqs)

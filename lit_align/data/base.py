@@ -55,6 +55,7 @@ class DataRequirements:
     kl_pairs: bool = False  # KTO: mismatched (prompt, completion) pairs for the KL estimate
     add_bos_to_prompt: bool = False  # CPO/ORPO: the tokenizer's BOS before every prompt
     assistant_masks: bool = False  # SFT's assistant_only_loss: mark assistant tokens, with or without {% generation %}
+    drop_overlong: bool = False  # RewardModel: a row with a sequence over max_length is dropped, not truncated (TRL)
 
 
 class AlignDataModule(L.LightningDataModule, ABC):
@@ -200,7 +201,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         """What preparing the data takes from the module being trained (CPO's BOS before prompts,
         KTO's KL pairs). Data prepared under other options (before the fit, without a Trainer, or
         for another module) is prepared again rather than trained on as it is."""
-        return ()
+        return (self.requirements.drop_overlong,)
 
     def connect_trainer_module(self) -> None:
         """Receive the requirements of the lit-align module the Trainer trains, if any."""
@@ -326,13 +327,16 @@ class AlignDataModule(L.LightningDataModule, ABC):
         return set()
 
     def truncate(self, seq: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Cut a sequence to ``max_length`` (TRL: ``keep_start`` by default)."""
-        if self.max_length is None or len(seq["input_ids"]) <= self.max_length:
+        """Cut a sequence to ``max_length`` (TRL: ``keep_start`` by default); with the module's
+        ``drop_overlong`` the row is dropped instead (``usable``)."""
+        if self.max_length is None or len(seq["input_ids"]) <= self.max_length or self.requirements.drop_overlong:
             return seq
         return truncate(seq, self.max_length, self.truncation_mode)
 
     def usable(self, seq: dict[str, list[int]]) -> bool:
         """A truncated sequence still has something to learn from (else its row is dropped)."""
+        if self.requirements.drop_overlong and self.max_length is not None and len(seq["input_ids"]) > self.max_length:
+            return False
         return any(seq["completion_mask"])
 
     # -- loaders -----------------------------------------------------------------------------

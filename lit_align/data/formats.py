@@ -338,7 +338,7 @@ class PreferenceDataModule(AlignDataModule):
         return self.requirements.add_bos_to_prompt
 
     def module_options(self) -> tuple:
-        return (self._wants_bos(),)
+        return (*super().module_options(), self._wants_bos())
 
     def _prepare(self, ds, label, tokenizer):
         self._bos = self._wants_bos()
@@ -406,7 +406,7 @@ class UnpairedPreferenceDataModule(AlignDataModule):
         return self.requirements.kl_pairs
 
     def module_options(self) -> tuple:
-        return (self._wants_kl_pairs(),)
+        return (*super().module_options(), self._wants_kl_pairs())
 
     def _finish(self, ds: datasets.Dataset) -> datasets.Dataset:
         if self._wants_kl_pairs():

@@ -9,11 +9,13 @@ online methods load as a reward model (``lit_align.rewards.RewardModelScorer``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lit_align.data.base import DataRequirements
 from lit_align.losses.reward import REWARD_METRIC_REDUCTIONS, bradley_terry_loss
 from lit_align.methods.base import AlignModule
 from lit_align.models.heads import load_classifier
@@ -36,6 +38,10 @@ class RewardModel(AlignModule):
         """
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
+
+    def data_requirements(self) -> DataRequirements:
+        # TRL's RewardTrainer drops the pairs longer than max_length rather than cutting them
+        return replace(super().data_requirements(), drop_overlong=True)
 
     def load_model(self) -> torch.nn.Module:
         return load_classifier(self.model_name_or_path, "sequence", 1, self.dtype_name, self.attn_implementation, **self.model_init.kwargs)
