@@ -28,6 +28,7 @@ from lit_align.data.sources import (
     column_names,
     load_mixture,
     load_source,
+    rename_columns,
 )
 from lit_align.data.streaming import StreamLoader
 from lit_align.data.tokenize import truncate
@@ -203,19 +204,19 @@ class AlignDataModule(L.LightningDataModule, ABC):
         for another module) is prepared again rather than trained on as it is."""
         return (self.requirements.drop_overlong,)
 
-    def connect_trainer_module(self) -> None:
-        """Receive the requirements of the lit-align module the Trainer trains, if any."""
+    def setup(self, stage: str | None = None) -> None:
         module = self.trainer.lightning_module if self.trainer is not None else None
         if callable(getattr(module, "data_requirements", None)):  # a lit-align method declares them
             self.connect(requirements=module.data_requirements())
-
-    def setup(self, stage: str | None = None) -> None:
-        self.connect_trainer_module()
         options = self.module_options()
         if self.datasets and options == self._prepared_for:
             return
-        self.datasets, self.num_dropped, self._prepared_for = {}, {}, options
-        tokenizer = self._resolve_tokenizer()
+        self.num_dropped, self._prepared_for = {}, options
+        self.datasets = self.prepare_splits(self._resolve_tokenizer())
+
+    def prepare_splits(self, tokenizer) -> dict[str, datasets.Dataset]:
+        """``train`` (and ``val``) as they are batched: loaded, prepared and, for formats that pack
+        across examples, packed."""
         source = "mixture" if self.mixture else self.dataset_name_or_path
         train = self.load_split(self.split, train=True)
         splits = {"train": train}
@@ -226,10 +227,12 @@ class AlignDataModule(L.LightningDataModule, ABC):
             splits = {"train": parts["train"], "val": parts["test"]}
         elif self.eval_split:
             splits["val"] = self.load_split(self.eval_split, train=False)
+        prepared = {}
         for name, ds in splits.items():
             label = f"{source} [{self.eval_split if name == 'val' else self.split}]"
             ds = self._prepare(ds, label, tokenizer)
-            self.datasets[name] = self.pack_split(ds, self.packs(name)) if self.pack_across_examples else ds
+            prepared[name] = self.pack_split(ds, self.packs(name)) if self.pack_across_examples else ds
+        return prepared
 
     def load_split(self, split: str, train: bool, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
         """One split, raw: from the mixture or the source, columns renamed by ``column_mapping``."""
@@ -239,34 +242,13 @@ class AlignDataModule(L.LightningDataModule, ABC):
         else:
             ds = load_source(self.dataset_name_or_path, split, self.format, self.dataset_config, self.data_dir,
                              self.data_files, streaming)
-        if self.column_mapping:
-            present = column_names(ds)
-            missing = [c for c in self.column_mapping if c not in present]
-            if missing:
-                raise DataFormatError(f"column_mapping: no column {missing[0]!r} to rename (found: {', '.join(present)})")
-            ds = ds.remove_columns([v for k, v in self.column_mapping.items() if v in present and v not in self.column_mapping])
-            ds = ds.rename_columns({k: v for k, v in self.column_mapping.items() if k != v})
-        return ds
+        return rename_columns(ds, self.column_mapping, "column_mapping") if self.column_mapping else ds
 
     def _prepare(self, ds: datasets.Dataset, label: str, tokenizer) -> datasets.Dataset:
         if len(ds) == 0:
             raise DataFormatError(f"{label}: the dataset is empty")
-        tokenized = self.accepts_token_ids and "input_ids" in ds.column_names
-        columns = TOKEN_ID_COLUMNS if tokenized else self.columns
-        check_columns(ds, columns, label, type(self).__name__)
         total = len(ds)
-        keep = self.keep_columns(ds)
-        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized)
-        ds = ds.map(
-            fn,
-            with_indices=True,
-            remove_columns=[c for c in ds.column_names if c not in keep],
-            num_proc=self.dataset_num_proc,
-            keep_in_memory=True,
-            load_from_cache_file=False,
-            desc=f"Tokenizing {label}",
-        )
-        ds = ds.filter(lambda k: k, input_columns="keep", keep_in_memory=True).remove_columns("keep")
+        ds = self.tokenized(ds, label, tokenizer)
         dropped = total - len(ds)
         self.num_dropped[label] = dropped
         if dropped:
@@ -277,6 +259,23 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 f"{self.max_length} tokens; raise max_length or shorten the prompts"
             )
         return ds
+
+    def tokenized(self, ds: datasets.Dataset | datasets.IterableDataset, label: str, tokenizer):
+        """Rows in the format's columns (``format_rows``), checked, tokenized and truncated, and
+        those left with nothing to learn from dropped; in memory, or lazily for a stream."""
+        ds = self.format_rows(ds, label)
+        names = column_names(ds)
+        tokenized = self.accepts_token_ids and "input_ids" in names
+        columns = TOKEN_ID_COLUMNS if tokenized else self.columns
+        check_columns(ds, columns, label, type(self).__name__)
+        keep = self.keep_columns(ds)
+        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized)
+        in_memory = isinstance(ds, datasets.Dataset)
+        options = {"num_proc": self.dataset_num_proc, "load_from_cache_file": False, "desc": f"Tokenizing {label}"}
+        ds = ds.map(fn, with_indices=True, remove_columns=[c for c in names if c not in keep],
+                    **({"keep_in_memory": True, **options} if in_memory else {}))
+        ds = ds.filter(lambda k: k, input_columns="keep", **({"keep_in_memory": True} if in_memory else {}))
+        return ds.remove_columns("keep")
 
     def _tokenize_checked(self, row: dict, index: int, tokenizer, label: str, columns: list[Column], tokenized: bool) -> dict:
         check_row(row, index, columns, label)
@@ -313,6 +312,11 @@ class AlignDataModule(L.LightningDataModule, ABC):
 
     # -- per-format hooks --------------------------------------------------------------------
     accepts_token_ids: ClassVar[bool] = False  # rows with ``input_ids`` are used as tokenized (SFT formats)
+
+    def format_rows(self, ds: datasets.Dataset | datasets.IterableDataset, label: str):
+        """The raw rows in the format's columns, before they are checked (for example a
+        ``formatting_func``); as they are by default."""
+        return ds
 
     @abstractmethod
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
@@ -374,7 +378,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
             ds,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=self.collate if train or not self.pack_across_examples else functools.partial(self.collate, split=name),
+            collate_fn=functools.partial(self.collate, split=name),
             num_workers=self.num_workers,
             drop_last=False,
         )

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import datasets
 import torch
 
-from lit_align.data.base import TOKEN_ID_COLUMNS, AlignDataModule, TokenizedRow
-from lit_align.data.sources import Column, DataFormatError, check_columns, check_same_form, column_names
+from lit_align.data.base import AlignDataModule, TokenizedRow
+from lit_align.data.sft import SFTDataModule
+from lit_align.data.sources import Column, DataFormatError, check_same_form, column_names
 from lit_align.data.tokenize import (
     is_conversational,
     render_prompt,
@@ -21,165 +21,10 @@ from lit_align.data.tokenize import (
     tokenize_prompt_completion,
     tokenize_steps,
     tokenize_text,
-    truncate,
 )
 from lit_align.imports import import_object
-from lit_align.ops.packing import split_sequence, wrap_sequences
 
 TEXT_OR_CHAT = ("text", "messages")
-
-
-PackingStrategy = Literal["bfd", "bfd_split", "wrapped"]
-
-
-class SFTDataModule(AlignDataModule):
-    """What the two SFT formats share: TRL's ``SFTConfig`` data fields (not used directly).
-
-    Rows that already hold ``input_ids`` (and optionally ``completion_mask`` and
-    ``assistant_masks``) are used as tokenized, as TRL does."""
-
-    accepts_token_ids = True
-    pack_across_examples = True
-
-    def __init__(
-        self,
-        *args: Any,
-        packing_strategy: PackingStrategy = "bfd",
-        eval_packing: bool | None = None,
-        dataset_kwargs: dict[str, Any] | None = None,
-        streaming: bool = False,
-        shuffle_buffer_size: int = 1000,
-        group_by_length: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """
-        Args:
-            packing_strategy: With ``packing``: ``bfd`` (best-fit decreasing; longer sequences are
-                truncated), ``bfd_split`` (longer sequences are cut into pieces that are packed too)
-                or ``wrapped`` (everything joined and cut every ``max_length`` tokens, ignoring
-                document boundaries).
-            eval_packing: Pack the validation split (None: as ``packing``).
-            dataset_kwargs: TRL's; ``{skip_prepare_dataset: true}`` says the data is already
-                tokenized (an ``input_ids`` column, which is also recognised without it).
-            streaming: Read the data as it is iterated (``datasets`` streaming; TRL's
-                ``dataset_streaming``), for corpora larger than memory: rows are tokenized, shuffled
-                through a buffer and packed (in blocks of 1000 rows) as they come, each rank reads
-                every world-size-th row, and a resumed run continues where the checkpoint stopped.
-                ``eval_split`` must then be a split name.
-            shuffle_buffer_size: Rows in the shuffle buffer of a streamed training split.
-            group_by_length: As the other DataModules'; None: on, off when streaming (a stream is
-                batched in the order it comes).
-        """
-        if group_by_length is None:
-            group_by_length = not streaming
-        if streaming and group_by_length:
-            raise ValueError("group_by_length sorts the whole dataset by length; a stream is batched as it comes")
-        super().__init__(*args, group_by_length=group_by_length, **kwargs)
-        if streaming and isinstance(self.eval_split, float):
-            raise ValueError(f"eval_split={self.eval_split} holds out a fraction of the whole dataset; with streaming give a split name")
-        self.streaming = streaming
-        self.shuffle_buffer_size = shuffle_buffer_size
-        self.stream_loader = None
-        if packing_strategy not in get_args(PackingStrategy):
-            raise ValueError(f"packing_strategy must be one of {get_args(PackingStrategy)}, got {packing_strategy!r}")
-        unknown = sorted(set(dataset_kwargs or {}) - {"skip_prepare_dataset"})
-        if unknown:
-            raise ValueError(f"dataset_kwargs: unknown keys {unknown}; the one TRL key is 'skip_prepare_dataset'")
-        if eval_packing and self.max_length is None:
-            raise ValueError("eval_packing needs max_length: it is the length of a packed row")
-        self.packing_strategy = packing_strategy
-        self.eval_packing = eval_packing
-        self.dataset_kwargs = dict(dataset_kwargs or {})
-
-    def module_options(self) -> tuple:
-        return (*super().module_options(), self.requirements.assistant_masks)
-
-    def setup(self, stage: str | None = None) -> None:
-        if not self.streaming:
-            return super().setup(stage)
-        self.connect_trainer_module()
-        if self.datasets and self.module_options() == self._prepared_for:
-            return
-        tokenizer = self._resolve_tokenizer()
-        self._prepared_for = self.module_options()
-        self.datasets = {"train": self.stream_split(self.split, True, tokenizer)}
-        if self.eval_split:
-            self.datasets["val"] = self.stream_split(self.eval_split, False, tokenizer)
-
-    def stream_split(self, split: str, train: bool, tokenizer) -> datasets.IterableDataset:
-        """A split as a stream: rows checked and tokenized as they are read, shuffled through a
-        seeded buffer (training), and packed in blocks of 1000 rows."""
-        label = f"{'mixture' if self.mixture else self.dataset_name_or_path} [{split}] (streaming)"
-        ds = self.format_rows(self.load_split(split, train, streaming=True), label)
-        raw = column_names(ds)
-        tokenized = "input_ids" in raw
-        columns = TOKEN_ID_COLUMNS if tokenized else self.columns
-        check_columns(ds, columns, label, type(self).__name__)
-        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized)
-        ds = ds.map(fn, with_indices=True, remove_columns=raw).filter(lambda keep: keep, input_columns="keep")
-        ds = ds.remove_columns("keep")
-        if train and self.shuffle:
-            ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
-        packed = self.packs("train" if train else "val")
-        if packed or self.cuts_instead_of_truncating:
-            fields = column_names(ds)
-            ds = ds.map(lambda block: self.pack_split(datasets.Dataset.from_dict(block), packed).to_dict(), batched=True,
-                        batch_size=1000, remove_columns=fields)
-        return ds
-
-    def format_rows(self, ds, label: str):
-        """Rows in the format's columns (``LanguageModelingDataModule``: ``formatting_func``,
-        ``dataset_text_field``, ShareGPT conversations)."""
-        return ds
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.stream_loader is not None and self.trainer is not None and self.trainer.training:
-            self.stream_loader.trained += 1
-        return batch
-
-    def _prepare(self, ds: datasets.Dataset, label: str, tokenizer) -> datasets.Dataset:
-        if self.dataset_kwargs.get("skip_prepare_dataset") and "input_ids" not in ds.column_names:
-            raise DataFormatError(
-                f"{label}: dataset_kwargs.skip_prepare_dataset says the data is tokenized, but it has no 'input_ids' "
-                f"column (found: {', '.join(ds.column_names)})"
-            )
-        return super()._prepare(ds, label, tokenizer)
-
-    def packs(self, split: str) -> bool:
-        return self.packing if split == "train" or self.eval_packing is None else self.eval_packing
-
-    @property
-    def cuts_instead_of_truncating(self) -> bool:
-        return self.packing and self.packing_strategy != "bfd"
-
-    def truncate(self, seq: dict[str, list[int]]) -> dict[str, list[int]]:
-        return seq if self.cuts_instead_of_truncating else super().truncate(seq)
-
-    def pack_split(self, ds: datasets.Dataset, packed: bool) -> datasets.Dataset:
-        if self.cuts_instead_of_truncating and not packed:  # this split is not packed: truncate it after all
-            ds = ds.map(lambda row: _truncated(row, self.max_length, self.truncation_mode), keep_in_memory=True, desc="Truncating")
-            return ds.filter(lambda mask: any(map(any, mask)), input_columns="completion_mask", keep_in_memory=True)
-        if not packed or self.packing_strategy == "bfd":
-            return super().pack_split(ds, packed)
-        token_fields = [c for c in ds.column_names if c != "length"]
-        cols = {k: ds[k] for k in token_fields}
-        sequences = [{k: cols[k][i][j] for k in token_fields} for i in range(len(ds)) for j in range(len(cols["input_ids"][i]))]
-        if self.packing_strategy == "wrapped":
-            pieces = wrap_sequences(sequences, self.max_length)
-        else:
-            pieces = [p for seq in sequences for p in split_sequence(seq, self.max_length)]
-        pieces = [p for p in pieces if any(p["completion_mask"])]
-        ds = datasets.Dataset.from_dict({
-            **{k: [[p[k]] for p in pieces] for k in token_fields}, "length": [len(p["input_ids"]) for p in pieces]
-        })
-        return ds if self.packing_strategy == "wrapped" else self._pack(ds)
-
-
-def _truncated(row: dict, max_length: int, mode: str) -> dict:
-    """A prepared row (token fields holding lists of sequences) with every sequence cut to ``max_length``."""
-    keys = [k for k in row if k != "length"]
-    cut = [truncate(dict(zip(keys, values)), max_length, mode) for values in zip(*(row[k] for k in keys))]
-    return {**{k: [c[k] for c in cut] for k in cut[0]}, "length": sum(len(c["input_ids"]) for c in cut)}
 
 
 class LanguageModelingDataModule(SFTDataModule):
@@ -214,6 +59,7 @@ class LanguageModelingDataModule(SFTDataModule):
             )
 
     def format_rows(self, ds, label: str):
+        ds = super().format_rows(ds, label)
         names = column_names(ds)
         if "input_ids" in names:
             return ds
@@ -235,9 +81,6 @@ class LanguageModelingDataModule(SFTDataModule):
                 )
             ds = ds.map(_sharegpt_to_chatml, remove_columns=["conversations"], **_in_memory(ds, "Converting to ChatML"))
         return ds
-
-    def _prepare(self, ds, label, tokenizer):
-        return super()._prepare(self.format_rows(ds, label), label, tokenizer)
 
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         text = row.get("messages") if row.get("messages") is not None else row["text"]
@@ -519,7 +362,7 @@ class PromptOnlyDataModule(AlignDataModule):
         # The completion needs room too; a prompt that fills max_length is dropped and counted.
         return self.max_length is None or len(seq["input_ids"]) < self.max_length
 
-    def collate(self, items: list[dict]) -> PromptBatch:
+    def collate(self, items: list[dict], split: str = "train") -> PromptBatch:
         return collate_prompts(items, self.pad_token_id, self.pad_to_multiple_of)
 
     def loader_batch_size(self, train: bool) -> int:

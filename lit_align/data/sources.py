@@ -152,13 +152,13 @@ def load_mixture(
                          streaming)
         columns = source.get("columns")
         if columns:
-            names = list(columns) if not isinstance(columns, dict) else list(columns)
-            missing = [c for c in names if c not in column_names(ds)]
+            names, present = list(columns), column_names(ds)
+            missing = [c for c in names if c not in present]
             if missing:
-                raise DataFormatError(f"{where} ({source['path']}): no column {missing[0]!r} (found: {', '.join(column_names(ds))})")
+                raise DataFormatError(f"{where} ({source['path']}): no column {missing[0]!r} (found: {', '.join(present)})")
             ds = ds.select_columns(names)
             if isinstance(columns, dict):
-                ds = ds.rename_columns({k: v for k, v in columns.items() if k != v})
+                ds = rename_columns(ds, columns, where)
         fraction = source.get("fraction")
         if fraction is not None and streaming:
             raise ValueError(f"{where}: fraction needs the whole source, and streaming reads it as it comes; drop one of them")
@@ -177,6 +177,17 @@ def load_mixture(
         return datasets.concatenate_datasets(parts)
     except ValueError as err:  # the same names with different feature types
         raise DataFormatError(f"the sources of the mixture do not join: {err}") from err
+
+
+def rename_columns(ds, mapping: dict[str, str], where: str):
+    """``ds`` with columns renamed by ``mapping`` (``{old: new}``); a column already holding a new
+    name is replaced, an old name that is not there is an error naming ``where``."""
+    present = column_names(ds)
+    missing = [c for c in mapping if c not in present]
+    if missing:
+        raise DataFormatError(f"{where}: no column {missing[0]!r} to rename (found: {', '.join(present)})")
+    ds = ds.remove_columns([new for new in mapping.values() if new in present and new not in mapping])
+    return ds.rename_columns({old: new for old, new in mapping.items() if old != new})
 
 
 def column_names(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:

@@ -33,8 +33,8 @@ class StreamLoader(DataLoader):
         trainer = dm.trainer
         if trainer is not None and trainer.world_size > 1:
             ds = split_dataset_by_node(ds, rank=trainer.global_rank, world_size=trainer.world_size)
-        collate = dm.collate if train else functools.partial(dm.collate, split=split)
-        loader = cls(ds, batch_size=dm.loader_batch_size(train), collate_fn=collate, num_workers=dm.num_workers)
+        loader = cls(ds, batch_size=dm.loader_batch_size(train), collate_fn=functools.partial(dm.collate, split=split),
+                     num_workers=dm.num_workers)
         if train:
             dm.stream_loader = loader  # the DataModule counts the batches trained on
         return loader
