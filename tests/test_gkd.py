@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from lit_align import LanguageModelingDataModule, PromptCompletionDataModule
-from lit_align.data.base import collate_examples
 from lit_align.losses.gkd import generalized_jsd, gkd_loss
 from lit_align.methods.gkd import GKD
 from lit_align.models.builtin import builtin_model, builtin_tokenizer
 from lit_align.ops.completions import last_completion_run, left_padded_prompts
 from lit_align.ops.distill import LMHead, chunked_generalized_jsd
 from lit_align.ops.forward import target_mask
+from lit_align.ops.packing import collate_examples
 
 BETAS = (0.0, 0.5, 1.0)
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lit_align import CPO, DPO, ORPO, PreferenceDataModule
-from lit_align.data.base import collate_examples
 from lit_align.models.reference import mix_into
+from lit_align.ops.packing import collate_examples
 
 
 def adamw(lr=3e-3):

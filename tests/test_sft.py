@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_align import SFT, LanguageModelingDataModule, PromptCompletionDataModule, SaveHFModel
-from lit_align.data.base import collate_examples
 from lit_align.losses.sft import sft_loss_sum
 from lit_align.ops.forward import target_logprobs, target_mask
+from lit_align.ops.packing import collate_examples
 
 
 def adamw(lr=1e-3):

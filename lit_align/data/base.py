@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Literal
 
 import datasets
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, SequentialSampler
 from transformers import PreTrainedTokenizerBase
@@ -33,7 +32,7 @@ from lit_align.data.sources import (
 from lit_align.data.streaming import StreamLoader
 from lit_align.data.tokenize import truncate
 from lit_align.models.loading import tokenizer_pad_id
-from lit_align.ops.packing import SequenceBatch, collate_sequences, pack_bfd
+from lit_align.ops.packing import collate_examples, pack_bfd
 
 Layout = Literal["padded", "packed", "padding_free"]
 
@@ -432,34 +431,3 @@ def _fraction_or_name(eval_split: float | str | None) -> float | str | None:
         except ValueError:
             return eval_split
     return eval_split
-
-
-def collate_examples(
-    items: list[dict], pad_token_id: int, layout: str, capacity: int | None, pad_to_multiple_of: int | None = None
-) -> SequenceBatch:
-    """Collate tokenized examples into a :class:`SequenceBatch`.
-
-    When every example holds the same number ``k`` of sequences (pairs: ``k = 2``), sequence
-    ``j`` of example ``i`` becomes sequence ``j * E + i``; packed SFT rows hold varying
-    numbers and are taken in order.
-    """
-    counts = {len(item["input_ids"]) for item in items}
-    fields = [k for k in ("input_ids", "completion_mask", "assistant_mask", "step_labels") if k in items[0]]
-    if len(counts) == 1:
-        k = counts.pop()
-        pairs = [(i, j) for j in range(k) for i in range(len(items))]
-    else:
-        pairs = [(i, j) for i, item in enumerate(items) for j in range(len(item["input_ids"]))]
-    sequences = [{f: items[i][f][j] for f in fields} for i, j in pairs]
-    tensors = collate_sequences(sequences, pad_token_id, layout, capacity, pad_to_multiple_of)
-    labels = torch.tensor([bool(it["label"]) for it in items]) if "label" in items[0] else None
-    margin = torch.tensor([float(it["margin"]) for it in items]) if "margin" in items[0] else None
-    ref = [it["ref_logps"] for it in items] if "ref_logps" in items[0] else None
-    return SequenceBatch(
-        **tensors,
-        labels=labels,
-        margin=margin,
-        ref_logps=torch.tensor(ref, dtype=torch.float32).T.reshape(-1) if ref is not None else None,
-        num_sequences=len(sequences),
-        num_examples=len(items),
-    )

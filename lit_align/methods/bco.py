@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lit_align.data.base import collate_examples
 from lit_align.losses.bco import (
     DensityClassifier,
     RunningMoments,
@@ -30,7 +29,7 @@ from lit_align.methods.metrics import check_unpaired_labels, unpaired_metrics
 from lit_align.methods.reference import ReferenceModule
 from lit_align.models.loading import load_causal_lm
 from lit_align.ops.heads import mean_pooled
-from lit_align.ops.packing import SequenceBatch
+from lit_align.ops.packing import SequenceBatch, collate_examples
 
 
 class BCO(ReferenceModule):

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lit_align.data.base import collate_examples
 from lit_align.data.tokenize import add_eos, is_conversational
+from lit_align.ops.packing import collate_examples
 
 
 class RewardModelScorer:
