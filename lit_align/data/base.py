@@ -51,7 +51,9 @@ class DataRequirements:
     tokenizer_name_or_path: str | None = None  # the policy's tokenizer
     tokenizer: Any = field(default=None, compare=False, repr=False)  # that tokenizer as the module reads it
     rows_per_prompt: int = 1  # completions per prompt (GRPO's num_generations): a prompt batch_size counts them
-    batch_repeats: int = 1  # each prompt batch served this many times in a row (num_iterations)
+    batch_repeats: int = 1  # each prompt batch served this many times in a row (num_iterations x generation_steps)
+    generation_steps: int = 1  # training steps one prompt batch serves (steps_per_generation): it holds their prompts
+    eval_rows_per_prompt: int | None = None  # completions per prompt in validation (None: rows_per_prompt)
     kl_pairs: bool = False  # KTO: mismatched (prompt, completion) pairs for the KL estimate
     add_bos_to_prompt: bool = False  # CPO/ORPO: the tokenizer's BOS before every prompt
     assistant_masks: bool = False  # SFT's assistant_only_loss: mark assistant tokens, with or without {% generation %}
@@ -80,6 +82,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         padding_free: bool = False,
         group_by_length: bool = True,
         shuffle: bool = True,
+        shuffle_dataset: bool = False,
         seed: int = 0,
         num_workers: int = 0,
         dataset_num_proc: int | None = None,
@@ -90,6 +93,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         column_mapping: dict[str, str] | None = None,
         mixture: list[dict[str, Any]] | None = None,
         pad_to_multiple_of: int | Literal["auto"] | None = "auto",
+        padding_value: int | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
         """
@@ -111,6 +115,9 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 on CPU attention cost grows with the square of the row, prefer ``packing``).
             group_by_length: Batch examples of similar length together (training only).
             shuffle: Shuffle the training data each epoch.
+            shuffle_dataset: Shuffle the prepared training rows once, seeded by ``seed``, before packing
+                (TRL's SFT: rows packed together then come from anywhere in the data); a stream shuffles
+                through its buffer.
             seed: Seed of shuffling and of the eval fraction split.
             num_workers: DataLoader worker processes.
             dataset_num_proc: Processes for tokenization (None: in process).
@@ -128,6 +135,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
                 source's rows. A named ``eval_split`` is read from every source.
             pad_to_multiple_of: Round every batch's row width up to a multiple of this (TRL's; ``auto``:
                 no rounding, as TRL off Neuron devices).
+            padding_value: The id that pads ``input_ids`` (TRL's; None: the tokenizer's pad token). Masks
+                mark padding, so the value changes no loss.
             chat_template_kwargs: Extra variables for the chat template of every conversational row
                 (TRL's; a row's own ``chat_template_kwargs`` column adds to them and wins).
         """
@@ -147,6 +156,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         self.padding_free = padding_free
         self.group_by_length = group_by_length
         self.shuffle = shuffle
+        self.shuffle_dataset = shuffle_dataset
         self.seed = seed
         self.num_workers = num_workers
         self.dataset_num_proc = dataset_num_proc
@@ -159,6 +169,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         if pad_to_multiple_of not in ("auto", None) and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
             raise ValueError(f"pad_to_multiple_of must be a positive integer, 'auto' or None, got {pad_to_multiple_of!r}")
         self.pad_to_multiple_of = None if pad_to_multiple_of == "auto" else pad_to_multiple_of
+        self.padding_value = padding_value
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.requirements = DataRequirements()
@@ -230,6 +241,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
         for name, ds in splits.items():
             label = f"{source} [{self.eval_split if name == 'val' else self.split}]"
             ds = self._prepare(ds, label, tokenizer)
+            if name == "train" and self.shuffle_dataset:
+                ds = ds.shuffle(seed=self.seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
             prepared[name] = self.pack_split(ds, self.packs(name)) if self.pack_across_examples else ds
         return prepared
 
@@ -357,7 +370,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
 
     @property
     def pad_token_id(self) -> int:
-        return tokenizer_pad_id(self.tokenizer)
+        return self.padding_value if self.padding_value is not None else tokenizer_pad_id(self.tokenizer)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
         if name not in self.datasets:

@@ -338,14 +338,21 @@ class PromptOnlyDataModule(AlignDataModule):
     format = "prompt_only"
     columns = [Column("prompt", TEXT_OR_CHAT)]
 
-    def __init__(self, *args: Any, group_by_length: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, group_by_length: bool = False, shuffle_dataset: bool | None = None, **kwargs: Any) -> None:
         """
         Args:
+            shuffle_dataset: TRL's GRPO/RLOO field: draw prompts in a new random order each epoch
+                (True) or in the data's order (False); the same as ``shuffle``, which it sets when given.
             group_by_length: Batch prompts of similar length together. Off by default, as TRL's
                 samplers draw prompts at random: generation pads little, and length-sorted batches
                 make the reward curve follow prompt length (longer prompts are often harder ones)
                 rather than learning.
         """
+        if shuffle_dataset is not None:
+            if kwargs.get("shuffle", shuffle_dataset) != shuffle_dataset:
+                raise ValueError(f"shuffle_dataset={shuffle_dataset} contradicts shuffle={kwargs['shuffle']}: they are one setting "
+                                 "for prompt-only data (TRL's name and lit-align's); give one")
+            kwargs["shuffle"] = shuffle_dataset
         super().__init__(*args, group_by_length=group_by_length, **kwargs)
 
     def keep_columns(self, ds: datasets.Dataset) -> set[str]:
@@ -367,16 +374,19 @@ class PromptOnlyDataModule(AlignDataModule):
 
     def loader_batch_size(self, train: bool) -> int:
         """``batch_size`` counts completions, as TRL's ``per_device_train_batch_size`` does: a
-        batch holds ``batch_size / num_generations`` prompts of the module being trained."""
+        batch holds ``batch_size / num_generations`` prompts of the module being trained, times
+        its ``steps_per_generation`` in training (one rollout serves that many steps)."""
         size = super().loader_batch_size(train)
-        G = self.requirements.rows_per_prompt
+        req = self.requirements
+        G = req.rows_per_prompt if train or req.eval_rows_per_prompt is None else req.eval_rows_per_prompt
         if size % G:
             name = "batch_size" if train else "eval_batch_size"
+            what = "num_generations" if train or req.eval_rows_per_prompt is None else "num_generations_eval"
             raise ValueError(
                 f"{type(self).__name__}: {name}={size} counts completions and must be divisible by "
-                f"num_generations={G} (each prompt gets {G} completions); use for example {name}={G * max(1, size // G)}"
+                f"{what}={G} (each prompt gets {G} completions); use for example {name}={G * max(1, size // G)}"
             )
-        return size // G
+        return size // G * (req.generation_steps if train else 1)
 
     def batch_repeats(self) -> int:
         return self.requirements.batch_repeats

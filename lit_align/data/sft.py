@@ -90,7 +90,7 @@ class SFTDataModule(AlignDataModule):
         through a seeded buffer (training), and packed in blocks of 1000 rows."""
         label = f"{'mixture' if self.mixture else self.dataset_name_or_path} [{split}] (streaming)"
         ds = self.tokenized(self.load_split(split, train, streaming=True), label, tokenizer)
-        if train and self.shuffle:
+        if train and (self.shuffle or self.shuffle_dataset):
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
         packed = self.packs("train" if train else "val")
         if packed or self.cuts_instead_of_truncating:

@@ -50,6 +50,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         trust_remote_code: bool = False,
         chat_template_path: str | None = None,
         eos_token: str | None = None,
+        pad_token: str | None = None,
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         activation_offloading: bool = False,
@@ -77,6 +78,8 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
                 template, special tokens and EOS are copied (embeddings grow to hold new tokens).
             eos_token: The token that ends completions (a token of the vocabulary), mirrored into the
                 model's and generation configs. The data uses the module's tokenizer with both applied.
+            pad_token: The token that pads batches (a token of the vocabulary; None: the tokenizer's own,
+                or its EOS when it has none), mirrored into the model's configs (TRL's, deprecated there).
             peft: Adapters: ``peft.LoraConfig`` fields (for example ``{r: 16, lora_alpha: 32}``; DoRA with
                 ``use_dora: true``, rsLoRA with ``use_rslora: true``), or another PEFT method as
                 ``{class_path: peft.IA3Config, init_args: {...}}`` (LoHa, LoKr, IA3, ...), or None to train
@@ -104,6 +107,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         self.dtype_name = self.model_init.dtype
         self.chat_template_path = chat_template_path
         self.eos_token = eos_token
+        self.pad_token = pad_token
         self.attn_implementation = self.model_init.attn_implementation
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
@@ -161,12 +165,12 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
     def tokenizer(self):
         if self._tokenizer is None:
             tokenizer = load_tokenizer(self.model_name_or_path, **self.model_init.tokenizer_kwargs)
-            self._tokenizer = customise_tokenizer(tokenizer, self.chat_template_path, self.eos_token)
+            self._tokenizer = customise_tokenizer(tokenizer, self.chat_template_path, self.eos_token, self.pad_token)
         return self._tokenizer
 
     def fit_to_tokenizer(self, model: torch.nn.Module) -> torch.nn.Module:
         """A model loaded from the policy's path, fitted to a customised tokenizer (new tokens, EOS)."""
-        if self.chat_template_path or self.eos_token:
+        if self.chat_template_path or self.eos_token or self.pad_token:
             fit_model_to_tokenizer(model, self.tokenizer)
         return model
 

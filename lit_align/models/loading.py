@@ -146,13 +146,13 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
 
 
 def customise_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template_path: str | None = None,
-                        eos_token: str | None = None) -> PreTrainedTokenizerBase:
-    """TRL's ``chat_template_path`` and ``eos_token`` on a loaded tokenizer.
+                        eos_token: str | None = None, pad_token: str | None = None) -> PreTrainedTokenizerBase:
+    """TRL's ``chat_template_path``, ``eos_token`` and ``pad_token`` on a loaded tokenizer.
 
     ``chat_template_path``: a ``.jinja``/``.j2`` file (the template itself), or a tokenizer (a
     directory, Hub id or ``builtin:``) whose template is copied with the special tokens it writes
     and its EOS, as TRL's ``clone_chat_template``. ``eos_token``: a token of the vocabulary that
-    ends completions from now on."""
+    ends completions from now on. ``pad_token``: a token of the vocabulary that pads batches."""
     if chat_template_path:
         path = Path(chat_template_path).expanduser()
         if path.suffix in (".jinja", ".j2"):
@@ -175,17 +175,24 @@ def customise_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template_path: 
             raise ValueError(f"eos_token {eos_token!r} is not a token of the tokenizer; add it, or pick one of its special tokens "
                              f"({', '.join(tokenizer.all_special_tokens[:8])})")
         tokenizer.eos_token = eos_token
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise ValueError(f"pad_token {pad_token!r} is not a token of the tokenizer; pick one of its tokens, for example "
+                             f"its EOS {tokenizer.eos_token!r}")
+        tokenizer.pad_token = pad_token
     return tokenizer
 
 
 def fit_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """After :func:`customise_tokenizer`: room in the embeddings for added tokens (rounded up to a
-    multiple of 64, as TRL), and the tokenizer's EOS in the model's and generation configs."""
+    multiple of 64, as TRL), and the tokenizer's EOS and pad token in the model's and generation configs."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
