@@ -125,6 +125,32 @@ def test_hf_engine_groups_masks_and_lengths():
     assert sampled.completion_ids.size(0) == 8 and sampled.completion_ids.size(1) <= 5
 
 
+@pytest.mark.parametrize("use_generate", [False, True])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_hf_engine_sampling_logps_are_the_processed_distributions(use_generate, top_k):
+    """The engine reports each drawn token's log-prob under the distribution it drew from (after
+    temperature and top-k, as vLLM's processed log-probs): with no truncation they equal the
+    training forward's log-probs at the sampling temperature; top-k renormalises, so they rise."""
+    tok = builtin_tokenizer()
+    model = builtin_model("builtin:tiny").eval()
+    prompts = [tok("Compute 1+2.\n")["input_ids"], tok("Compute 3-1+4.\n")["input_ids"]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (ids != tok.pad_token_id).long()
+    torch.manual_seed(0)
+    sampling = SamplingParams(max_completion_length=6, temperature=0.7, top_k=top_k, num_generations=3)
+    gens = HFEngine(tok, use_generate=use_generate).generate(model, ids, mask, sampling)
+    batch = completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, tok.pad_token_id)
+    with torch.no_grad():
+        trained, _ = completion_logprobs(model, batch, gens.completion_mask, temperature=0.7)
+    valid = gens.completion_mask.bool()
+    assert gens.sampling_logps.shape == gens.completion_ids.shape and (gens.sampling_logps[~valid] == 0).all()
+    if top_k == 0:
+        assert_close(gens.sampling_logps[valid], trained[valid], atol=1e-4, rtol=1e-4)
+    else:
+        assert (gens.sampling_logps[valid] >= trained[valid] - 1e-5).all()
+
+
 def test_vllm_engine_reads_outputs_and_pushes_weights_without_vllm():
     tok = builtin_tokenizer()
     sample = lambda ids, lp: SimpleNamespace(token_ids=ids, logprobs=[{t: SimpleNamespace(logprob=lp)} for t in ids])  # noqa: E731
@@ -320,7 +346,7 @@ def test_bad_online_settings_are_reported():
     with pytest.raises(ValueError, match="PPO needs reward_model_name_or_path or reward_funcs"):
         PPO()
     with pytest.raises(ValueError, match="num_iterations > 1 reuses each micro-batch's rollout"):
-        fit(GRPO(reward_funcs=["arithmetic_reward"], num_generations=2, max_completion_length=4, num_iterations=2),
+        fit(OnlineDPO(reward_funcs=["arithmetic_reward"], max_new_tokens=4, num_iterations=2),
             PromptOnlyDataModule(DATA, batch_size=4), steps=1, accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="reward_clip_range"):
         RLOO(reward_funcs=["arithmetic_reward"], reward_clip_range=(1.0, 0.0))

@@ -11,6 +11,7 @@ calls ``make_rollout`` before every batch is added by ``configure_callbacks``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -38,6 +39,8 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
     disable_dropout_default: ClassVar[bool] = False
     kl_weight_name: ClassVar[str] = "beta"  # the argument that weighs the KL to the reference (PPO: kl_coef)
     frozen_submodules = ("ref_model",)
+    generation_steps: int = 1  # training steps one rollout serves (GenerationBatches: steps_per_generation)
+    decoupled_generation: ClassVar[bool] = False  # GenerationBatches composes rollouts with gradient accumulation
 
     def __init__(
         self,
@@ -52,6 +55,10 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
         generation_kwargs: dict[str, Any] | None = None,
+        cache_implementation: str | None = None,
+        use_transformers_continuous_batching: bool = False,
+        transformers_continuous_batching_config: dict[str, Any] | None = None,
+        use_transformers_paged: bool = False,
         num_iterations: int = 1,
         beta: float = 0.0,
         mask_truncated_completions: bool = False,
@@ -62,6 +69,8 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         vllm_max_model_length: int | None = None,
         log_completions: bool = False,
         log_completions_steps: int = 50,
+        num_completions_to_print: int | None = None,
+        log_unique_prompts: bool = False,
         **kwargs: Any,
     ) -> None:
         """
@@ -78,6 +87,12 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             min_p: Drop tokens below ``min_p`` times the likeliest one's probability (None: off).
             repetition_penalty: Penalty on tokens already in the sequence (1: off).
             generation_kwargs: Extra keyword arguments for the engine's generate call.
+            cache_implementation: The KV cache of ``model.generate`` (``static``, ``offloaded``, ...; TRL's);
+                set, the HF engine samples with ``generate`` instead of its lean loop.
+            use_transformers_continuous_batching: Sample with transformers' paged continuous batching
+                (``model.generate_batch``) in the HF engine.
+            transformers_continuous_batching_config: ``ContinuousBatchingConfig`` fields for it.
+            use_transformers_paged: TRL's deprecated name of ``use_transformers_continuous_batching``.
             num_iterations: Updates per rollout (the old log-probs are stored with the rollout).
             beta: Weight of the KL to the reference; 0 loads no reference model.
             mask_truncated_completions: Leave completions without EOS out of the loss.
@@ -88,6 +103,9 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             vllm_max_model_length: vLLM's context length (None: the model's).
             log_completions: Log a W&B table of prompts, completions, rewards and advantages
                 every ``log_completions_steps`` steps.
+            num_completions_to_print: With ``log_completions``, also print this many rows of it to the
+                console (None: all), as TRL.
+            log_unique_prompts: The table keeps one row per distinct prompt (TRL's).
         """
         super().__init__(*args, **kwargs)
         if num_iterations < 1:
@@ -104,6 +122,16 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
                 f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward functions"
             )
         self.num_generations = num_generations
+        if use_transformers_paged:
+            warnings.warn("use_transformers_paged is deprecated in TRL; use use_transformers_continuous_batching",
+                          FutureWarning, stacklevel=2)
+        self.continuous_batching = (dict(transformers_continuous_batching_config or {})
+                                    if use_transformers_continuous_batching or use_transformers_paged else None)
+        if self.continuous_batching is not None and use_vllm:
+            raise ValueError("use_transformers_continuous_batching and use_vllm pick two engines: choose one")
+        generation_kwargs = dict(generation_kwargs or {})
+        if cache_implementation is not None:
+            generation_kwargs["cache_implementation"] = cache_implementation
         self.sampling = SamplingParams(
             max_completion_length=max_completion_length,
             temperature=temperature,
@@ -112,7 +140,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             min_p=min_p,
             repetition_penalty=repetition_penalty,
             num_generations=num_generations,
-            generation_kwargs=dict(generation_kwargs or {}),
+            generation_kwargs=generation_kwargs,
         )
         self.max_completion_length = max_completion_length
         self.temperature = temperature
@@ -128,6 +156,8 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         }
         self.log_completions = log_completions
         self.log_completions_steps = log_completions_steps
+        self.num_completions_to_print = num_completions_to_print
+        self.log_unique_prompts = log_unique_prompts
 
     # -- building ------------------------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
@@ -146,12 +176,15 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         callbacks = super().configure_callbacks()
         if not any(isinstance(c, RolloutCallback) for c in self.trainer.callbacks):  # a user's own one wins
             every = self.log_completions_steps if self.log_completions else 0
-            callbacks.append(RolloutCallback(log_completions_every_n_steps=every))
+            callbacks.append(RolloutCallback(
+                log_completions_every_n_steps=every, num_completions_to_print=self.num_completions_to_print,
+                log_unique_prompts=self.log_unique_prompts,
+            ))
         return callbacks
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.num_iterations > 1 and self.trainer.accumulate_grad_batches > 1:
+        if not self.decoupled_generation and self.num_iterations > 1 and self.trainer.accumulate_grad_batches > 1:
             raise ValueError(
                 "num_iterations > 1 reuses each micro-batch's rollout on consecutive steps; with "
                 f"accumulate_grad_batches={self.trainer.accumulate_grad_batches} the reuses would fall in the same "
@@ -162,7 +195,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         if self.use_vllm:
             return VLLMEngine(self.model_name_or_path, self.tokenizer, dtype=self.dtype_name, seed=self.global_rank,
                               policy=self.model, **self.vllm_settings)
-        return HFEngine(self.tokenizer)
+        return HFEngine(self.tokenizer, continuous_batching=self.continuous_batching)
 
     # -- one rollout ---------------------------------------------------------------------------
     @property

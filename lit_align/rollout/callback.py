@@ -9,11 +9,15 @@ the engine; the callback schedules: when to sample, reuse, weight syncs, the com
 
 - Reuse: with ``num_iterations = k`` the DataModule yields every prompt batch ``k`` times in
   a row and the callback serves the same rollout to those ``k`` steps (the old log-probs
-  stored in it make the importance ratio move). A rollout still being reused is saved in the
-  checkpoint (each rank's), so a run resumed between its steps trains on the same samples.
+  stored in it make the importance ratio move). With ``steps_per_generation = S`` (GRPO,
+  RLOO) a prompt batch holds ``S`` steps' prompts, comes ``S * k`` times, and the rollout is
+  cut into ``S`` shuffled slices served in turn, ``k`` times over (TRL's order). A rollout
+  still being served is saved in the checkpoint (each rank's), so a run resumed between its
+  steps trains on the same samples.
 - Weight sync: engines holding their own copy of the weights (vLLM) get the policy's after
   every optimizer step.
-- Completions go to W&B as a table every ``log_completions_every_n_steps`` (rank 0).
+- Completions go to W&B as a table every ``log_completions_every_n_steps`` (rank 0), and the
+  first ``num_completions_to_print`` rows of it to the console.
 
 Modules add it in ``configure_callbacks``; pass one to the Trainer to change its settings.
 """
@@ -37,22 +41,28 @@ class RolloutCallback(L.Callback):
             setup (default: the module's own, ``HFEngine`` or ``VLLMEngine`` with ``use_vllm=True``).
         log_completions_every_n_steps: Log a table of prompts, completions, rewards and
             advantages to W&B every this many steps (0: never).
-        num_completions_to_log: Rows in that table.
+        num_completions_to_log: Rows in that table (None: every row of the rollout).
+        num_completions_to_print: Rows of it printed to the console as well (0: none, None: all).
+        log_unique_prompts: One row per distinct prompt.
     """
 
     def __init__(
         self,
         engine: GenerationEngine | None = None,
         log_completions_every_n_steps: int = 0,
-        num_completions_to_log: int = 16,
+        num_completions_to_log: int | None = 16,
+        num_completions_to_print: int | None = 0,
+        log_unique_prompts: bool = False,
     ) -> None:
         self.engine = engine
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.num_completions_to_log = num_completions_to_log
-        self._buffer: Rollout | None = None
+        self.num_completions_to_print = num_completions_to_print
+        self.log_unique_prompts = log_unique_prompts
+        self._buffer: list[Rollout] | None = None  # the slices of the rollout being served
         self._served = 0
         self._reuse = 1
-        self._pending: dict[str, Any] | None = None  # a checkpointed rollout, restored at the next batch
+        self._pending: list[dict[str, Any]] | None = None  # a checkpointed rollout's slices, restored at the next batch
         self._last_synced_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -60,19 +70,22 @@ class RolloutCallback(L.Callback):
             pl_module.engine = self.engine
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        reuse = self._reuse = getattr(pl_module, "num_iterations", 1)
+        parts = getattr(pl_module, "generation_steps", 1)
+        reuse = self._reuse = getattr(pl_module, "num_iterations", 1) * parts
         if self._pending is not None:
-            self._buffer, self._pending = Rollout.from_state_dict(self._pending, pl_module.device), None
+            self._buffer = [Rollout.from_state_dict(s, pl_module.device) for s in self._pending]
+            self._pending = None
         if self._buffer is None or self._served >= reuse:
-            self._buffer = pl_module.make_rollout(batch, "train")
+            rollout = pl_module.make_rollout(batch, "train")
+            self._buffer = pl_module.split_rollout(rollout, parts) if parts > 1 else [rollout]
             self._served = 0
-        elif len(batch.prompts) * self._buffer.rows_per_prompt != len(self._buffer):
+            every = self.log_completions_every_n_steps
+            if every and trainer.global_step % every == 0:
+                self._log_table(trainer, rollout)
+        elif len(batch.prompts) * self._buffer[0].rows_per_prompt != sum(map(len, self._buffer)):
             raise RuntimeError("num_iterations > 1 needs the DataModule to repeat each prompt batch (PromptOnlyDataModule does)")
+        batch.rollout = self._buffer[self._served % len(self._buffer)]
         self._served += 1
-        batch.rollout = self._buffer
-        every = self.log_completions_every_n_steps
-        if every and self._served == 1 and trainer.global_step % every == 0:
-            self._log_table(trainer, self._buffer)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         batch.rollout = pl_module.make_rollout(batch, "val")
@@ -87,26 +100,51 @@ class RolloutCallback(L.Callback):
 
         if trainer.global_rank != 0:
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if not loggers:
-            return
-        names = list(rollout.reward_columns)
-        adv = rollout.advantages if rollout.advantages.dim() == 1 else rollout.advantages.sum(-1)
-        rows = []
-        for i in range(min(self.num_completions_to_log, len(rollout))):
-            rewards = [float(rollout.reward_columns[n][i]) for n in names]
-            rows.append([trainer.global_step, str(rollout.prompts[i]), str(rollout.completions[i]), *rewards, float(adv[i])])
-        for lg in loggers:
-            lg.log_table(key="completions", columns=["step", "prompt", "completion", *names, "advantage"], data=rows)
+        columns, rows = completion_rows(trainer.global_step, rollout, self.log_unique_prompts)
+        if self.num_completions_to_print != 0:
+            print(format_rows(columns, rows[: self.num_completions_to_print]), flush=True)
+        rows = rows[: self.num_completions_to_log]
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.log_table(key="completions", columns=columns, data=rows)
 
     def state_dict(self) -> dict[str, Any]:
         # The rollout being reused (num_iterations > 1) is part of the checkpoint, every rank's own,
         # so a resumed run trains on it as the uninterrupted run does instead of sampling afresh.
-        buffer = self._buffer.state_dict() if self._buffer is not None and self._served < self._reuse else None
+        buffer = [r.state_dict() for r in self._buffer] if self._buffer is not None and self._served < self._reuse else None
         return {"served": self._served, "buffers": all_ranks(buffer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._served = state_dict.get("served", 0)
-        self._pending = own(state_dict.get("buffers"))
+        pending = own(state_dict.get("buffers"))
+        self._pending = [pending] if isinstance(pending, dict) else pending  # a checkpoint from before slices
         self._buffer = None
 
+
+
+def completion_rows(step: int, rollout: Rollout, unique_prompts: bool = False) -> tuple[list[str], list[list]]:
+    """The completions table: step, prompt, completion, each reward column, advantage; one row per
+    completion (per distinct prompt, its first completion, with ``unique_prompts``)."""
+    names = list(rollout.reward_columns)
+    adv = rollout.advantages if rollout.advantages.dim() == 1 else rollout.advantages.sum(-1)
+    rows, seen = [], set()
+    for i in range(len(rollout)):
+        prompt = str(rollout.prompts[i])
+        if unique_prompts and prompt in seen:
+            continue
+        seen.add(prompt)
+        rewards = [float(rollout.reward_columns[n][i]) for n in names]
+        rows.append([step, prompt, str(rollout.completions[i]), *rewards, float(adv[i])])
+    return ["step", "prompt", "completion", *names, "advantage"], rows
+
+
+def format_rows(columns: list[str], rows: list[list], width: int = 60) -> str:
+    """A plain-text table of the rows for the console (long texts cut to ``width`` characters)."""
+
+    def cell(v: Any) -> str:
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        text = text.replace("\n", " ")
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    lines = [" | ".join(columns)] + [" | ".join(cell(v) for v in row) for row in rows]
+    return "\n".join(lines)

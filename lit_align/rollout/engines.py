@@ -58,7 +58,7 @@ class Generations:
     completion_ids: Tensor  # (N, C) long, right-padded with the pad token
     completion_mask: Tensor  # (N, C) long: tokens up to and including the first EOS
     is_truncated: Tensor  # (N,) bool: no EOS within max_completion_length
-    sampling_logps: Tensor | None = None  # (N, C) engine log-probs of the sampled tokens (vLLM)
+    sampling_logps: Tensor | None = None  # (N, C) engine log-probs of the sampled tokens, after its processors
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -181,15 +181,21 @@ class HFEngine(TokenizerEngine):
     ``generate``'s logit processors and an inverse-CDF draw (:mod:`lit_align.ops.sampling`,
     about 20x cheaper per token than ``torch.multinomial`` on CPU), and decoding stops when
     every row has ended. ``use_generate=True`` (or any ``generation_kwargs`` other than
-    ``min_new_tokens``) calls ``model.generate`` instead.
+    ``min_new_tokens``) calls ``model.generate`` instead. ``continuous_batching`` (a dict of
+    ``transformers.generation.ContinuousBatchingConfig`` fields, ``{}`` for its defaults) calls
+    transformers' paged continuous-batching ``model.generate_batch`` (TRL's
+    ``use_transformers_continuous_batching``; worth it on a GPU with many prompts of mixed lengths,
+    slow to start on CPU).
     """
 
     LEAN_KWARGS = frozenset({"min_new_tokens"})
     samples_any_model = True  # the policy, a reference, a mixture of both: any causal LM
 
-    def __init__(self, tokenizer: Any = None, use_generate: bool = False, seed: int | None = None) -> None:
+    def __init__(self, tokenizer: Any = None, use_generate: bool = False, seed: int | None = None,
+                 continuous_batching: dict[str, Any] | None = None) -> None:
         self.tokenizer = tokenizer
         self.use_generate = use_generate
+        self.continuous_batching = continuous_batching
         self.generator: torch.Generator | None = None
         self.seed = seed
 
@@ -198,13 +204,16 @@ class HFEngine(TokenizerEngine):
         n = sampling.num_generations
         eos = eos_ids(self.tokenizer, model)
         with generation_mode(model):
-            if self.use_generate or set(sampling.generation_kwargs) - self.LEAN_KWARGS:
-                completions = self._hf_generate(model, prompt_ids, prompt_mask, sampling, eos)
+            if self.continuous_batching is not None:
+                completions, logps = self._generate_batch(model, prompt_ids, prompt_mask, sampling, eos)
+            elif self.use_generate or set(sampling.generation_kwargs) - self.LEAN_KWARGS:
+                completions, logps = self._hf_generate(model, prompt_ids, prompt_mask, sampling, eos)
             else:
-                completions = self._decode(model, prompt_ids, prompt_mask, sampling, eos)
+                completions, logps = self._decode(model, prompt_ids, prompt_mask, sampling, eos)
         cmask, truncated = completion_mask(completions, eos)
         completions = completions.masked_fill(cmask == 0, self.pad_token_id)
-        return Generations(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), completions, cmask, truncated)
+        return Generations(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), completions, cmask,
+                           truncated, logps.masked_fill(cmask == 0, 0.0))
 
     def _hf_generate(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int]) -> Tensor:
         n = sampling.num_generations
@@ -222,11 +231,37 @@ class HFEngine(TokenizerEngine):
             pad_token_id=self.pad_token_id,
             eos_token_id=eos,
             use_cache=True,
+            return_dict_in_generate=True,
+            output_scores=True,
             **sampling.generation_kwargs,
         )
-        return out[:, ids.size(1) :]
+        completions = out.sequences[:, ids.size(1) :]
+        scores = torch.stack(out.scores, 1).float().log_softmax(-1)  # (N, C, V) after the processors
+        return completions, scores.gather(-1, completions.unsqueeze(-1)).squeeze(-1)
 
-    def _decode(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int]) -> Tensor:
+    def _generate_batch(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int]) -> tuple[Tensor, Tensor]:
+        from transformers import GenerationConfig
+        from transformers.generation import ContinuousBatchingConfig
+
+        n = sampling.num_generations
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_completion_length, do_sample=sampling.temperature > 0,
+            temperature=sampling.temperature if sampling.temperature > 0 else None, top_p=sampling.top_p,
+            top_k=sampling.top_k, min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty,
+            eos_token_id=eos, pad_token_id=self.pad_token_id, **sampling.generation_kwargs,
+        )
+        batching = ContinuousBatchingConfig(**{"return_logprobs": True, **self.continuous_batching})
+        prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask) for _ in range(n)]
+        out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching, progress_bar=False)
+        rows = [out[f"req_{i}"] for i in range(len(prompts))]  # request ids follow the inputs' order
+        ids = right_pad([list(r.generated_tokens) for r in rows], self.pad_token_id, device=prompt_ids.device)
+        logps = torch.zeros(ids.shape, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            if r.logprobs:
+                logps[i, : len(r.logprobs)] = torch.tensor(r.logprobs[: ids.size(1)], dtype=torch.float32)
+        return ids, logps.to(prompt_ids.device)
+
+    def _decode(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int]) -> tuple[Tensor, Tensor]:
         from transformers import DynamicCache
 
         from lit_align.ops.sampling import process_logits, sample_categorical
@@ -250,6 +285,7 @@ class HFEngine(TokenizerEngine):
         min_new = int(sampling.generation_kwargs.get("min_new_tokens", 0) or 0)
         finished = torch.zeros(logits.size(0), dtype=torch.bool, device=device)
         tokens: list[Tensor] = []
+        logps: list[Tensor] = []  # of each drawn token under the processed distribution (what vLLM reports)
         for step in range(sampling.max_completion_length):
             scores = process_logits(
                 logits, history, temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
@@ -259,6 +295,7 @@ class HFEngine(TokenizerEngine):
             token = scores.argmax(-1) if sampling.temperature == 0 else sample_categorical(scores, self.generator)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
+            logps.append(scores.log_softmax(-1).gather(1, token[:, None]).squeeze(1))
             finished |= torch.isin(token, eos_t)
             if finished.all() or step + 1 == sampling.max_completion_length:
                 break
@@ -267,7 +304,7 @@ class HFEngine(TokenizerEngine):
             position = position + 1
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True, **{cache_arg: cache})
             logits = out.logits[:, -1]
-        return torch.stack(tokens, 1)
+        return torch.stack(tokens, 1), torch.stack(logps, 1)
 
     def sync_weights(self, model: nn.Module) -> None:
         """The engine samples from the policy itself: nothing to copy."""
