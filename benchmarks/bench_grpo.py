@@ -82,6 +82,13 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
         {"gradient_checkpointing": False, "beta": KL_BETA},
     ),
     "lit_kl": ("lit", f"lit-align GRPO, beta={KL_BETA}", {"beta": KL_BETA}),
+    # one generation serves 4 steps (a rollout of 4 x batch size completions, cut into 4 slices)
+    "trl_fast_spg4": (
+        "trl",
+        "TRL, gradient_checkpointing=False, beta=0, steps_per_generation=4",
+        {"gradient_checkpointing": False, "steps_per_generation": 4},
+    ),
+    "lit_spg4": ("lit", "lit-align GRPO, beta=0, steps_per_generation=4", {"steps_per_generation": 4}),
 }
 DEFAULT_CONFIGS = ["trl_default", "trl_fast", "lit"]
 # OnlineDPO (--method online_dpo): TRL's experimental OnlineDPOTrainer against lit-align OnlineDPO.
@@ -95,6 +102,12 @@ ONLINE_DPO_CONFIGS: dict[str, tuple[str, str, dict]] = {
 
 def _beta(name: str) -> float:
     return CONFIGS.get(name, ("", "", {}))[2].get("beta", 0.0)
+
+
+def _pairing(name: str) -> tuple[float, int]:
+    """What a lit-align configuration must share with a TRL one to be compared: beta and steps_per_generation."""
+    overrides = CONFIGS.get(name, ("", "", {}))[2]
+    return overrides.get("beta", 0.0), overrides.get("steps_per_generation", 1)
 
 
 # --------------------------------------------------------------------------- children
@@ -546,7 +559,7 @@ def grpo_ratio_table(results: list[Result]) -> str:
     ]
     rows = []
     for a in (r for r in results if r.framework == "lit"):
-        for b in (r for r in results if r.framework == "trl" and _beta(r.name) == _beta(a.name)):
+        for b in (r for r in results if r.framework == "trl" and _pairing(r.name) == _pairing(a.name)):
             pa, pb = phases(a), phases(b)
             rows.append(
                 [
@@ -579,8 +592,8 @@ def report(settings: dict, runs: dict[str, list[Result]], pick: str) -> None:
     if table:
         print()
         print(table)
-    expected = s["batch_size"] * s["max_completion_length"]
-    odd = [r.name for r in results if any(t != expected for t in r.step_tokens)]
+    expected = s["batch_size"] * s["max_completion_length"]  # per step on average (a generation may serve several)
+    odd = [r.name for r in results if sum(r.step_tokens[r.warmup:]) != expected * r.steps]
     if odd:
         per_step = {r.name: r.step_tokens for r in results if r.name in odd}
         print(

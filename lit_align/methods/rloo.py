@@ -16,12 +16,13 @@ from torch import Tensor
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.advantages import nanstd, rloo_advantages, weighted_rewards
 from lit_align.losses.policy import rloo_loss
+from lit_align.methods.generation_batches import GenerationBatches
 from lit_align.methods.metrics import reward_metrics
 from lit_align.methods.online import OnlineModule
 from lit_align.rollout.types import Advantages, Rollout
 
 
-class RLOO(OnlineModule):
+class RLOO(GenerationBatches, OnlineModule):
     """REINFORCE Leave-One-Out on prompt-only data with reward functions."""
 
     default_lr = 1e-6
