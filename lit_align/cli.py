@@ -183,7 +183,13 @@ def build_cli(args: ArgsType = None, run: bool = True) -> LitAlignCLI:
 
 
 def main(args: ArgsType = None) -> None:
-    """Console entry point ``lit-align``."""
+    """Console entry point ``lit-align``; ``lit-align serve ...`` runs the generation server
+    (:mod:`lit_align.rollout.server`)."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "serve":
+        from lit_align.rollout.server import serve_main
+
+        return serve_main(list(argv[1:]))
     build_cli(args)
 
 
