@@ -7,7 +7,9 @@
 Each run is ``lit-align fit --config configs/<name>.yaml`` as the first command in a fresh empty
 directory (``--keep DIR`` keeps them), with nothing overridden but, in the matrix, the seed
 (``--seed_everything`` and the data's shuffling ``--data.init_args.seed``; seed 0 is the config's
-own). The environment sets the rest: ``ATEN_CPU_CAPABILITY`` picks the CPU kernels
+own). A config whose header names a generation server (``# serve: lit-align serve ...``) gets it
+started first, as the header says but on free ports so runs side by side do not collide
+(``vllm_server_base_url`` and ``vllm_group_port`` point the run at it). The environment sets the rest: ``ATEN_CPU_CAPABILITY`` picks the CPU kernels
 (``default``, ``avx2``, ``avx512`` where the CPU has it: trajectories differ between them) and
 ``OMP_NUM_THREADS`` the torch threads.
 
@@ -31,6 +33,7 @@ import glob
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +44,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lit_align.rollout.server import config_server_argv, launch  # noqa: E402
 from lit_align.wandb_offline import metric_series, read_run  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 EXPECT = re.compile(r"^#\s*expect:\s*(\S+)\s+(rises by|falls by|ends)\s*(>=|<=)\s*([-+0-9.eE]+)(%?)\s*$")
 
@@ -103,10 +113,20 @@ def run_one(config: Path, capability: str | None, threads: int | None, seed: int
     label = f"{config.stem}-{capability or 'native'}-t{threads or 'all'}-s{seed}"
     workdir = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=keep))
     start = time.perf_counter()
-    proc = subprocess.run(
-        [*lit_align_command(), "fit", f"--config={config}", "--trainer.enable_progress_bar=false", *args],
-        cwd=workdir, env=env, capture_output=True, text=True,
-    )
+    server = None
+    serve = config_server_argv(config)
+    if serve is not None:
+        server, url = launch([*serve, "--port", "0"], env=env, cwd=str(workdir), timeout=300)
+        args += [f"--model.init_args.vllm_server_base_url={url}", f"--model.init_args.vllm_group_port={free_port()}"]
+    try:
+        proc = subprocess.run(
+            [*lit_align_command(), "fit", f"--config={config}", "--trainer.enable_progress_bar=false", *args],
+            cwd=workdir, env=env, capture_output=True, text=True,
+        )
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(timeout=30)
     row = {"config": config.stem, "capability": capability or "native", "threads": threads or 0, "seed": seed,
            "seconds": round(time.perf_counter() - start, 1), "returncode": proc.returncode, "dir": str(workdir)}
     if proc.returncode != 0:

@@ -47,6 +47,7 @@ METHODS = {
     "rloo": (RLOO, PromptOnlyDataModule),
     "ppo": (PPO, PromptOnlyDataModule),
     "grpo_sampled": (GRPO, PromptOnlyDataModule),
+    "grpo_spg": (GRPO, PromptOnlyDataModule),  # steps_per_generation=2 (accumulate_grad_batches=2)
     "gkd": (GKD, PromptCompletionDataModule),
     "online_dpo": (OnlineDPO, PromptOnlyDataModule),
 }
@@ -58,6 +59,7 @@ ONLINE = {
     "rloo": {"num_generations": 4, "beta": 0.05, "normalize_advantages": True},
     "ppo": {"num_ppo_epochs": 2, "kl_estimator": "k3", "whiten_rewards": True},
     "grpo_sampled": {"num_generations": 4, "beta": 0.04},
+    "grpo_spg": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo"},
     "online_dpo": {"beta": 0.1, "missing_eos_penalty": 1.0},
 }
 
@@ -98,7 +100,7 @@ def run(method: str, devices: int, out: str) -> None:
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=max_steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=1, callbacks=callbacks,
+        log_every_n_steps=1, callbacks=callbacks, accumulate_grad_batches=2 if method == "grpo_spg" else 1,
     )
     trainer.fit(module, data)
     if trainer.is_global_zero:

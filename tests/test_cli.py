@@ -1,7 +1,10 @@
 """End to end through ``lit-align``: every config runs a few steps; W&B offline logs read back."""
 
+import contextlib
 import csv
 import glob
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lit_align.cli import build_cli
+from lit_align.rollout.server import config_server_argv, launch
 from lit_align.wandb_offline import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +34,26 @@ def _finish_wandb():
 SHORT = ["--trainer.max_steps=3"]  # for speed only: every other setting is the config's
 
 
+@contextlib.contextmanager
+def config_server(config):
+    """The ``lit-align serve`` a config's header names, started as it says but on free ports (so
+    runs side by side never collide); yields the overrides that point the config at it."""
+    argv = config_server_argv(config)
+    if argv is None:
+        yield []
+        return
+    argv = [*argv, "--port", "0"]  # argparse: the last --port wins
+    process, url = launch(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        group_port = s.getsockname()[1]
+    try:
+        yield [f"--model.init_args.vllm_server_base_url={url}", f"--model.init_args.vllm_group_port={group_port}"]
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_runs_as_shipped(config, tmp_path, monkeypatch):
@@ -38,7 +62,8 @@ def test_every_config_runs_as_shipped(config, tmp_path, monkeypatch):
     ``benchmarks/run_configs.py`` runs every config to its end and checks what its header promises."""
     monkeypatch.chdir(tmp_path)
     assert not any(tmp_path.iterdir())
-    cli = build_cli(["fit", f"--config={config}", *SHORT])
+    with config_server(config) as where:  # a config whose header starts a generation server first
+        cli = build_cli(["fit", f"--config={config}", *SHORT, *where])
     if cli.model.automatic_optimization:
         assert cli.trainer.global_step == 3
     else:  # PPO: every rollout takes num_ppo_epochs x num_mini_batches optimizer steps, and runs whole

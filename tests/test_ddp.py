@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
     launches = {
         devices: subprocess.Popen([sys.executable, str(SCRIPT), ",".join(methods), str(devices), str(tmp / str(devices))],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for devices, methods in ((1, METHODS), (2, [*METHODS, "grpo_sampled"]))
+        for devices, methods in ((1, [*METHODS, "grpo_spg"]), (2, [*METHODS, "grpo_sampled", "grpo_spg"]))
     }
     for devices, proc in launches.items():
         _, err = proc.communicate(timeout=900)
@@ -69,3 +69,16 @@ def test_ddp_sampled_generation_finishes_when_ranks_decode_different_lengths(run
     generation needs no collective, and the reward gathers have fixed shapes, so nothing waits."""
     two = result(runs, 2, "grpo_sampled")
     assert len(two["losses"]) == 2 and "train/reward" in two["metrics"][-1]
+
+
+@pytest.mark.slow
+def test_ddp_one_generation_per_optimizer_step_matches_one_process(runs):
+    """steps_per_generation=2 (from accumulate_grad_batches=2): each rank shuffles and slices its own
+    rows, so a micro-batch's loss differs from one process's, but each optimizer step sees the same
+    generation batch with dapo's global token count: the per-step sums and the weights are equal."""
+    one, two = result(runs, 1, "grpo_spg"), result(runs, 2, "grpo_spg")
+    assert len(one["losses"]) == len(two["losses"]) == 4  # two optimizer steps of two micro-batches
+    pairs = [sum(r["losses"][i : i + 2]) for r in (one, two) for i in (0, 2)]
+    torch.testing.assert_close(torch.tensor(pairs[2:]), torch.tensor(pairs[:2]), atol=1e-5, rtol=1e-5)
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(torch.tensor(two["weights"][name]), torch.tensor(w), atol=1e-5, rtol=1e-4, msg=name)

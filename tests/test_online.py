@@ -176,6 +176,43 @@ def test_vllm_engine_reads_outputs_and_pushes_weights_without_vllm():
     assert not any(isinstance(m, torch.nn.Module) and getattr(m, "merged", False) for m in lora.modules())
 
 
+def test_vllm_engine_sleep_mode_guided_decoding_and_tensor_parallel_prompts(monkeypatch):
+    """Without vLLM: sleep mode wakes the KV cache to generate and the weights to load them; a
+    tensor-parallel group generates every member's prompts and each rank keeps its own rows."""
+    import torch.distributed as dist
+
+    tok = builtin_tokenizer()
+    calls = []
+
+    def generate(requests, sampling_params, use_tqdm):
+        calls.append(("generate", [r["prompt_token_ids"] for r in requests]))
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[p[-1], tok.eos_token_id], logprobs=None)])
+                for p in (r["prompt_token_ids"] for r in requests)]
+
+    runner = SimpleNamespace(model=SimpleNamespace(load_weights=lambda pairs: calls.append("load")))
+    llm = SimpleNamespace(
+        llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))),
+        reset_prefix_cache=lambda: None, generate=generate,
+        wake_up=lambda tags: calls.append(("wake", tuple(tags))), sleep=lambda level: calls.append(("sleep", level)),
+    )
+    engine = VLLMEngine("unused", tok, llm=llm, tensor_parallel_size=2, enable_sleep_mode=True)
+    engine._sampling_params = lambda sampling: None  # no vllm.SamplingParams here
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "new_subgroups", lambda group_size: ("tp", None))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+
+    def all_gather_object(out, obj, group=None):
+        out[0], out[1] = [[70], [71]], obj  # rank 0 of the group holds two prompts
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    prompt = torch.tensor([[72]])
+    gens = engine.generate(builtin_model("builtin:tiny"), prompt, torch.ones_like(prompt), SamplingParams(num_generations=1))
+    assert calls[:3] == [("wake", ("kv_cache",)), ("generate", [[70], [71], [72]]), ("sleep", 2)]
+    assert gens.completion_ids[:, 0].tolist() == [72]  # this rank's row only
+    engine.sync_weights(builtin_model("builtin:tiny"))
+    assert calls[3] == ("wake", ("weights",)) and calls[4] == "load"
+
+
 def test_sampler_repeats_each_whole_batch():
     sampler = ShardedSampler([0] * 10, batch_size=3, shuffle=False, group_by_length=False, repeat_batches=2)
     assert list(sampler) == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8, 6, 7, 8]  # the incomplete last batch dropped

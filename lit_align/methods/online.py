@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from lit_align.ops.packing import SequenceBatch
 from lit_align.rewards.registry import load_reward_func
 from lit_align.rollout.callback import RolloutCallback
 from lit_align.rollout.engines import GenerationEngine, Generations, HFEngine, SamplingParams, VLLMEngine
+from lit_align.rollout.server_engine import ServerEngine
 from lit_align.rollout.types import Advantages, Rollout
 
 
@@ -64,9 +65,18 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         mask_truncated_completions: bool = False,
         cast_lm_head_to_fp32: bool = False,
         use_vllm: bool = False,
+        vllm_mode: Literal["colocate", "server"] = "colocate",
         vllm_gpu_memory_utilization: float = 0.3,
         vllm_tensor_parallel_size: int = 1,
         vllm_max_model_length: int | None = None,
+        vllm_model_impl: str = "vllm",
+        vllm_enable_sleep_mode: bool = False,
+        vllm_structured_outputs_regex: str | None = None,
+        vllm_server_base_url: str | None = None,
+        vllm_server_host: str = "0.0.0.0",
+        vllm_server_port: int = 8000,
+        vllm_server_timeout: float = 240.0,
+        vllm_group_port: int = 51216,
         log_completions: bool = False,
         log_completions_steps: int = 50,
         num_completions_to_print: int | None = None,
@@ -97,10 +107,22 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             beta: Weight of the KL to the reference; 0 loads no reference model.
             mask_truncated_completions: Leave completions without EOS out of the loss.
             cast_lm_head_to_fp32: Compute the log-probs' logits in fp32 on a bf16/fp16 model (TRL's).
-            use_vllm: Generate with a colocated vLLM engine (CUDA; weights synced after each step).
-            vllm_gpu_memory_utilization: Share of the GPU's memory vLLM may take.
-            vllm_tensor_parallel_size: vLLM's tensor-parallel degree.
-            vllm_max_model_length: vLLM's context length (None: the model's).
+            use_vllm: Generate with vLLM (weights synced after each optimizer step): in this process
+                (``vllm_mode: colocate``, CUDA) or in a ``lit-align serve`` process (``vllm_mode: server``;
+                that server runs vLLM on a GPU, else lit-align's HF engine, so it also works on CPU).
+            vllm_mode: ``colocate`` or ``server`` (TRL's).
+            vllm_gpu_memory_utilization: Share of the GPU's memory a colocated vLLM may take.
+            vllm_tensor_parallel_size: A colocated vLLM's tensor-parallel degree (each group of this many
+                ranks samples its gathered prompts together).
+            vllm_max_model_length: A colocated vLLM's context length (None: the model's).
+            vllm_model_impl: ``vllm`` or ``transformers`` model code in a colocated vLLM.
+            vllm_enable_sleep_mode: A colocated vLLM frees its GPU memory between generations.
+            vllm_structured_outputs_regex: Guided decoding by this regex (vLLM, colocated or served).
+            vllm_server_base_url: The generation server's URL (else ``http://host:port`` below).
+            vllm_server_host: The generation server's host.
+            vllm_server_port: The generation server's port.
+            vllm_server_timeout: Seconds to wait for the server to answer at the start.
+            vllm_group_port: The server's port for the weight-sync process group.
             log_completions: Log a W&B table of prompts, completions, rewards and advantages
                 every ``log_completions_steps`` steps.
             num_completions_to_print: With ``log_completions``, also print this many rows of it to the
@@ -148,11 +170,22 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         self.beta = beta
         self.mask_truncated_completions = mask_truncated_completions
         self.cast_lm_head_to_fp32 = cast_lm_head_to_fp32
+        if vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {vllm_mode!r}")
         self.use_vllm = use_vllm
+        self.vllm_mode = vllm_mode
         self.vllm_settings = {
             "gpu_memory_utilization": vllm_gpu_memory_utilization,
             "tensor_parallel_size": vllm_tensor_parallel_size,
             "max_model_length": vllm_max_model_length,
+            "model_impl": vllm_model_impl,
+            "enable_sleep_mode": vllm_enable_sleep_mode,
+            "structured_outputs_regex": vllm_structured_outputs_regex,
+        }
+        self.server_settings = {
+            "base_url": vllm_server_base_url, "host": vllm_server_host, "port": vllm_server_port,
+            "group_port": vllm_group_port, "connection_timeout": vllm_server_timeout,
+            "structured_outputs_regex": vllm_structured_outputs_regex,
         }
         self.log_completions = log_completions
         self.log_completions_steps = log_completions_steps
@@ -192,6 +225,8 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             )
 
     def make_engine(self) -> GenerationEngine:
+        if self.use_vllm and self.vllm_mode == "server":
+            return ServerEngine(tokenizer=self.tokenizer, **self.server_settings)
         if self.use_vllm:
             return VLLMEngine(self.model_name_or_path, self.tokenizer, dtype=self.dtype_name, seed=self.global_rank,
                               policy=self.model, **self.vllm_settings)

@@ -14,8 +14,9 @@ the engine; the callback schedules: when to sample, reuse, weight syncs, the com
   cut into ``S`` shuffled slices served in turn, ``k`` times over (TRL's order). A rollout
   still being served is saved in the checkpoint (each rank's), so a run resumed between its
   steps trains on the same samples.
-- Weight sync: engines holding their own copy of the weights (vLLM) get the policy's after
-  every optimizer step.
+- Weight sync: engines holding their own copy of the weights (vLLM, a generation server) get
+  the policy's before a rollout whenever an optimizer step happened since the last push, the
+  first rollout of a run included (a server may hold another run's weights), as TRL.
 - Completions go to W&B as a table every ``log_completions_every_n_steps`` (rank 0), and the
   first ``num_completions_to_print`` rows of it to the console.
 
@@ -76,6 +77,7 @@ class RolloutCallback(L.Callback):
             self._buffer = [Rollout.from_state_dict(s, pl_module.device) for s in self._pending]
             self._pending = None
         if self._buffer is None or self._served >= reuse:
+            self._sync(trainer, pl_module)
             rollout = pl_module.make_rollout(batch, "train")
             self._buffer = pl_module.split_rollout(rollout, parts) if parts > 1 else [rollout]
             self._served = 0
@@ -88,10 +90,12 @@ class RolloutCallback(L.Callback):
         self._served += 1
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._sync(trainer, pl_module)
         batch.rollout = pl_module.make_rollout(batch, "val")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step != self._last_synced_step:  # an optimizer step happened
+    def _sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The policy's weights into the engine, if an optimizer step moved them since the last push."""
+        if trainer.global_step != self._last_synced_step:
             pl_module.engine.sync_weights(pl_module.model)
             self._last_synced_step = trainer.global_step
 

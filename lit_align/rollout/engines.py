@@ -4,7 +4,7 @@ An engine turns left-padded prompts into ``n`` sampled completions per prompt in
 batched call::
 
     engine.generate(model, prompt_ids, prompt_mask, sampling) -> Generations
-    engine.sync_weights(model)   # after each optimizer step (no-op for in-process engines)
+    engine.sync_weights(model)   # before a rollout, after optimizer steps (no-op for in-process engines)
 
 - :class:`HFEngine`: Hugging Face ``generate`` on the policy itself (KV cache on,
   gradient checkpointing off for the call); always available, the CPU path.
@@ -99,7 +99,8 @@ class GenerationEngine(Protocol):
       config's), ``is_truncated`` marks rows without one;
     - ``sampling_logps``, when it can, holds the engine's log-prob of each sampled token.
 
-    ``sync_weights(model)`` after each optimizer step: copy the policy's weights into the engine
+    ``sync_weights(model)`` before a rollout when optimizer steps moved the policy since the last
+    one (and before the first): copy the policy's weights into the engine
     (a no-op for engines that sample the module itself).
 
     ``connect(tokenizer)`` when a module takes the engine: the module's tokenizer, for an engine
@@ -324,7 +325,11 @@ class VLLMEngine(TokenizerEngine):
     Weights are pushed from the policy with ``load_weights`` after each optimizer step (LoRA
     adapters merged first) and the prefix cache is reset. Sampling log-probs come back with
     the completions (``logprobs_mode="processed_logprobs"``, so after temperature), for
-    importance-sampling checks.
+    importance-sampling correction. With ``tensor_parallel_size > 1`` each group of that many
+    consecutive ranks gathers its prompts, generates them together (vLLM's tensor-parallel
+    workers need the same requests) and keeps its own rows, as TRL. ``enable_sleep_mode`` frees
+    the weights and KV cache between generations (TRL's ``vllm_enable_sleep_mode``);
+    ``structured_outputs_regex`` constrains every completion to a regex.
     """
 
     samples_any_model = False  # its own copy of the policy's weights
@@ -340,9 +345,16 @@ class VLLMEngine(TokenizerEngine):
         seed: int = 0,
         llm: Any = None,
         policy: nn.Module | None = None,
+        model_impl: str = "vllm",
+        enable_sleep_mode: bool = False,
+        structured_outputs_regex: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.policy = policy  # the one model this engine samples (its weights arrive by sync_weights)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_sleep_mode = enable_sleep_mode
+        self.structured_outputs_regex = structured_outputs_regex
+        self._tp_group: Any = None
         if llm is None:
             try:
                 from vllm import LLM
@@ -360,6 +372,8 @@ class VLLMEngine(TokenizerEngine):
                 distributed_executor_backend="external_launcher",
                 logprobs_mode="processed_logprobs",
                 max_num_batched_tokens=4096,
+                model_impl=model_impl,
+                enable_sleep_mode=enable_sleep_mode,
             )
         self.llm = llm
 
@@ -375,8 +389,22 @@ class VLLMEngine(TokenizerEngine):
             repetition_penalty=sampling.repetition_penalty,
             max_tokens=sampling.max_completion_length,
             logprobs=0,
+            **self._guide(),
             **sampling.generation_kwargs,
         )
+
+    def _guide(self) -> dict[str, Any]:
+        """vLLM's guided-decoding argument for ``structured_outputs_regex`` (its name changed in 0.10.2)."""
+        if self.structured_outputs_regex is None:
+            return {}
+        try:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            return {"structured_outputs": StructuredOutputsParams(regex=self.structured_outputs_regex)}
+        except ImportError:
+            from vllm.sampling_params import GuidedDecodingParams
+
+            return {"guided_decoding": GuidedDecodingParams(regex=self.structured_outputs_regex)}
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations:
         if self.policy is not None and model is not self.policy:
@@ -385,10 +413,30 @@ class VLLMEngine(TokenizerEngine):
                 f"{type(model).__name__}, another model (a reference, a mixture): sample that one with the HF engine (use_vllm=False)"
             )
         prompts = [[t for t, m in zip(p, pm) if m] for p, pm in zip(prompt_ids.tolist(), prompt_mask.tolist())]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": p} for p in prompts], sampling_params=self._sampling_params(sampling), use_tqdm=False
-        )
-        return self.to_generations(outputs, prompt_ids, prompt_mask, sampling, eos_ids(self.tokenizer, model))
+        prompts, mine = self.gather_prompts(prompts)
+        if self.enable_sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
+        try:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": p} for p in prompts], sampling_params=self._sampling_params(sampling), use_tqdm=False
+            )
+        finally:
+            if self.enable_sleep_mode:
+                self.llm.sleep(level=2)  # weights come back with the next sync_weights
+        return self.to_generations(outputs[mine], prompt_ids, prompt_mask, sampling, eos_ids(self.tokenizer, model))
+
+    def gather_prompts(self, prompts: list[list[int]]) -> tuple[list[list[int]], slice]:
+        """Every prompt of this rank's tensor-parallel group, and the slice of the outputs that are this rank's."""
+        import torch.distributed as dist
+
+        if self.tensor_parallel_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return prompts, slice(None)
+        if self._tp_group is None:
+            self._tp_group, _ = dist.new_subgroups(group_size=self.tensor_parallel_size)
+        gathered: list[Any] = [None] * self.tensor_parallel_size
+        dist.all_gather_object(gathered, prompts, group=self._tp_group)
+        start = sum(len(g) for g in gathered[: dist.get_rank(self._tp_group)])
+        return [p for g in gathered for p in g], slice(start, start + len(prompts))
 
     def to_generations(self, outputs: list, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams, eos: list[int]) -> Generations:
         """vLLM ``RequestOutput``s (``n`` samples each) as :class:`Generations`."""
@@ -413,6 +461,8 @@ class VLLMEngine(TokenizerEngine):
     def sync_weights(self, model: nn.Module) -> None:
         from lit_align.models.reference import is_peft_model
 
+        if self.enable_sleep_mode:
+            self.llm.wake_up(tags=["weights"])
         merged = is_peft_model(model)
         if merged:
             model.merge_adapter()
