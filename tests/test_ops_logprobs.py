@@ -46,7 +46,7 @@ def _assert_match(kw: dict, dtype: torch.dtype = torch.float32, atol: float = 1e
     torch.testing.assert_close(got.logps, ref.logps, atol=atol, rtol=1e-5)
     torch.testing.assert_close(got.entropy, ref.entropy, atol=atol, rtol=1e-5)
     assert torch.equal(got.correct, ref.correct)
-    assert not got.entropy.requires_grad and got.correct.dtype == torch.bool
+    assert got.entropy.requires_grad and not got.correct.requires_grad and got.correct.dtype == torch.bool
     for g, r in zip(got_grads, ref_grads, strict=True):
         if r is None:
             assert g is None
@@ -304,6 +304,41 @@ def test_gradcheck_float64(kw: dict) -> None:
         return selected_logprobs(h, w, labels, bias=b, chunk_size=2, **kw).logps
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"logit_scale": 1.3, "softcap": 1.5, "temperature": 0.7}], ids=["plain", "transforms"]
+)
+def test_gradcheck_entropy_float64(kw: dict) -> None:
+    """The entropy is differentiable (GRPO's entropy bonus), alone and with the log-probs."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, IGNORE, 3, 3])
+
+    def entropy(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return selected_logprobs(h, w, labels, bias=b, chunk_size=2, **kw).entropy
+
+    def both(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        stats = selected_logprobs(h, w, labels, bias=b, chunk_size=2, **kw)
+        return stats.logps - 0.3 * stats.entropy
+
+    assert torch.autograd.gradcheck(entropy, (hidden, weight, bias), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(both, (hidden, weight, bias), eps=1e-6, atol=1e-6)
+
+
+def test_entropy_gradient_matches_naive() -> None:
+    inp = _inputs()
+    grads = []
+    for fn in (naive_selected_logprobs, lambda *a, **k: selected_logprobs(*a, chunk_size=4, **k)):
+        for p in (inp["hidden"], inp["weight"], inp["bias"]):
+            p.grad = None
+        stats = fn(inp["hidden"], inp["weight"], inp["labels"], bias=inp["bias"], temperature=0.9)
+        (stats.logps.sum() - 0.5 * stats.entropy.sum()).backward()
+        grads.append([p.grad.clone() for p in (inp["hidden"], inp["weight"], inp["bias"])])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_extras_match_naive():

@@ -17,10 +17,11 @@ Per token, with ``x = hidden``, ``W = weight``, ``y = label``:
     z    = softcap * tanh(raw / softcap) / temperature          (softcap optional)
     lse  = logsumexp(z)
     logp = z[y] - lse
-    H    = lse - sum_v softmax(z)_v * z_v                       (entropy, detached)
+    H    = lse - sum_v softmax(z)_v * z_v                       (entropy)
     ok   = argmax(z) == y                                       (top-1 accuracy, detached)
 
-and the gradient of ``logp`` w.r.t. ``z`` is ``onehot(y) - softmax(z)``.
+and the gradients w.r.t. ``z`` are ``onehot(y) - softmax(z)`` for ``logp`` and
+``-softmax(z) * (log softmax(z) + H)`` for ``H`` (GRPO's entropy bonus trains through it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class TokenStats:
     """Per-token statistics; rows whose label is ``ignore_index`` hold 0 / 0 / False."""
 
     logps: torch.Tensor  # (N,) float32 (fp64 if inputs are), differentiable w.r.t. hidden, weight, bias
-    entropy: torch.Tensor | None  # (N,) float32, detached (metrics only)
+    entropy: torch.Tensor | None  # (N,) float32, differentiable (GRPO's entropy bonus)
     correct: torch.Tensor | None  # (N,) bool, detached: argmax of logits == label
     mean_logit: torch.Tensor | None = None  # (N,) float32, detached: mean_v z_v (DPO's logits/* metrics)
     log_sum_sq_probs: torch.Tensor | None = None  # (N,) float32, detached: log sum_v p_v^2 (WPO weights)
@@ -129,11 +130,17 @@ def _dlogits_chunk(
     lse: torch.Tensor,  # (C,) saved from forward
     grad: torch.Tensor,  # (C,) fp32 dL/dlogp, already 0 on ignored rows
     tf: _LogitTransform,
+    grad_entropy: torch.Tensor | None = None,  # (C,) fp32 dL/dH, 0 on ignored rows
+    entropy: torch.Tensor | None = None,  # (C,) H saved from forward
 ) -> torch.Tensor:
     """Recompute one chunk's logits and return ``dL/dlogits`` in fp32, shape ``(C, V)``."""
     z, tanh = tf.forward(F.linear(hidden, weight, bias))  # (C, V) fp32
-    dz = z.sub_(lse[:, None]).exp_()  # (C, V) p = exp(z - lse), reusing z's storage
-    dz.mul_(-grad[:, None])  # (C, V) -g * p
+    logp = z.sub_(lse[:, None])  # (C, V) log p = z - lse, reusing z's storage
+    if grad_entropy is None:
+        dz = logp.exp_().mul_(-grad[:, None])  # (C, V) -g * p
+    else:  # -g * p - gH * p * (log p + H)
+        scale = logp.add(entropy[:, None]).mul_(-grad_entropy[:, None]).sub_(grad[:, None])  # (C, V)
+        dz = logp.exp_().mul_(scale)
     dz.scatter_add_(1, safe[:, None], grad[:, None])  # (C, V) g * (onehot(y) - p); rows with g = 0 stay 0
     return tf.backward(dz, tanh)  # (C, V) through temperature, softcap, logit_scale
 
@@ -190,27 +197,32 @@ class _SelectedLogprobsFn(torch.autograd.Function):
                     correct[sl] = out[3]
                 if extras is not None:
                     extras[0][sl], extras[1][sl] = out[4], out[5]
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)  # no [N, V] tensor is saved
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)  # no [N, V] tensor is saved
         ctx.tf, ctx.chunk_size, ctx.ignore_index = tf, chunk_size, ignore_index
         mean_logit, log_sum_sq = extras if extras is not None else (None, None)
-        outputs = (entropy, correct, mean_logit, log_sum_sq)
-        ctx.mark_non_differentiable(*[t for t in outputs if t is not None])
-        return logps, *outputs
+        ctx.mark_non_differentiable(*[t for t in (correct, mean_logit, log_sum_sq) if t is not None])
+        return logps, entropy, correct, mean_logit, log_sum_sq
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_logps: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+    def backward(ctx: Any, grad_logps: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H) input dtype
         acc = _acc_dtype(weight.dtype)  # fp32 (fp64 for fp64 inputs)
         grad_weight = torch.zeros_like(weight, dtype=acc) if need_weight else None  # (V, H) fp32
         grad_bias = torch.zeros_like(bias, dtype=acc) if need_bias else None  # (V,) fp32
         valid, safe = _safe_labels(labels, ctx.ignore_index)  # (N,), (N,)
-        grad = grad_logps.to(lse.dtype).masked_fill(~valid, 0.0)  # (N,) zero grad on ignored rows
+        grad = torch.zeros_like(lse) if grad_logps is None else grad_logps.to(lse.dtype)
+        grad = grad.masked_fill(~valid, 0.0)  # (N,) zero grad on ignored rows
+        if grad_entropy is not None and entropy is not None:
+            grad_entropy = grad_entropy.to(lse.dtype).masked_fill(~valid, 0.0)  # (N,)
+        else:
+            grad_entropy = None
         for s in _active_chunk_starts(valid, hidden.shape[0], ctx.chunk_size):
             sl = slice(s, s + ctx.chunk_size)
-            dlogits = _dlogits_chunk(hidden[sl], weight, bias, safe[sl], lse[sl], grad[sl], ctx.tf)  # (C, V)
+            dlogits = _dlogits_chunk(hidden[sl], weight, bias, safe[sl], lse[sl], grad[sl], ctx.tf,  # (C, V)
+                                     None if grad_entropy is None else grad_entropy[sl], None if entropy is None else entropy[sl])
             dlogits_in = dlogits.to(weight.dtype)  # (C, V) as autograd would feed the lm_head matmul
             if grad_hidden is not None:
                 grad_hidden[sl] = dlogits_in @ weight  # (C, H) dL/dx = dlogits @ W
@@ -324,7 +336,7 @@ def naive_selected_logprobs(
     logps = logprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0.0)  # (...)
     entropy = correct = None
     if with_entropy:
-        entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~valid, 0.0).detach()  # (...)
+        entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~valid, 0.0)  # (...)
     if with_accuracy:
         correct = ((z.argmax(-1) == labels) & valid).detach()  # (...)
     mean_logit = log_sum_sq = None
