@@ -3,7 +3,10 @@
 - ``lit_align.losses.advantages``: hand-derived values, NaN handling, loop references, and a
   re-statement of TRL's advantage code (TRL computes them inline, not in a callable function);
 - ``lit_align.losses.policy``: the real ``GRPOTrainer._compute_loss`` / ``RLOOTrainer._compute_loss``
-  called as unbound functions on a fake trainer, loss + gradient + logged clip/KL metrics;
+  called as unbound functions on a fake trainer, loss + gradient + logged clip/KL metrics; LUSPO,
+  VESPO, the entropy bonus (fixed and adaptive) and, from ``lit_align.losses.importance``, the
+  sampler's importance-sampling correction (every mode) and the off-policy mask, by hand and
+  against TRL;
   PPO (no longer in TRL 1.16) by hand and against trl 0.29.1's formulas re-stated;
 - ``lit_align.rewards``: ``compute_rewards`` errors, ``load_reward_func`` spec forms, and the
   length rewards against ``trl.rewards.get_soft_overlong_punishment``.
@@ -35,18 +38,29 @@ from lit_align.losses.advantages import (
     rloo_advantages,
     weighted_rewards,
 )
+from lit_align.losses.importance import (
+    IMPORTANCE_SAMPLING_MODES,
+    SamplerCorrection,
+    importance_sampling_ratio,
+    off_policy_mask,
+    sampling_metrics,
+    sampling_stats,
+)
 from lit_align.losses.policy import (
     GRPO_LOSS_TYPES,
     NORMALISATIONS,
     SURROGATES,
+    AdaptiveEntropy,
     GRPOLossConfig,
     GRPOLossType,
+    entropy_bonus,
     entropy_mask,
     grpo_loss,
     k3_kl,
     ppo_policy_loss,
     ppo_value_loss,
     rloo_loss,
+    vespo_weights,
 )
 from lit_align.rewards import LengthPenalty, SoftOverlongPunishment, compute_rewards, load_reward_func
 from lit_align.rewards.registry import reward_name
@@ -54,10 +68,12 @@ from lit_align.rewards.registry import reward_name
 NAN = float("nan")
 
 
-def grpo(logps, old_logps, advantages, mask, ref_logps=None, token_mask=None, num_items=None, **settings):
+def grpo(logps, old_logps, advantages, mask, ref_logps=None, token_mask=None, num_items=None,
+         importance_sampling_ratio=None, off_policy_mask=None, **settings):
     """``grpo_loss`` with its settings given as TRL-named keywords."""
     return grpo_loss(logps, old_logps, advantages, mask, GRPOLossConfig(**settings), ref_logps=ref_logps,
-                     token_mask=token_mask, num_items=num_items)
+                     token_mask=token_mask, num_items=num_items, importance_sampling_ratio=importance_sampling_ratio,
+                     off_policy_mask=off_policy_mask)
 EPS = 1e-4  # TRL's std epsilon
 
 
@@ -401,6 +417,10 @@ _ADV = torch.tensor([1.0, 2.0])
         ("sapo", {}, (-2.0 + -4.0) / 2),
         # cispo: -min(ratio, eps_high).detach() * A * logp = 0.5 A -> [0.5, 0.5 | 1.0], sum 2 over 3 items
         ("cispo", {"num_items": 3, "epsilon_high": 5.0}, 2.0 / 3),
+        # luspo: per-sequence sums [-2 | -2], then their mean
+        ("luspo", {}, (-2.0 + -2.0) / 2),
+        # vespo: w = 1 -> phi = e^(lam + k * 0 - lam * 1) = 1, so -phi A logp = 0.5 A; dapo's normaliser
+        ("vespo", {"num_items": 3}, 2.0 / 3),
     ],
 )
 def test_grpo_loss_normalisation_hand(loss_type, kwargs, expected):
@@ -501,10 +521,15 @@ class _IdentityAccelerator:
         return t
 
 
+VESPO_DEFAULTS = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}  # TRL's
+
+
 class _FakeTrainer:
     """The attributes ``GRPOTrainer._compute_loss`` / ``RLOOTrainer._compute_loss`` read."""
 
-    get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask  # TRL's real method
+    get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask  # TRL's real methods
+    get_off_policy_mask = staticmethod(GRPOTrainer.get_off_policy_mask)
+    get_gamma_weights = staticmethod(GRPOTrainer.get_gamma_weights)
 
     def __init__(self, per_token_logps, entropies, **attrs):
         self._per_token_logps = per_token_logps
@@ -561,7 +586,7 @@ def test_grpo_loss_matches_trl(loss_type, level, beta, delta, top_entropy_quanti
     max_len = T + 3
     args = SimpleNamespace(
         use_bias_correction_kl=True, delta=delta, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
-        steps_per_generation=1, report_to=[],
+        steps_per_generation=1, report_to=[], **VESPO_DEFAULTS,
     )
     trl_logps = logps0.clone().requires_grad_()
     fake = _FakeTrainer(
@@ -592,7 +617,7 @@ def test_grpo_loss_matches_trl(loss_type, level, beta, delta, top_entropy_quanti
         ours_logps, old, adv, mask, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, delta=delta,
         importance_sampling_level=level, ref_logps=ref if beta else None, beta=beta, use_bias_correction_kl=True,
         sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, token_mask=token_mask, max_completion_length=max_len,
-        num_items=mask.sum() if loss_type in ("dapo", "cispo") else None,
+        num_items=mask.sum() if loss_type in ("dapo", "cispo", "vespo") else None,
     )
     out.loss.backward()
     assert_close(out.loss, trl_loss.detach(), atol=1e-6, rtol=1e-6)
@@ -604,7 +629,7 @@ def test_grpo_loss_matches_trl(loss_type, level, beta, delta, top_entropy_quanti
         assert_close(_masked_metric(out.kl, mask), m["kl"][0], atol=1e-6, rtol=1e-6)
     else:
         assert out.kl is None and "kl" not in m
-    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         low, high = out.low_clipped, out.high_clipped
         assert_close(_masked_metric(low, mask), m["clip_ratio/low_mean"][0], atol=1e-6, rtol=1e-6)
         assert_close(_masked_metric(high, mask), m["clip_ratio/high_mean"][0], atol=1e-6, rtol=1e-6)
@@ -614,6 +639,9 @@ def test_grpo_loss_matches_trl(loss_type, level, beta, delta, top_entropy_quanti
     elif loss_type == "cispo":
         assert_close(_masked_metric(out.high_clipped, mask), m["cispo_clip_ratio"][0], atol=1e-6, rtol=1e-6)
         assert m["cispo_clip_ratio"][0] > 0
+    elif loss_type == "vespo":
+        assert_close(_masked_metric(out.phi, mask), m["vespo/phi_seq_mean"][0], atol=1e-6, rtol=1e-6)
+        assert 0 < m["vespo/phi_seq_mean"][0] < 1
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -696,6 +724,357 @@ def test_rloo_loss_hand():
     # -min(1.5, 1.2) = -1.2;  -min(-0.5, -0.8) = 0.8;  mean -0.2
     assert_close(out.loss, torch.tensor(-0.2))
     assert out.high_clipped.tolist() == [True, False] and out.low_clipped.tolist() == [False, True]
+
+
+# ---- LUSPO, VESPO, the entropy bonus, the sampler correction (TRL 1.16) -------------------------
+
+
+def test_vespo_weights_hand():
+    cfg = GRPOLossConfig(loss_type="vespo")  # k_pos 2, lambda_pos 3, k_neg 3, lambda_neg 2
+    log_ratio = torch.tensor([[0.2, 0.3, 9.0]])  # the 9 is padding
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = math.exp(0.5)  # the sequence ratio is the product of the token ratios: log w = 0.2 + 0.3
+    # phi(w) = exp(lambda + k log w - lambda w)
+    assert_close(vespo_weights(log_ratio, torch.tensor([[1.0]]), mask, None, cfg), torch.tensor([[math.exp(3 + 2 * 0.5 - 3 * w)]]))
+    assert_close(vespo_weights(log_ratio, torch.tensor([[-1.0]]), mask, None, cfg), torch.tensor([[math.exp(2 + 3 * 0.5 - 2 * w)]]))
+    # phi(1) = 1; the sampler's ratios multiply w (padding included, as TRL: its ratio is 1 there)
+    assert_close(vespo_weights(torch.zeros(1, 3), torch.tensor([[0.5]]), mask, None, cfg), torch.ones(1, 1))
+    ratio = torch.tensor([[2.0, 1.0, 1.0]])
+    lw = 0.5 + math.log(2.0)
+    assert_close(vespo_weights(log_ratio, torch.tensor([[1.0]]), mask, ratio, cfg),
+                 torch.tensor([[math.exp(3 + 2 * lw - 3 * math.exp(lw))]]))
+    # a masked-out sampler ratio (0) puts log w at its floor, log 1e-8
+    floor = math.log(1e-8)
+    phi = vespo_weights(log_ratio, torch.tensor([[1.0]]), mask, torch.tensor([[0.0, 1.0, 1.0]]), cfg)
+    assert_close(phi, torch.tensor([[math.exp(3 + 2 * floor - 3 * 1e-8)]]))
+    # the loss: -phi A logp, phi without gradient -> d/dlogp = -phi A on the mask
+    logps = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    old = logps.detach() - log_ratio
+    out = grpo(logps, old, torch.tensor([1.0]), mask, loss_type="vespo", num_items=2)
+    phi = math.exp(3 + 2 * 0.5 - 3 * w)
+    assert_close(out.loss, torch.tensor(-phi * (-1.0 - 2.0) / 2))
+    out.loss.backward()
+    assert_close(logps.grad, torch.tensor([[-phi / 2, -phi / 2, 0.0]]))
+
+
+def test_luspo_weighs_sequences_by_length_hand():
+    # ratio 1, A = [1, 1]: per-token loss -1; row 0 has 3 tokens, row 1 one -> sums [-3, -1], mean -2
+    logps = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    out = grpo(logps, logps.detach(), torch.tensor([1.0, 1.0]), mask, loss_type="luspo", importance_sampling_level="sequence")
+    assert_close(out.loss, torch.tensor(-2.0))
+    out.loss.backward()
+    # sequence ratio exp(mean log ratio): d/dlogp_t = -A / len_i per token, times len_i from the sum, / N = 2
+    assert_close(logps.grad, torch.tensor([[-0.5, -0.5, -0.5], [-0.5, 0.0, 0.0]]))
+
+
+def _is_batch():
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    sampling = torch.tensor([[-1.5, -1.0, 9.0], [NAN, -1.2, 5.0]])  # NaN: a token the sampler could not score
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    return old, sampling, mask
+
+
+@pytest.mark.parametrize(
+    "mode,clip,expected",
+    [
+        # per-token log ratios on the mask: [0.5, -1 | 0 (NaN), 0.2]; padding 0 -> ratio 1
+        ("token_truncate", (0.5, 1.5), [[1.5, 0.5, 1.0], [1.0, math.exp(0.2), 1.0]]),
+        ("token_mask", (0.5, 1.5), [[0.0, 0.0, 1.0], [1.0, math.exp(0.2), 1.0]]),
+        ("token_mask", (None, 1.5), [[0.0, math.exp(-1.0), 1.0], [1.0, math.exp(0.2), 1.0]]),
+        # sequence ratios: exp(0.5 - 1) and exp(0.2)
+        ("sequence_truncate", (0.7, 1.5), [[0.7], [math.exp(0.2)]]),
+        ("sequence_truncate", (None, 1.1), [[math.exp(-0.5)], [1.1]]),
+        ("sequence_mask", (0.7, 1.5), [[0.0], [math.exp(0.2)]]),
+        ("sequence_mask", (0.1, None), [[math.exp(-0.5)], [math.exp(0.2)]]),
+    ],
+)
+def test_importance_sampling_ratio_hand(mode, clip, expected):
+    old, sampling, mask = _is_batch()
+    cfg = SamplerCorrection(True, mode, *clip)
+    assert_close(importance_sampling_ratio(old, sampling, mask, cfg), torch.tensor(expected))
+
+
+def test_sampling_stats_and_metrics_hand():
+    old, sampling, mask = _is_batch()
+    cfg = SamplerCorrection(True, "token_mask", 0.5, 1.5)
+    ratio = importance_sampling_ratio(old, sampling, mask, cfg)
+    # |old - sampling| on the scored mask tokens: [0.5, 1.0, 0.2] (the NaN left out)
+    # ratios on the mask: [0, 0, 1, e^0.2]
+    e = math.exp(0.2)
+    stats = sampling_stats(old, sampling, mask, ratio, cfg)
+    assert_close(stats, torch.tensor([1.7 / 3, 1.0, 0.0, (1 + e) / 4, e]))
+    # sequence level: every row's ratio counts, masked or not
+    seq = SamplerCorrection(True, "sequence_mask", 0.7, 1.5)
+    stats = sampling_stats(old, sampling, mask, importance_sampling_ratio(old, sampling, mask, seq), seq)
+    assert_close(stats[2:], torch.tensor([0.0, e / 2, e]))
+    # nothing on the mask: zeros, as TRL
+    assert_close(sampling_stats(old, sampling, torch.zeros_like(mask), ratio, cfg), torch.zeros(5))
+    # two devices: mean of means, max of maxes, min of mins; NaN ignored for the ratio
+    m = sampling_metrics(torch.tensor([[1.0, 2.0, 0.5, 1.0, 3.0], [3.0, 5.0, NAN, 2.0, 1.0]]))
+    assert {k: float(v) for k, v in m.items()} == {
+        "sampling/sampling_logp_difference/mean": 2.0, "sampling/sampling_logp_difference/max": 5.0,
+        "sampling/importance_sampling_ratio/min": 0.5, "sampling/importance_sampling_ratio/mean": 1.5,
+        "sampling/importance_sampling_ratio/max": 3.0,
+    }
+
+
+def test_sampler_correction_settings_are_checked():
+    assert SamplerCorrection() == SamplerCorrection(True, "sequence_mask", None, 3.0)  # TRL's defaults
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_mode must be one of .*'token_truncate'.*'tok'"):
+        SamplerCorrection(mode="tok")
+    with pytest.raises(ValueError, match=r"clip_min \(2.0\) must be less than vllm_importance_sampling_clip_max \(2.0\)"):
+        SamplerCorrection(clip_min=2.0, clip_max=2.0)
+    with pytest.raises(ValueError, match=r"At least one of .* must be set when .* is a `\*_truncate` mode"):
+        SamplerCorrection(mode="token_truncate", clip_min=None, clip_max=None)
+    SamplerCorrection(False, "token_truncate", None, None)  # off: nothing to clip
+    SamplerCorrection(True, "token_mask", None, None)  # masks nothing, as TRL allows
+    with pytest.raises(ValueError, match="VESPO loss requires .* 'token_truncate' or 'token_mask'. Got: sequence_mask"):
+        SamplerCorrection().check_vespo()
+    assert set(IMPORTANCE_SAMPLING_MODES) == {"token_truncate", "token_mask", "sequence_truncate", "sequence_mask"}
+
+
+def test_off_policy_mask_hand():
+    logps = torch.zeros(4, 2)
+    # mean KL (sampling - logp) per row: 0.6, 0.6, 0.1, 0.5 (the NaN counts as 0, the padding not at all)
+    sampling = torch.tensor([[0.6, 0.6], [0.4, 0.8], [0.2, NAN], [0.5, 7.0]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -1.0, -1.0, -1.0])
+    # keep: A >= 0 (row 0) or KL <= 0.5 (rows 2, 3); drop row 1
+    keep = off_policy_mask(adv, logps, sampling, mask, 0.5)
+    assert keep.shape == (4, 1) and keep.squeeze(1).tolist() == [1.0, 0.0, 1.0, 1.0]
+    out = grpo(logps, logps, adv, mask, loss_type="bnpo", off_policy_mask=keep)
+    # ratio 1: per-token -A, row 1 dropped: (-1 -1 + 1 + 1 + 1) / 7
+    assert_close(out.loss, torch.tensor(1.0 / 7))
+
+
+def test_entropy_bonus_hand():
+    entropy = torch.tensor([[1.0, 2.0, 9.0], [3.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    bonus = entropy_bonus(entropy, mask)
+    assert_close(bonus, torch.tensor(2.0))  # (1 + 2 + 3) / 3
+    bonus.backward()
+    assert_close(entropy.grad, mask.float() / 3)
+    assert_close(entropy_bonus(entropy, torch.zeros_like(mask)), torch.tensor(0.0))
+
+
+def test_adaptive_entropy_hand():
+    c = AdaptiveEntropy(0.01, adaptive=True, coef_min=0.0, coef_max=0.02, delta=0.005, target=1.0)
+    assert c.enabled and c.applied == 0.0  # no measurement yet: no bonus
+    c.update(0.5)  # at or below the target: up, and applied
+    assert (c.coef, c.applied) == (pytest.approx(0.015), pytest.approx(0.015))
+    c.update(1.0)
+    c.update(0.9)  # capped at coef_max
+    assert c.coef == pytest.approx(0.02) and c.last_world_entropy == 0.9
+    c.update(2.0)  # above: down, and not applied
+    assert (c.coef, c.applied) == (pytest.approx(0.015), 0.0)
+    for _ in range(5):
+        c.update(3.0)
+    assert c.coef == 0.0 and c.enabled  # at coef_min, still on, so it can come back
+    # the window: token-weighted over micro-batches, summed over devices by global_sum
+    c.observe(torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 1.0]]))
+    c.observe(torch.tensor([[0.0, 5.0]]), torch.tensor([[1.0, 0.0]]))
+    c.end_step(lambda t: 2 * t)  # two devices with the same window: the same mean, (1 + 3 + 0) / 3
+    assert c.last_world_entropy == pytest.approx(4 / 3) and c.window is None and c.coef == 0.0
+    state = c.state_dict()
+    assert state == {"entropy_coef": 0.0, "last_world_entropy": pytest.approx(4 / 3)}
+    other = AdaptiveEntropy(0.5, adaptive=True)
+    other.load_state_dict(state)
+    assert (other.coef, other.last_world_entropy) == (0.0, pytest.approx(4 / 3))
+    # fixed: always the coefficient, no window
+    fixed = AdaptiveEntropy(0.1)
+    fixed.observe(torch.ones(1, 2), torch.ones(1, 2))
+    fixed.end_step()
+    assert (fixed.applied, fixed.window, fixed.enabled) == (0.1, None, True) and not AdaptiveEntropy().enabled
+    with pytest.raises(ValueError, match=r"entropy_coef_min \(0.5\) must be <= entropy_coef_max \(0.1\)"):
+        AdaptiveEntropy(adaptive=True, coef_min=0.5, coef_max=0.1)
+    with pytest.raises(ValueError, match="entropy_coef_delta must be >= 0"):
+        AdaptiveEntropy(adaptive=True, delta=-0.1)
+    with pytest.raises(ValueError, match="entropy_coef must be finite"):
+        AdaptiveEntropy(float("nan"))
+
+
+def _trl_inputs(mask, adv, **extra):
+    N, T = mask.shape
+    return {"prompt_ids": torch.ones(N, 2, dtype=torch.long), "prompt_mask": torch.ones(N, 2, dtype=torch.long),
+            "completion_ids": torch.ones(N, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+            "num_items_in_batch": mask.sum(), **extra}
+
+
+def _trl_fake(logps, ent, loss_type, **attrs):
+    args = SimpleNamespace(use_bias_correction_kl=True, delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                           steps_per_generation=1, report_to=[], **VESPO_DEFAULTS, **attrs.pop("args", {}))
+    return _FakeTrainer(logps, ent, args=args, loss_type=loss_type, importance_sampling_level=attrs.pop("level", "token"),
+                        beta=0.0, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=logps.shape[1], **attrs)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo", "vespo"])
+@pytest.mark.parametrize("top_entropy_quantile", [1.0, 0.5])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_entropy_bonus_matches_trl(loss_type, top_entropy_quantile, accumulation):
+    """loss - coef * H, H the mean entropy over the loss's tokens; TRL divides by the accumulation
+    itself, Lightning divides lit-align's returned loss: the same gradients."""
+    logps0, old, _, adv, mask, ent0 = _policy_batch(0)
+    coef = 0.05
+    trl_logps, trl_ent = logps0.clone().requires_grad_(), ent0.clone().requires_grad_()
+    fake = _trl_fake(trl_logps, trl_ent, loss_type, top_entropy_quantile=top_entropy_quantile, _entropy_bonus_enabled=True,
+                     entropy_coef=coef, use_adaptive_entropy=False, current_gradient_accumulation_steps=accumulation)
+    trl_loss = GRPOTrainer._compute_loss(fake, None, _trl_inputs(mask, adv, old_per_token_logps=old))
+    trl_loss.backward()
+
+    logps, ent = logps0.clone().requires_grad_(), ent0.clone().requires_grad_()
+    token_mask, effective = None, mask
+    if top_entropy_quantile < 1.0:
+        token_mask = entropy_mask(ent0, mask, torch.quantile(ent0[mask.bool()], 1 - top_entropy_quantile))
+        effective = mask * token_mask
+    out = grpo(logps, old, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, token_mask=token_mask,
+               num_items=mask.sum())
+    control = AdaptiveEntropy(coef)
+    loss = (out.loss - control.applied * entropy_bonus(ent, effective)) / accumulation  # Lightning's division
+    loss.backward()
+    assert_close(loss, trl_loss.detach(), atol=1e-6, rtol=1e-6)
+    assert_close(logps.grad, trl_logps.grad, atol=1e-6, rtol=1e-6)
+    assert_close(ent.grad, trl_ent.grad, atol=1e-6, rtol=1e-6)
+    assert ent.grad.abs().sum() > 0
+    m = fake._metrics["train"]
+    assert m["entropy_coef"] == [coef]
+    if accumulation == 1 or loss_type not in ("dapo", "vespo"):  # TRL's dapo-family policy_loss is pre-divided
+        assert_close(out.loss.item(), m["policy_loss"][0], atol=1e-6, rtol=1e-6)
+
+
+def test_adaptive_entropy_matches_trl():
+    """Three optimizer steps of two micro-batches (different token counts) through TRL's controller
+    and :class:`AdaptiveEntropy`: the same losses, gradients and coefficients, step after step."""
+    args = {"entropy_target": 1.2, "entropy_coef_min": 0.0, "entropy_coef_max": 0.03, "entropy_coef_delta": 0.01}
+    control = AdaptiveEntropy(0.02, adaptive=True, coef_min=0.0, coef_max=0.03, delta=0.01, target=1.2)
+    fake = None
+    seen = []
+    for step, scale in enumerate([0.5, 1.5, 0.6]):
+        for micro, N in enumerate([6, 3]):
+            logps0, old, _, adv, mask, ent0 = _policy_batch(10 * step + micro, N=N)
+            ent0 = ent0 * scale
+            trl_logps, trl_ent = logps0.clone().requires_grad_(), ent0.clone().requires_grad_()
+            attrs = {"_per_token_logps": trl_logps, "_entropies": trl_ent}
+            if fake is None:
+                fake = _trl_fake(trl_logps, trl_ent, "grpo", args=args, _entropy_bonus_enabled=True, entropy_coef=0.02,
+                                 use_adaptive_entropy=True, _last_world_entropy=float("inf"), _entropy_window_stats=None,
+                                 current_gradient_accumulation_steps=2)
+            fake.__dict__.update(attrs)
+            fake.accelerator.sync_gradients = micro == 1
+            trl_loss = GRPOTrainer._compute_loss(fake, None, _trl_inputs(mask, adv, old_per_token_logps=old))
+            trl_loss.backward()
+
+            logps, ent = logps0.clone().requires_grad_(), ent0.clone().requires_grad_()
+            out = grpo(logps, old, adv, mask, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.28)
+            control.observe(ent, mask)
+            loss = (out.loss - control.applied * entropy_bonus(ent, mask)) / 2
+            loss.backward()
+            assert_close(loss, trl_loss.detach(), atol=1e-6, rtol=1e-6)
+            assert_close(ent.grad, trl_ent.grad, atol=1e-7, rtol=1e-6)
+            assert_close(logps.grad, trl_logps.grad, atol=1e-7, rtol=1e-6)
+        control.end_step()
+        assert control.coef == pytest.approx(fake.entropy_coef, abs=1e-12)
+        assert control.last_world_entropy == pytest.approx(fake._last_world_entropy, rel=1e-6)
+        seen.append((control.coef, control.applied))
+    # below the target (coef up, applied), above (down, off), below again (up, applied)
+    assert seen == [(pytest.approx(0.03), pytest.approx(0.03)), (pytest.approx(0.02), 0.0),
+                    (pytest.approx(0.03), pytest.approx(0.03))]
+    assert fake._metrics["train"]["entropy_coef"] == [pytest.approx(c) for c, _ in seen]
+
+
+def _trl_importance_sampling_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    """TRL 1.16 ``GRPOTrainer._generate_and_score_completions``, grpo_trainer.py lines 2660-2707
+    (the vLLM importance-sampling ratio), re-stated verbatim with ``self.`` attributes as arguments,
+    and the ``sampling/*`` metrics of lines 2860-2895 on one process."""
+    per_token_logps_diff = (old - sampling) * mask
+    per_token_logps_diff = torch.nan_to_num(per_token_logps_diff, nan=0.0)
+    sequence_level_is = mode in ["sequence_mask", "sequence_truncate"]
+    if sequence_level_is:
+        logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)
+    else:
+        logps_diff = per_token_logps_diff
+    ratio = torch.exp(logps_diff)
+    if mode in ["sequence_truncate", "token_truncate"]:
+        ratio = torch.clamp(ratio, min=clip_min, max=clip_max)
+    else:
+        min_val = clip_min if clip_min is not None else -math.inf
+        max_val = clip_max if clip_max is not None else math.inf
+        ratio = ratio.masked_fill((ratio < min_val) | (ratio > max_val), value=0.0)
+    delta = torch.abs(old - sampling)
+    bool_mask = mask.bool()
+    delta = delta[bool_mask & ~torch.isnan(delta)]
+    flat = ratio.flatten() if sequence_level_is else ratio[bool_mask]
+    metrics = {
+        "sampling/sampling_logp_difference/mean": torch.mean(delta).item(),
+        "sampling/sampling_logp_difference/max": torch.max(delta).item(),
+        "sampling/importance_sampling_ratio/min": torch.min(flat).item(),
+        "sampling/importance_sampling_ratio/mean": torch.mean(flat).item(),
+        "sampling/importance_sampling_ratio/max": torch.max(flat).item(),
+    }
+    return ratio, metrics
+
+
+def _sampler_batch(seed):
+    logps0, old, _, adv, mask, ent = _policy_batch(seed, row_shift=0.3, token_noise=0.1)
+    g = torch.Generator().manual_seed(100 + seed)
+    sampling = old + 0.4 * torch.randn(old.shape, generator=g)  # the sampler's copy disagrees a little
+    sampling[0, 1] = NAN  # a token it could not score
+    sampling[2, 4] = NAN  # ... and one in the padding
+    return logps0, old, sampling, adv, mask, ent
+
+
+@pytest.mark.parametrize("clip", [(None, 3.0), (0.8, 1.25)])
+@pytest.mark.parametrize("mode,loss_type", [  # TRL refuses VESPO with a sequence-level correction
+    (mode, loss_type) for mode in IMPORTANCE_SAMPLING_MODES for loss_type in ("grpo", "dapo", "vespo")
+    if not (loss_type == "vespo" and mode.startswith("sequence"))])
+def test_sampler_correction_matches_trl(mode, loss_type, clip):
+    logps0, old, sampling, adv, mask, ent = _sampler_batch(0)
+    trl_ratio, trl_metrics = _trl_importance_sampling_ratio(old, sampling, mask, mode, *clip)
+    cfg = SamplerCorrection(True, mode, *clip)
+    ratio = importance_sampling_ratio(old, sampling, mask, cfg)
+    assert_close(ratio, trl_ratio, atol=0, rtol=0)
+    if clip == (0.8, 1.25):  # the bounds bind on both sides
+        inside = (ratio > 0.8) & (ratio < 1.25) if mode.endswith("truncate") else (ratio > 0)
+        assert 0 < inside.float().mean() < 1
+    metrics = sampling_metrics(sampling_stats(old, sampling, mask, ratio, cfg)[None])
+    assert {k: pytest.approx(v.item(), rel=1e-6) for k, v in metrics.items()} == trl_metrics
+
+    trl_logps = logps0.clone().requires_grad_()
+    fake = _trl_fake(trl_logps, ent, loss_type, use_vllm=True, vllm_importance_sampling_correction=True)
+    inputs = _trl_inputs(mask, adv, old_per_token_logps=old, sampling_per_token_logps=sampling,
+                         importance_sampling_ratio=trl_ratio)
+    trl_loss = GRPOTrainer._compute_loss(fake, None, inputs)
+    trl_loss.backward()
+    logps = logps0.clone().requires_grad_()
+    out = grpo(logps, old, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, num_items=mask.sum(),
+               importance_sampling_ratio=ratio)
+    out.loss.backward()
+    assert_close(out.loss, trl_loss.detach(), atol=1e-6, rtol=1e-6)
+    assert_close(logps.grad, trl_logps.grad, atol=1e-6, rtol=1e-6)
+    # the correction changes the loss
+    plain = grpo(logps0, old, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, num_items=mask.sum())
+    assert not torch.allclose(plain.loss, out.loss)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "vespo"])
+@pytest.mark.parametrize("sampler", [True, False])
+@pytest.mark.parametrize("threshold", [0.05, 0.3])
+def test_off_policy_mask_matches_trl(loss_type, sampler, threshold):
+    """With a sampler that is not the trained model TRL reads its log-probs, else the old ones."""
+    logps0, old, sampling, adv, mask, ent = _sampler_batch(1)
+    trl_logps = logps0.clone().requires_grad_()
+    fake = _trl_fake(trl_logps, ent, loss_type, off_policy_mask_threshold=threshold)
+    extra = {"sampling_per_token_logps": sampling} if sampler else {}
+    trl_loss = GRPOTrainer._compute_loss(fake, None, _trl_inputs(mask, adv, old_per_token_logps=old, **extra))
+    trl_loss.backward()
+    logps = logps0.clone().requires_grad_()
+    keep = off_policy_mask(adv, logps, sampling if sampler else old, mask, threshold)
+    assert 0 < keep.sum() < len(keep)  # some negative-advantage completions dropped, not all
+    out = grpo(logps, old, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, num_items=mask.sum(),
+               off_policy_mask=keep)
+    out.loss.backward()
+    assert_close(out.loss, trl_loss.detach(), atol=1e-6, rtol=1e-6)
+    assert_close(logps.grad, trl_logps.grad, atol=1e-6, rtol=1e-6)
 
 
 # ---- PPO (trl 0.29.1 experimental/ppo/ppo_trainer.py lines 823-845) -----------------------
