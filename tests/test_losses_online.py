@@ -1228,6 +1228,10 @@ def test_load_reward_func_forms():
     assert load_reward_func("lit_align.rewards.arithmetic_reward") is rewards_pkg.arithmetic_reward
     assert load_reward_func("lit_align.rewards.arithmetic:arithmetic_format_reward") is rewards_pkg.arithmetic_format_reward
     assert load_reward_func(reward_with_none) is reward_with_none
+    from lit_align.rewards.model import RewardModelScorer
+
+    hub = load_reward_func("Skywork/Skywork-Reward-V2-Qwen3-0.6B")  # a Hub reward model, as TRL reads the string
+    assert isinstance(hub, RewardModelScorer) and hub.name_or_path == "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
     f = load_reward_func(
         {"class_path": "lit_align.rewards.SoftOverlongPunishment", "init_args": {"max_completion_len": 8, "soft_punish_cache": 4}}
     )

@@ -132,3 +132,37 @@ def test_completions_table_unique_prompts_and_console(capsys):
     assert capsys.readouterr().out == ""
     module = GRPO(reward_funcs=["arithmetic_reward"], log_unique_prompts=True, num_completions_to_print=2, log_completions=True)
     assert (module.log_unique_prompts, module.num_completions_to_print) == (True, 2)
+
+
+def progress_reward(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, **kwargs):
+    """A reward function using TRL's extra arguments: shaped by the step, logging a column and a metric."""
+    log_extra("length", [len(c) for c in completion_ids])
+    log_metric("progress", trainer_state.global_step / max(trainer_state.max_steps, 1))
+    return [float(trainer_state.global_step)] * len(completions)
+
+
+def test_reward_functions_get_trainer_state_log_extra_and_log_metric():
+    import lightning as L
+
+    from lit_align import RolloutCallback
+    from tests.scripted_engine import ScriptedEngine
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((batch.rollout, float(trainer.callback_metrics["train/progress"])))
+
+    module = GRPO(reward_funcs=[progress_reward], num_generations=2, max_completion_length=8)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1,
+                        callbacks=[RolloutCallback(engine=ScriptedEngine(builtin_tokenizer())), Spy()])
+    trainer.fit(module, PromptOnlyDataModule(DATA, batch_size=4))
+    assert [r.reward_columns["progress_reward"][0].item() for r, _ in seen] == [0.0, 1.0, 2.0]
+    assert [m for _, m in seen] == pytest.approx([0.0, 1 / 3, 2 / 3])
+    rollout = seen[-1][0]
+    lengths = rollout.generations.completion_mask.sum(1).tolist()
+    assert rollout.log_columns["length"] == lengths
+    columns, rows = completion_rows(2, rollout)
+    assert columns == ["step", "prompt", "completion", "progress_reward", "length", "advantage"]
+    assert [r[4] for r in rows] == lengths

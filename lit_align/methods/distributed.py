@@ -33,6 +33,14 @@ class Distributed:
         gathered = self.all_gather(local).reshape(-1, *local.shape[1:])
         return gathered, slice(self.global_rank * n, (self.global_rank + 1) * n)
 
+    def gather_objects(self, local: object) -> list:
+        """Every rank's ``local`` (any picklable value), in rank order."""
+        if self.world_size == 1:
+            return [local]
+        out: list = [None] * self.world_size
+        torch.distributed.all_gather_object(out, local)
+        return out
+
     def global_mean(self, values: Tensor, mask: Tensor) -> Tensor:
         """Masked mean over every rank's tokens."""
         totals = self.global_sum(torch.stack([(values * mask).sum(), mask.sum()]).float())

@@ -139,4 +139,5 @@ class GenerationBatches:
             prompts=[rollout.prompts[i] for i in rows] if rollout.prompts else [],
             completions=[rollout.completions[i] for i in rows] if rollout.completions else [],
             reward_columns={k: pick(v) for k, v in rollout.reward_columns.items()}, metrics=dict(rollout.metrics),
+            log_columns={k: [v[i] for i in rows] for k, v in rollout.log_columns.items()},
         )

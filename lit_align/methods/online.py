@@ -261,6 +261,8 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             reward_columns={name: rewards[:, k].detach().cpu() for k, name in enumerate(self.reward_names)},
             metrics=self.completion_metrics(gens),
         )
+        rollout.log_columns, logged = self.take_reward_logs(len(gens))
+        rollout.metrics.update(logged)
         with torch.no_grad():
             if self.needs_old_logps:
                 rollout.old_logps = self.old_token_logps(rollout)

@@ -6,8 +6,9 @@ A reward function has TRL's signature ``f(prompts, completions, completion_ids, 
 
 - an import path: ``lit_align.rewards.arithmetic_reward`` or ``my_pkg.rewards:my_reward``;
   a bare name (``arithmetic_reward``) is looked up in ``lit_align.rewards``;
-- a reward model: a Hugging Face sequence-classification directory (or ``builtin:tiny``),
-  scored with :class:`~lit_align.rewards.model.RewardModelScorer`;
+- a reward model: a Hugging Face sequence-classification directory, a Hub id (``org/name``, as
+  TRL reads a string) or ``builtin:tiny``, scored with
+  :class:`~lit_align.rewards.model.RewardModelScorer` (loaded with the module's other models);
 - ``{class_path: ..., init_args: {...}}``: a class or factory called with ``init_args``
   (``{class_path: lit_align.rewards.SoftOverlongPunishment, init_args: {...}}``).
 """
@@ -48,7 +49,7 @@ def load_reward_func(spec: str | dict | RewardFunc) -> RewardFunc:
         return _import(spec["class_path"])(**spec.get("init_args", {}))
     if not isinstance(spec, str):
         raise TypeError(f"reward function must be a string, a mapping or a callable, got {type(spec).__name__}")
-    if spec.startswith("builtin:") or os.path.isdir(spec):
+    if spec.startswith("builtin:") or os.path.isdir(spec) or _is_hub_id(spec):
         from lit_align.rewards.model import RewardModelScorer
 
         return RewardModelScorer(spec)
@@ -58,6 +59,11 @@ def load_reward_func(spec: str | dict | RewardFunc) -> RewardFunc:
     if not callable(func):
         raise ValueError(f"reward function {spec!r} is a {type(func).__name__}, not a callable")
     return func
+
+
+def _is_hub_id(spec: str) -> bool:
+    """``org/name``: a reward model on the Hub (TRL's reading of a string); import paths have no ``/``."""
+    return spec.count("/") == 1 and ":" not in spec and not spec.startswith((".", "/")) and not os.path.exists(spec)
 
 
 def reward_name(func: RewardFunc) -> str:

@@ -127,9 +127,10 @@ class RolloutCallback(L.Callback):
 
 
 def completion_rows(step: int, rollout: Rollout, unique_prompts: bool = False) -> tuple[list[str], list[list]]:
-    """The completions table: step, prompt, completion, each reward column, advantage; one row per
-    completion (per distinct prompt, its first completion, with ``unique_prompts``)."""
-    names = list(rollout.reward_columns)
+    """The completions table: step, prompt, completion, each reward column, the columns reward
+    functions logged (``log_extra``), advantage; one row per completion (per distinct prompt, its
+    first completion, with ``unique_prompts``)."""
+    names, extra = list(rollout.reward_columns), list(rollout.log_columns)
     adv = rollout.advantages if rollout.advantages.dim() == 1 else rollout.advantages.sum(-1)
     rows, seen = [], set()
     for i in range(len(rollout)):
@@ -138,8 +139,9 @@ def completion_rows(step: int, rollout: Rollout, unique_prompts: bool = False) -
             continue
         seen.add(prompt)
         rewards = [float(rollout.reward_columns[n][i]) for n in names]
-        rows.append([step, prompt, str(rollout.completions[i]), *rewards, float(adv[i])])
-    return ["step", "prompt", "completion", *names, "advantage"], rows
+        logged = [rollout.log_columns[c][i] for c in extra]
+        rows.append([step, prompt, str(rollout.completions[i]), *rewards, *logged, float(adv[i])])
+    return ["step", "prompt", "completion", *names, *extra, "advantage"], rows
 
 
 def format_rows(columns: list[str], rows: list[list], width: int = 60) -> str:

@@ -45,6 +45,7 @@ class Rollout:
     prompts: list = field(default_factory=list)  # raw prompts, one per completion (for logging)
     completions: list = field(default_factory=list)  # decoded completions
     reward_columns: dict[str, Tensor] = field(default_factory=dict)  # (N,) per reward function, for the table
+    log_columns: dict[str, list] = field(default_factory=dict)  # N values per column reward functions logged (log_extra)
     metrics: dict[str, float] = field(default_factory=dict)  # generation-time metrics, global
 
     def __len__(self) -> int:
