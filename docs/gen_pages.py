@@ -46,6 +46,7 @@ GUIDE_PAGES = {  # README sections gathered on their own pages
     "Data formats": ("data", ["LanguageModelingDataModule", "PromptCompletionDataModule", "PreferenceDataModule",
                               "UnpairedPreferenceDataModule", "StepwiseDataModule", "PromptOnlyDataModule"]),
     "Online methods: rollouts, engines, rewards": ("online", ["RolloutCallback"]),
+    "Generation server": ("server", ["rollout.server_engine.ServerEngine"]),
     "Pairwise judges": ("judges", []),
     "The CLI": ("cli", []),
 }
@@ -64,40 +65,20 @@ TRL_CONFIGS = {  # TRL config -> the lit-align module and the DataModules it tra
     "RLOOConfig": ("trl", "RLOO", ["PromptOnlyDataModule"]),
     "GRPOConfig": ("trl", "GRPO", ["PromptOnlyDataModule"]),
 }
-ONLINE_SERVER = "not yet: the generation server and its vLLM modes are the issue \"Online RL at real scale\""
-ONLINE_BATCHING = "not yet: generation decoupled from the optimizer step is the issue \"Online RL at real scale\""
-ONLINE_IS = "not yet: off-policy correction is the issue \"Online RL at real scale\""
-ELSEWHERE = {  # fields lit-align has under another name or owner, or does not need; (config or *, field)
-    ("*", "shuffle_dataset"): "DataModule `shuffle` (default on; TRL's default is off)",
-    ("*", "pad_token"): "deprecated in TRL; the tokenizer's own pad token is used (EOS when it has none)",
+ELSEWHERE = {  # fields lit-align does not take, and why; (config or *, field)
     ("*", "ds3_gather_for_generation"): "not yet: DeepSpeed is the issue \"Scale-out and real-model speed\"",
     ("*", "max_completion_length"): "TRL reads it for encoder-decoder models only; for a causal LM `max_length` bounds "
     "prompt and completion together, as TRL",
-    ("*", "is_encoder_decoder"): "not applicable: lit-align trains causal LMs",
-    ("*", "padding_value"): "the tokenizer's pad token (the DataModule pads with it)",
-    ("*", "cache_implementation"): "`generation_kwargs: {cache_implementation: ...}` (samples with `model.generate`)",
-    ("*", "num_completions_to_print"): "`RolloutCallback(num_completions_to_log=...)` (a W&B table)",
+    ("*", "is_encoder_decoder"): "not applicable: lit-align trains causal LMs (TRL reads it only for a model made by "
+    "`model_init`)",
     ("*", "log_multimodal"): "not yet: vision-language models are the issue \"Vision-language models\"",
-    ("*", "log_unique_prompts"): "not yet: the completions table logs every row",
-    ("*", "log_completions_hub_repo"): "not applicable: completions go to the W&B table, not the Hub",
-    ("*", "use_transformers_continuous_batching"): "not yet: the HF engine decodes with its own KV-cache loop",
-    ("*", "transformers_continuous_batching_config"): "not yet: the HF engine decodes with its own KV-cache loop",
-    ("*", "use_transformers_paged"): "not yet: the HF engine decodes with its own KV-cache loop",
     ("*", "max_tool_calling_iterations"): "not yet: tools are the issue \"Agentic RL\"",
-    ("GKDConfig", "completion_only_loss"): "not applicable: GKD distills the completion tokens (the JSD), not an SFT loss",
-    ("GKDConfig", "assistant_only_loss"): "not applicable: conversational rows distil their last assistant turn",
-    ("GKDConfig", "loss_type"): "not applicable: GKD's loss is the generalized JSD (`beta`)",
-    ("*", "num_generations_eval"): ONLINE_BATCHING,
-    ("*", "generation_batch_size"): ONLINE_BATCHING,
-    ("*", "steps_per_generation"): ONLINE_BATCHING,
-    **{("*", f"vllm_{k}"): ONLINE_SERVER for k in (
-        "mode", "model_impl", "enable_sleep_mode", "structured_outputs_regex", "server_base_url", "server_host",
-        "server_port", "server_timeout", "group_port")},
-    **{("*", f"vllm_importance_sampling_{k}"): ONLINE_IS for k in ("correction", "mode", "clip_max", "clip_min", "cap")},
-    ("*", "off_policy_mask_threshold"): ONLINE_IS,
-    **{("*", k): "not yet: VESPO and the entropy bonus are the issue \"Online RL at real scale\"" for k in (
-        "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef", "use_adaptive_entropy",
-        "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")},
+    ("GKDConfig", "completion_only_loss"): "not applicable: TRL's GKDTrainer ignores it too (its collator masks the "
+    "prompt; the loss is the JSD over the completion tokens)",
+    ("GKDConfig", "assistant_only_loss"): "not applicable: TRL's GKDTrainer ignores it too (conversational rows distil "
+    "their last assistant turn)",
+    ("GKDConfig", "loss_type"): "not applicable: TRL's GKDTrainer ignores it too (its loss is the generalized JSD, "
+    "`beta`)",
 }
 
 

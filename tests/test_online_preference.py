@@ -281,7 +281,7 @@ def test_online_dpo_reuses_each_rollout_with_num_iterations():
 
 
 @pytest.mark.parametrize("cls", [OnlineDPO, NashMD, XPO])
-def test_the_completions_table_of_a_preference_rollout(cls):
+def test_the_completions_table_of_a_preference_rollout(cls, tmp_path):
     """log_completions on fewer than 16 prompts raised IndexError: the per-pair probability sat in
     the per-sample advantages. Each sample now has its own (P, then 1 - P), the pair its own field."""
     import lightning as L
@@ -297,7 +297,8 @@ def test_the_completions_table_of_a_preference_rollout(cls):
     tables = []
     logger = object.__new__(WandbLogger)  # a W&B logger that only collects tables
     logger.log_table = lambda key, columns, data: tables.append((columns, data))
-    RolloutCallback()._log_table(SimpleNamespace(global_rank=0, global_step=0, loggers=[logger]), capture.rollout)
+    RolloutCallback()._log_table(SimpleNamespace(global_rank=0, global_step=0, loggers=[logger], default_root_dir=str(tmp_path)),
+                                 capture.rollout)
     columns, rows = tables[0]
     assert columns[-1] == "advantage" and len(rows) == 8  # 4 prompts x 2 samples
     first, second = [r[-1] for r in rows[:4]], [r[-1] for r in rows[4:]]

@@ -115,7 +115,7 @@ def rollout_of(prompts_: list[str]) -> Rollout:
                    reward_columns={"arithmetic_reward": torch.ones(n)})
 
 
-def test_completions_table_unique_prompts_and_console(capsys):
+def test_completions_table_unique_prompts_console_and_files(capsys, tmp_path):
     rollout = rollout_of(["a", "a", "b", "b"])
     columns, rows = completion_rows(3, rollout)
     assert columns == ["step", "prompt", "completion", "arithmetic_reward", "advantage"] and len(rows) == 4
@@ -123,11 +123,15 @@ def test_completions_table_unique_prompts_and_console(capsys):
     assert [r[1:3] for r in unique] == [["a", "c0"], ["b", "c2"]]
 
     class Trainer:
-        global_rank, global_step, loggers = 0, 3, []
+        global_rank, global_step, loggers, default_root_dir = 0, 3, [], str(tmp_path)
 
     RolloutCallback(num_completions_to_print=1)._log_table(Trainer(), rollout)
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed == ["step | prompt | completion | arithmetic_reward | advantage", "3 | a | c0 | 1.000 | 0.000"]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "completions" / "completions_00003.parquet").to_pylist()  # every row, as TRL's files
+    assert [r["completion"] for r in table] == ["c0", "c1", "c2", "c3"] and table[0]["arithmetic_reward"] == 1.0
     RolloutCallback(num_completions_to_print=0)._log_table(Trainer(), rollout)
     assert capsys.readouterr().out == ""
     module = GRPO(reward_funcs=["arithmetic_reward"], log_unique_prompts=True, num_completions_to_print=2, log_completions=True)
@@ -166,3 +170,29 @@ def test_reward_functions_get_trainer_state_log_extra_and_log_metric():
     columns, rows = completion_rows(2, rollout)
     assert columns == ["step", "prompt", "completion", "progress_reward", "length", "advantage"]
     assert [r[4] for r in rows] == lengths
+
+
+def test_completions_go_to_a_hub_dataset_repo(tmp_path, monkeypatch):
+    """TRL's log_completions_hub_repo: the repository is created and a commit scheduler pushes the
+    completion files every two minutes (the Hub calls are recorded here, nothing leaves the machine)."""
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("repo", (repo_id, kw)))
+
+    class Scheduler:
+        def __init__(self, **kw):
+            calls["scheduler"] = kw
+
+    monkeypatch.setattr(huggingface_hub, "CommitScheduler", Scheduler)
+    module = GRPO(reward_funcs=["arithmetic_reward"], log_completions=True, log_completions_hub_repo="me/completions")
+    callback = RolloutCallback(log_completions_every_n_steps=1, hub_repo=module.log_completions_hub_repo)
+
+    class Trainer:
+        global_rank, default_root_dir = 0, str(tmp_path)
+
+    callback.setup(Trainer(), module, "fit")
+    assert calls["repo"] == ("me/completions", {"repo_type": "dataset", "exist_ok": True})
+    assert calls["scheduler"]["folder_path"] == tmp_path / "completions" and calls["scheduler"]["every"] == 2
+    with pytest.raises(ValueError, match="log_completions_hub_repo is set, but log_completions is False"):
+        GRPO(reward_funcs=["arithmetic_reward"], log_completions_hub_repo="me/completions")

@@ -81,6 +81,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         log_completions_steps: int = 50,
         num_completions_to_print: int | None = None,
         log_unique_prompts: bool = False,
+        log_completions_hub_repo: str | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -128,6 +129,8 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             num_completions_to_print: With ``log_completions``, also print this many rows of it to the
                 console (None: all), as TRL.
             log_unique_prompts: The table keeps one row per distinct prompt (TRL's).
+            log_completions_hub_repo: A Hub dataset repository the completion tables (parquet files under
+                ``<default_root_dir>/completions``) are pushed to every two minutes (TRL's).
         """
         super().__init__(*args, **kwargs)
         if num_iterations < 1:
@@ -191,6 +194,10 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         self.log_completions_steps = log_completions_steps
         self.num_completions_to_print = num_completions_to_print
         self.log_unique_prompts = log_unique_prompts
+        if log_completions_hub_repo is not None and not log_completions:
+            raise ValueError("log_completions_hub_repo is set, but log_completions is False: set log_completions: true to "
+                             "upload completions, or unset log_completions_hub_repo")
+        self.log_completions_hub_repo = log_completions_hub_repo
 
     # -- building ------------------------------------------------------------------------------
     def data_requirements(self) -> DataRequirements:
@@ -211,7 +218,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             every = self.log_completions_steps if self.log_completions else 0
             callbacks.append(RolloutCallback(
                 log_completions_every_n_steps=every, num_completions_to_print=self.num_completions_to_print,
-                log_unique_prompts=self.log_unique_prompts,
+                log_unique_prompts=self.log_unique_prompts, hub_repo=self.log_completions_hub_repo,
             ))
         return callbacks
 

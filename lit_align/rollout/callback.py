@@ -17,14 +17,17 @@ the engine; the callback schedules: when to sample, reuse, weight syncs, the com
 - Weight sync: engines holding their own copy of the weights (vLLM, a generation server) get
   the policy's before a rollout whenever an optimizer step happened since the last push, the
   first rollout of a run included (a server may hold another run's weights), as TRL.
-- Completions go to W&B as a table every ``log_completions_every_n_steps`` (rank 0), and the
-  first ``num_completions_to_print`` rows of it to the console.
+- Completions go to W&B as a table every ``log_completions_every_n_steps`` (rank 0), the first
+  ``num_completions_to_print`` rows of it to the console, and every row to
+  ``<default_root_dir>/completions/completions_<step>.parquet`` (TRL's files), which a Hub
+  dataset repository (``hub_repo``) receives every two minutes.
 
 Modules add it in ``configure_callbacks``; pass one to the Trainer to change its settings.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -45,6 +48,8 @@ class RolloutCallback(L.Callback):
         num_completions_to_log: Rows in that table (None: every row of the rollout).
         num_completions_to_print: Rows of it printed to the console as well (0: none, None: all).
         log_unique_prompts: One row per distinct prompt.
+        hub_repo: A Hub dataset repository (``user/name``) that the completion files are pushed to
+            every two minutes (TRL's ``log_completions_hub_repo``; created if missing).
     """
 
     def __init__(
@@ -54,12 +59,15 @@ class RolloutCallback(L.Callback):
         num_completions_to_log: int | None = 16,
         num_completions_to_print: int | None = 0,
         log_unique_prompts: bool = False,
+        hub_repo: str | None = None,
     ) -> None:
         self.engine = engine
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.num_completions_to_log = num_completions_to_log
         self.num_completions_to_print = num_completions_to_print
         self.log_unique_prompts = log_unique_prompts
+        self.hub_repo = hub_repo
+        self.hub_scheduler: Any = None
         self._buffer: list[Rollout] | None = None  # the slices of the rollout being served
         self._served = 0
         self._reuse = 1
@@ -69,6 +77,18 @@ class RolloutCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.engine is not None:
             pl_module.engine = self.engine
+        if self.hub_repo and self.log_completions_every_n_steps and trainer.global_rank == 0 and self.hub_scheduler is None:
+            from huggingface_hub import CommitScheduler, create_repo
+
+            folder = self.completions_dir(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            create_repo(self.hub_repo, repo_type="dataset", exist_ok=True)
+            self.hub_scheduler = CommitScheduler(repo_id=self.hub_repo, repo_type="dataset", folder_path=folder, every=2,
+                                                 allow_patterns=["*.parquet"])
+
+    @staticmethod
+    def completions_dir(trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "completions"
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         parts = getattr(pl_module, "generation_steps", 1)
@@ -107,6 +127,7 @@ class RolloutCallback(L.Callback):
         columns, rows = completion_rows(trainer.global_step, rollout, self.log_unique_prompts)
         if self.num_completions_to_print != 0:
             print(format_rows(columns, rows[: self.num_completions_to_print]), flush=True)
+        write_parquet(columns, rows, self.completions_dir(trainer) / f"completions_{trainer.global_step:05d}.parquet")
         rows = rows[: self.num_completions_to_log]
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
@@ -142,6 +163,16 @@ def completion_rows(step: int, rollout: Rollout, unique_prompts: bool = False) -
         logged = [rollout.log_columns[c][i] for c in extra]
         rows.append([step, prompt, str(rollout.completions[i]), *rewards, *logged, float(adv[i])])
     return ["step", "prompt", "completion", *names, *extra, "advantage"], rows
+
+
+def write_parquet(columns: list[str], rows: list[list], path: Path) -> None:
+    """The table as a parquet file (TRL's ``completions/completions_<step>.parquet``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([dict(zip(columns, [str(v) if isinstance(v, (list, dict)) else v for v in row]))
+                                         for row in rows]), path)
 
 
 def format_rows(columns: list[str], rows: list[list], width: int = 60) -> str:
