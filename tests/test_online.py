@@ -125,6 +125,22 @@ def test_hf_engine_groups_masks_and_lengths():
     assert sampled.completion_ids.size(0) == 8 and sampled.completion_ids.size(1) <= 5
 
 
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_the_lean_decoder_is_generate_token_for_token_when_greedy(repetition_penalty):
+    """Left-padded prompts of different lengths, several samples each, EOS free to end rows early."""
+    tok, model = builtin_tokenizer(), builtin_model("builtin:tiny").eval()
+    prompts = [tok("Compute 1+2.\n")["input_ids"], tok("Compute 13-1+4.\n")["input_ids"], tok("7\n")["input_ids"]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (ids != tok.pad_token_id).long()
+    sampling = SamplingParams(max_completion_length=20, temperature=0.0, num_generations=2, repetition_penalty=repetition_penalty)
+    lean = HFEngine(tok).generate(model, ids, mask, sampling)
+    reference = HFEngine(tok, use_generate=True).generate(model, ids, mask, sampling)
+    assert torch.equal(lean.completion_mask, reference.completion_mask)
+    assert torch.equal(lean.completion_ids, reference.completion_ids)
+    assert_close(lean.sampling_logps, reference.sampling_logps, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("use_generate", [False, True])
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_hf_engine_sampling_logps_are_the_processed_distributions(use_generate, top_k):

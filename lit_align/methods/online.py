@@ -12,6 +12,7 @@ calls ``make_rollout`` before every batch is added by ``configure_callbacks``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
@@ -272,9 +273,9 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         rollout.metrics.update(logged)
         with torch.no_grad():
             if self.needs_old_logps:
-                rollout.old_logps = self.old_token_logps(rollout)
+                rollout.old_logps = self.per_step(rollout, self.old_token_logps)
             if self.needs_reference:
-                rollout.ref_logps = self.reference_token_logps(rollout.sequences, gens)
+                rollout.ref_logps = self.per_step(rollout, lambda r: self.reference_token_logps(r.sequences, r.generations))
             out = self.advantages(rollout, rewards)
         rollout.advantages, rollout.rewards = out.advantages, out.rewards
         rollout.extras.update(out.extras)
@@ -283,6 +284,17 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
             tokens = self.global_sum(torch.tensor(float(rollout.sequences.num_tokens), device=self.device))
             rollout.metrics["num_tokens"] = self.count_tokens(tokens, stage)
         return rollout
+
+    def per_step(self, rollout: Rollout, fn: Callable[[Rollout], Tensor]) -> Tensor:
+        """``fn``'s ``(N, C)`` per-token values over the rollout, a training step's rows at a time when one
+        rollout serves several steps (the forward's memory stays that of one step, as TRL's)."""
+        if self.generation_steps == 1:
+            return fn(rollout)
+        parts = []
+        for idx in torch.arange(len(rollout), device=rollout.loss_mask.device).tensor_split(self.generation_steps):
+            gens = rollout.generations.select(idx)
+            parts.append(fn(replace(rollout, generations=gens, sequences=self.sequences(gens))))
+        return torch.cat(parts)
 
     def advantages(self, rollout: Rollout, rewards: Tensor) -> Advantages:
         """What the method makes of this device's ``(N, K)`` rewards (one column per reward

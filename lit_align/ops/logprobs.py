@@ -178,6 +178,7 @@ class _SelectedLogprobsFn(torch.autograd.Function):
         with_accuracy: bool,
         with_extras: bool,
     ) -> tuple[torch.Tensor | None, ...]:
+        ctx.set_materialize_grads(False)  # an unused entropy's gradient stays None: no second term in backward
         n = hidden.shape[0]
         acc = {"dtype": _acc_dtype(hidden.dtype), "device": hidden.device}  # fp32 (fp64 for fp64)
         logps, lse = torch.empty(n, **acc), torch.empty(n, **acc)  # (N,), (N,)
@@ -207,6 +208,8 @@ class _SelectedLogprobsFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_logps: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        if grad_logps is None and grad_entropy is None:
+            return (None,) * 10
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H) input dtype
         acc = _acc_dtype(weight.dtype)  # fp32 (fp64 for fp64 inputs)

@@ -64,7 +64,11 @@ def process_logits(
 
 def sample_categorical(scores: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One token per row from ``softmax(scores)`` ``(B, V)``: ``(B,)`` long."""
-    probs = scores.softmax(dim=-1)
+    return sample_probs(scores.softmax(dim=-1), generator)
+
+
+def sample_probs(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from the distributions ``probs`` ``(B, V)`` (rows sum to 1): ``(B,)`` long."""
     cdf = probs.cumsum(dim=-1)
     u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) * cdf[:, -1:]
     # searchsorted(right=True) returns the first index whose cdf exceeds u, so a token of

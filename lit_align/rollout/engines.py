@@ -265,7 +265,7 @@ class HFEngine(TokenizerEngine):
     def _decode(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int]) -> tuple[Tensor, Tensor]:
         from transformers import DynamicCache
 
-        from lit_align.ops.sampling import process_logits, sample_categorical
+        from lit_align.ops.sampling import process_logits, sample_probs
 
         if self.seed is not None and self.generator is None:
             self.generator = torch.Generator(prompt_ids.device).manual_seed(self.seed)
@@ -277,35 +277,42 @@ class HFEngine(TokenizerEngine):
                     logits_to_keep=1, **{cache_arg: cache})
         cache.batch_repeat_interleave(n)  # prefill each prompt once, then copy its cache per sample
         logits = out.logits[:, -1].repeat_interleave(n, 0)
-        mask = prompt_mask.repeat_interleave(n, 0)
+        rows, width, steps = logits.size(0), prompt_mask.size(1), sampling.max_completion_length
+        # Outputs and the growing mask live in buffers made once: a small tensor made every step
+        # between the step's large temporaries would pin them in the heap (resident memory then
+        # grows by a [rows, vocab] block per token).
+        tokens = torch.full((rows, steps), self.pad_token_id, dtype=torch.long, device=device)
+        logps = torch.zeros(rows, steps, dtype=torch.float32, device=device)  # drawn tokens' log-probs (as vLLM's)
+        mask = torch.ones(rows, width + steps, dtype=prompt_mask.dtype, device=device)
+        mask[:, :width] = prompt_mask.repeat_interleave(n, 0)
         history = prompt_ids.repeat_interleave(n, 0)  # for the repetition penalty
         position = positions[:, -1:].repeat_interleave(n, 0)
         eos_t = torch.tensor(eos, device=device)
         is_eos = torch.zeros(logits.size(-1), dtype=torch.bool, device=device)
         is_eos[eos_t[eos_t < logits.size(-1)]] = True
         min_new = int(sampling.generation_kwargs.get("min_new_tokens", 0) or 0)
-        finished = torch.zeros(logits.size(0), dtype=torch.bool, device=device)
-        tokens: list[Tensor] = []
-        logps: list[Tensor] = []  # of each drawn token under the processed distribution (what vLLM reports)
-        for step in range(sampling.max_completion_length):
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        for step in range(steps):
             scores = process_logits(
                 logits, history, temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
                 top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                 repetition_penalty=sampling.repetition_penalty, banned=is_eos if step < min_new else None,
             )
-            token = scores.argmax(-1) if sampling.temperature == 0 else sample_categorical(scores, self.generator)
+            probs = scores.softmax(-1)  # drawn from; the drawn token's log-prob is read off it (never 0)
+            token = scores.argmax(-1) if sampling.temperature == 0 else sample_probs(probs, self.generator)
             token = token.masked_fill(finished, self.pad_token_id)
-            tokens.append(token)
-            logps.append(scores.log_softmax(-1).gather(1, token[:, None]).squeeze(1))
+            tokens[:, step] = token
+            logps[:, step] = probs.gather(1, token[:, None]).squeeze(1).log()
+            del scores, probs
             finished |= torch.isin(token, eos_t)
-            if finished.all() or step + 1 == sampling.max_completion_length:
+            if finished.all() or step + 1 == steps:
                 break
             history = torch.cat([history, token[:, None]], 1) if sampling.repetition_penalty != 1.0 else history
-            mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
-            position = position + 1
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True, **{cache_arg: cache})
+            position += 1
+            out = model(input_ids=token[:, None], attention_mask=mask[:, : width + step + 1], position_ids=position,
+                        use_cache=True, **{cache_arg: cache})
             logits = out.logits[:, -1]
-        return torch.stack(tokens, 1), torch.stack(logps, 1)
+        return tokens[:, : step + 1], logps[:, : step + 1]
 
     def sync_weights(self, model: nn.Module) -> None:
         """The engine samples from the policy itself: nothing to copy."""
