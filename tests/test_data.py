@@ -314,7 +314,7 @@ def test_a_method_declares_what_it_asks_of_its_data():
     from lit_align.data.base import DataRequirements
 
     needs = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, num_iterations=2).data_requirements()
-    assert needs == DataRequirements("builtin:tiny", rows_per_prompt=4, batch_repeats=2)
+    assert needs == DataRequirements("builtin:tiny", rows_per_prompt=4, batch_repeats=2, eval_rows_per_prompt=4)
     assert KTO().data_requirements().kl_pairs and not KTO(loss_type="apo_zero_unpaired").data_requirements().kl_pairs
     assert CPO().data_requirements().add_bos_to_prompt
     data = PromptOnlyDataModule("builtin:arithmetic?size=32", batch_size=8).connect(requirements=needs)
