@@ -355,7 +355,7 @@ def test_completion_table_goes_to_wandb(tmp_path):
     module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=4, max_completion_length=16, log_completions=True,
                   log_completions_steps=1)
     L.Trainer(max_steps=2, accelerator="cpu", logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module, PromptOnlyDataModule(DATA, batch_size=8))
+              enable_model_summary=False, default_root_dir=tmp_path).fit(module, PromptOnlyDataModule(DATA, batch_size=8))
     import wandb
 
     wandb.finish()
@@ -363,6 +363,7 @@ def test_completion_table_goes_to_wandb(tmp_path):
     key, columns, rows = tables[0]
     assert key == "completions" and columns == ["step", "prompt", "completion", "arithmetic_reward", "advantage"]
     assert len(rows) == 8 and rows[0][1].startswith("Compute")
+    assert sorted(p.name for p in (tmp_path / "completions").iterdir()) == ["completions_00000.parquet", "completions_00001.parquet"]
 
 
 # --------------------------------------------------------------------------- bad input

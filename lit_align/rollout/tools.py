@@ -1,0 +1,401 @@
+"""Tool calling for agentic rollouts: parse calls out of completions, describe tools, run calls safely.
+
+As TRL 1.16's ``GRPOTrainer(tools=...)`` (``grpo_trainer.py``, ``_tool_call_loop``): a tool is a sync or
+async function whose ``__name__``, type hints and Google docstring become its JSON schema (``get_json_schema``,
+as ``apply_chat_template(tools=...)`` builds it); each call gives one ``{"role": "tool", "name", "content":
+str(result)}`` message, in call order; a failing call gives ``content=str({"error": message})`` and counts as
+a failure; metrics ``tools/call_frequency`` (calls per completion), ``tools/failure_frequency`` (per call).
+
+Departures from TRL:
+- Calls are parsed from decoded text (special tokens skipped) by small parsers in one registry
+  (``TOOL_CALL_FORMATS``), not ``tokenizer.parse_response`` with a per-template response schema: any
+  tokenizer works (byte-level ``builtin:tiny`` too), and malformed calls are reported
+  (``ParsedResponse.errors``) where TRL decodes the whole completion as plain text.
+- Arguments are bound to the signature and checked against simple annotations before the call, so a wrong
+  name or type gives a message naming the argument, and costs no thread.
+- Every call has a timeout (TRL has none). Python cannot stop a thread: a sync tool past its timeout is
+  *abandoned*: it runs on in its daemon thread until it returns, its result dropped, never holding the
+  process at exit (``Toolbox.abandoned`` counts them). A late async tool is cancelled (one that blocks
+  without awaiting blocks the event loop, as anywhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import json
+import re
+import threading
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.utils import get_json_schema
+from transformers.utils.chat_template_utils import DocstringParsingException, TypeHintParsingException
+
+from lit_align.imports import import_object
+
+CALL_FREQUENCY = "tools/call_frequency"  # tool calls per completion (TRL: gathered calls / gathered completions)
+FAILURE_FREQUENCY = "tools/failure_frequency"  # failed calls per call, 0 when there were no calls
+
+
+@dataclass
+class ToolCall:
+    """One well-formed call: the tool's name, its arguments, and the exact text it was parsed from."""
+    name: str
+    arguments: dict[str, Any]
+    raw: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The call as chat templates read it from an assistant message's ``tool_calls``."""
+        return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class ToolCallError:
+    """A call the model tried to make but that did not parse; ``name`` is set when it could be read."""
+    raw: str
+    error: str
+    name: str | None = None
+
+
+@dataclass
+class ParsedResponse:
+    """A completion split into its assistant text (calls removed), its calls and its malformed calls."""
+    content: str
+    calls: list[ToolCall] = field(default_factory=list)
+    errors: list[ToolCallError] = field(default_factory=list)
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message to append to the conversation (``tool_calls`` only when there are calls)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.calls:
+            message["tool_calls"] = [call.as_dict() for call in self.calls]
+        return message
+
+
+ToolCallParser = Callable[[str], ParsedResponse]
+
+
+def decode_call(raw: str, payload: str) -> ToolCall | ToolCallError:
+    """A call from a JSON ``{"name": ..., "arguments"|"parameters": {...}}``; ``raw`` is the text it came from.
+    Missing arguments mean ``{}`` (no-argument calls, as TRL normalises them). Parsers of new formats reuse it."""
+    try:
+        obj = json.loads(payload)
+    except json.JSONDecodeError as err:
+        name = re.search(r'"name"\s*:\s*"([^"]+)"', payload)
+        return ToolCallError(raw, f"invalid JSON ({err})", name.group(1) if name else None)
+    if not isinstance(obj, dict):
+        return ToolCallError(raw, f"expected a JSON object, got {type(obj).__name__}")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        return ToolCallError(raw, 'missing "name"')
+    arguments = obj.get("arguments", obj.get("parameters")) or {}
+    if not isinstance(arguments, dict):
+        return ToolCallError(raw, f"arguments must be a JSON object, got {type(arguments).__name__}", name)
+    return ToolCall(name, arguments, raw)
+
+
+def _parsed(text: str, spans: list[tuple[int, int]], results: list[ToolCall | ToolCallError]) -> ParsedResponse:
+    starts, ends = [0] + [end for _, end in spans], [begin for begin, _ in spans] + [len(text)]
+    content = "".join(text[a:b] for a, b in zip(starts, ends)).strip()
+    calls = [r for r in results if isinstance(r, ToolCall)]
+    errors = [r for r in results if isinstance(r, ToolCallError)]
+    return ParsedResponse(content, calls, errors)
+
+
+# A block ends at its </tool_call>; one cut off (length limit) ends where the next one starts, or at the end.
+_HERMES = re.compile(r"<tool_call>((?:(?!<tool_call>).)*?)(?:</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
+
+
+def parse_hermes(text: str) -> ParsedResponse:
+    """Hermes / Qwen2.5 / Qwen3: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, any number."""
+    spans, results = [], []
+    for match in _HERMES.finditer(text):
+        spans.append(match.span())
+        if match.group(0).endswith("</tool_call>"):
+            results.append(decode_call(match.group(0), match.group(1).strip()))
+        else:  # cut off by the length limit
+            results.append(ToolCallError(match.group(0), "unterminated <tool_call>"))
+    return _parsed(text, spans, results)
+
+
+_LLAMA3_START = re.compile(r'(?:<\|python_tag\|>\s*)?(?=\{\s*"(?:name|parameters)"\s*:)')
+_LLAMA3_TAIL = re.compile(r"\s*;?\s*")
+
+
+def parse_llama3(text: str) -> ParsedResponse:
+    """Llama 3.1 / 3.2 JSON calls: ``{"name": ..., "parameters": {...}}``, optionally after ``<|python_tag|>``,
+    several separated by ``;``. A JSON object without ``parameters``/``arguments`` is prose, left in the text."""
+    spans, results, pos, decoder = [], [], 0, json.JSONDecoder()
+    while match := _LLAMA3_START.search(text, pos):
+        brace = match.end()
+        try:
+            obj, end = decoder.raw_decode(text, brace)
+        except json.JSONDecodeError:
+            following = _LLAMA3_START.search(text, brace + 1)
+            end = following.start() if following else len(text)
+            obj = None
+        if obj is not None and not (isinstance(obj, dict) and ({"parameters", "arguments"} & obj.keys())):
+            pos = end
+            continue
+        results.append(decode_call(text[match.start() : end].strip(), text[brace:end]))
+        pos = _LLAMA3_TAIL.match(text, end).end()  # the ';' and spaces between calls go with the call
+        spans.append((match.start(), pos))
+    return _parsed(text, spans, results)
+
+
+TOOL_CALL_FORMATS: dict[str, ToolCallParser] = {"hermes": parse_hermes, "llama3": parse_llama3}
+# (format, does this chat template's text use it?), most specific first; user formats are put in front.
+_DETECTORS: list[tuple[str, Callable[[str], bool]]] = [
+    # Qwen3.5 / Qwen3-Coder / Nemotron 3 (<function=...>) and GLM-4 (<arg_key>) put XML, not JSON, inside
+    # <tool_call>: no built-in parser; register one.
+    ("hermes", lambda t: "<tool_call>" in t and "<function=" not in t and "<arg_key>" not in t),
+    ("llama3", lambda t: "<|python_tag|>" in t or '"parameters"' in t),
+]
+
+
+def register_tool_call_format(
+    name: str, parser: ToolCallParser, detect: Callable[[str], bool] | None = None, replace: bool = False
+) -> None:
+    """Add a format: ``parser(text) -> ParsedResponse`` (``decode_call`` decodes a JSON call); ``detect(chat
+    template text) -> bool`` lets ``detect_tool_format`` pick it, before the built-in formats."""
+    if name in TOOL_CALL_FORMATS and not replace:
+        raise ValueError(f"tool-call format {name!r} is already registered; pass replace=True to replace it")
+    TOOL_CALL_FORMATS[name] = parser
+    if detect is not None:
+        _DETECTORS[:] = [(name, detect)] + [(n, d) for n, d in _DETECTORS if n != name]
+
+
+def parse_tool_calls(text: str, format: str = "hermes") -> ParsedResponse:
+    """Split a decoded completion into assistant text, tool calls and malformed calls, in ``format``."""
+    if format not in TOOL_CALL_FORMATS:
+        raise ValueError(f"unknown tool-call format {format!r}; known: {sorted(TOOL_CALL_FORMATS)} "
+                         "(add one with register_tool_call_format)")
+    return TOOL_CALL_FORMATS[format](text)
+
+
+def detect_tool_format(tokenizer_or_chat_template: Any) -> str | None:
+    """The tool-call format a chat template teaches (a tokenizer, processor or template string), or ``None``."""
+    template = tokenizer_or_chat_template
+    if not isinstance(template, (str, dict)) and template is not None:
+        template = getattr(template, "chat_template", None)
+    if isinstance(template, dict):  # named templates ({"default": ..., "tool_use": ...})
+        template = "\n".join(str(t) for t in template.values())
+    if not template:
+        return None
+    return next((name for name, detect in _DETECTORS if detect(template)), None)
+
+
+def load_tools(specs: Sequence[Callable | str] | None) -> list[Callable]:
+    """Tools from callables or import paths (``pkg.mod:func`` or ``pkg.mod.func``), names checked unique."""
+    tools = []
+    for spec in specs or []:
+        tool = import_object(spec, "tool", expected="'package.module:function'") if isinstance(spec, str) else spec
+        if not callable(tool) or not isinstance(getattr(tool, "__name__", None), str):
+            raise ValueError(f"tool {spec!r} is not a named function (a tool's __name__ is what the model calls)")
+        tools.append(tool)
+    names = [tool.__name__ for tool in tools]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"several tools are named {duplicates}; the model calls tools by name")
+    return tools
+
+
+def tool_schemas(tools: Sequence[Callable | dict]) -> list[dict]:
+    """The JSON schemas the chat template receives (``get_json_schema``); a dict is taken as a schema already."""
+    schemas = []
+    for tool in tools:
+        if isinstance(tool, dict):
+            schemas.append(tool)
+            continue
+        try:
+            schemas.append(get_json_schema(tool))
+        except (DocstringParsingException, TypeHintParsingException) as err:
+            name = f"{getattr(tool, '__module__', '?')}.{getattr(tool, '__qualname__', tool)}"
+            raise ValueError(
+                f"tool {name}: cannot describe it to the model ({err}). A tool needs a type hint on every "
+                "argument and a Google-style docstring: a summary line, then 'Args:' with one "
+                "'name: description' line per argument."
+            ) from err
+    return schemas
+
+
+@dataclass
+class ToolStats:
+    """Calls made and calls failed, per row (completion) of one ``Toolbox.run``."""
+    calls_per_row: list[int]
+    failures_per_row: list[int]
+
+    @property
+    def calls(self) -> int:
+        return sum(self.calls_per_row)
+
+    @property
+    def failures(self) -> int:
+        return sum(self.failures_per_row)
+
+
+def tool_metrics(calls: float, failures: float, num_completions: int) -> dict[str, float]:
+    """TRL's tool metrics from counts summed over the rollout (and over ranks, before calling this)."""
+    return {CALL_FREQUENCY: calls / max(num_completions, 1), FAILURE_FREQUENCY: failures / calls if calls else 0.0}
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+               type(None): "null"}
+
+
+def _simple_types(hint: Any) -> set[type] | None:
+    """The plain types an annotation allows, or ``None`` when it is not simple enough to check."""
+    if isinstance(hint, type) and hint in _JSON_TYPES:
+        return {hint}
+    origin = typing.get_origin(hint)
+    if origin in (list, dict):
+        return {origin}
+    if origin in (typing.Union, types.UnionType):
+        parts = [_simple_types(arg) for arg in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else set().union(*parts)
+    return None
+
+
+def _matches(value: Any, kind: type) -> bool:
+    if kind is int:  # JSON has no int/bool overlap: True is not an integer argument
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _content(result: Any) -> Any:
+    # TRL passes a list of content blocks (e.g. {"type": "image", ...}) through for VLMs; anything else is str().
+    if isinstance(result, list) and result and all(isinstance(p, dict) and "type" in p for p in result):
+        return result
+    return str(result)
+
+
+def _type_hints(tool: Callable) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(tool)
+    except Exception:  # unresolvable annotations: nothing to check arguments against
+        return {}
+
+
+def _is_async(tool: Callable) -> bool:
+    return inspect.iscoroutinefunction(tool) or inspect.iscoroutinefunction(type(tool).__call__)
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+class Toolbox:
+    """Runs the tool calls of a batch of completions, all concurrently, each within ``timeout`` seconds.
+
+    Args:
+        tools: functions (sync or async) or import paths to them; each needs type hints and a docstring.
+        timeout: seconds one call may take (``None``: no limit); a late call becomes a failure message.
+    """
+
+    def __init__(self, tools: Sequence[Callable | str], timeout: float | None = 10.0) -> None:
+        self.timeout = timeout
+        self.tools = {tool.__name__: tool for tool in load_tools(tools)}
+        self.schemas = tool_schemas(list(self.tools.values()))
+        self._hints = {name: _type_hints(tool) for name, tool in self.tools.items()}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
+
+    def run(self, calls_per_row: Sequence[Sequence[ToolCall | ToolCallError]]) -> tuple[list[list[dict]], ToolStats]:
+        """One tool message per call, rows and calls in order, with the per-row counts. Never raises for a
+        bad call: an unknown tool, bad arguments, an exception, a timeout or a ``ToolCallError`` (pass those
+        to answer malformed calls; TRL ignores them) each give an error message and count as a failure."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=_serve, args=(self._loop,), name="lit-align-tools", daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(self.arun(calls_per_row), self._loop).result()
+
+    async def arun(self, calls_per_row: Sequence[Sequence[ToolCall | ToolCallError]]) -> tuple[list[list[dict]], ToolStats]:
+        """``run`` for callers already inside an event loop."""
+        outcomes = await asyncio.gather(*(self._call(call) for row in calls_per_row for call in row))
+        messages, failures, flat = [], [], iter(outcomes)
+        for row in calls_per_row:
+            done = [next(flat) for _ in row]
+            messages.append([message for message, _ in done])
+            failures.append(sum(failed for _, failed in done))
+        return messages, ToolStats([len(row) for row in calls_per_row], failures)
+
+    async def _call(self, call: ToolCall | ToolCallError) -> tuple[dict, bool]:
+        if isinstance(call, ToolCallError):
+            return self._failure(call.name or "unknown", f"Malformed tool call: {call.error}")
+        tool = self.tools.get(call.name)
+        if tool is None:
+            return self._failure(call.name, f"Tool {call.name} not found.")  # TRL's wording
+        if problem := self._argument_problem(call, tool):
+            return self._failure(call.name, problem)
+        try:
+            task = asyncio.ensure_future(tool(**call.arguments) if _is_async(tool) else self._in_thread(tool, call.arguments))
+        except Exception as err:  # e.g. a function that only looked async
+            return self._failure(call.name, str(err) or type(err).__name__)
+        done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        if not done:
+            task.cancel()
+            return self._failure(call.name, f"Tool {call.name} timed out after {self.timeout:g} s.")
+        if task.cancelled():
+            return self._failure(call.name, f"Tool {call.name} was cancelled.")
+        if (err := task.exception()) is not None:
+            return self._failure(call.name, str(err) or type(err).__name__)  # TRL: str(error)
+        return {"role": "tool", "name": call.name, "content": _content(task.result())}, False
+
+    @staticmethod
+    def _failure(name: str, error: str) -> tuple[dict, bool]:
+        return {"role": "tool", "name": name, "content": str({"error": error})}, True
+
+    def _argument_problem(self, call: ToolCall, tool: Callable) -> str | None:
+        try:
+            inspect.signature(tool).bind(**call.arguments)
+        except TypeError as err:
+            return f"{call.name}() {err}"
+        hints = self._hints[call.name]
+        for arg, value in call.arguments.items():
+            allowed = _simple_types(hints.get(arg))
+            if allowed is not None and not any(_matches(value, kind) for kind in allowed):
+                expected = " or ".join(sorted(_JSON_TYPES[kind] for kind in allowed))
+                return f"{call.name}() argument '{arg}' must be {expected}, got {json.dumps(value)}"
+        return None
+
+    def _in_thread(self, tool: Callable, arguments: dict) -> asyncio.Future:
+        # A daemon thread per call, not a ThreadPoolExecutor: its workers are joined at exit, so one hung
+        # tool would keep the process alive, and every hung tool would hold a worker for good.
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def target() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(tool(**arguments))
+            except BaseException as err:  # asyncio refuses StopIteration, and SystemExit & co. must not escape
+                keep = isinstance(err, Exception) and not isinstance(err, StopIteration)
+                future.set_exception(err if keep else RuntimeError(f"{type(err).__name__}: {err}"))
+
+        thread = threading.Thread(target=target, name=f"tool-{tool.__name__}", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return asyncio.wrap_future(future)  # cancelled at the timeout: the thread's result is dropped
+
+    @property
+    def abandoned(self) -> int:
+        """Sync tool calls still running on their threads (timed out, or in flight right now)."""
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def close(self) -> None:
+        """Stop the event loop ``run`` uses (running threads are left to finish on their own)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None
+
+    def __getstate__(self) -> dict:  # picklable (spawned processes): the loop and threads stay behind
+        return {**self.__dict__, "_loop": None, "_threads": []}
