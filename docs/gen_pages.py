@@ -72,7 +72,6 @@ ELSEWHERE = {  # fields lit-align does not take, and why; (config or *, field)
     ("*", "is_encoder_decoder"): "not applicable: lit-align trains causal LMs (TRL reads it only for a model made by "
     "`model_init`)",
     ("*", "log_multimodal"): "not yet: vision-language models are the issue \"Vision-language models\"",
-    ("*", "max_tool_calling_iterations"): "not yet: tools are the issue \"Agentic RL\"",
     ("GKDConfig", "completion_only_loss"): "not applicable: TRL's GKDTrainer ignores it too (its collator masks the "
     "prompt; the loss is the JSD over the completion tokens)",
     ("GKDConfig", "assistant_only_loss"): "not applicable: TRL's GKDTrainer ignores it too (conversational rows distil "

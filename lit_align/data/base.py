@@ -58,6 +58,7 @@ class DataRequirements:
     add_bos_to_prompt: bool = False  # CPO/ORPO: the tokenizer's BOS before every prompt
     assistant_masks: bool = False  # SFT's assistant_only_loss: mark assistant tokens, with or without {% generation %}
     drop_overlong: bool = False  # RewardModel: a row with a sequence over max_length is dropped, not truncated (TRL)
+    tool_schemas: str | None = None  # JSON tool schemas every conversational prompt is rendered with (a row's own win)
 
 
 class AlignDataModule(L.LightningDataModule, ABC):
@@ -212,7 +213,7 @@ class AlignDataModule(L.LightningDataModule, ABC):
         """What preparing the data takes from the module being trained (CPO's BOS before prompts,
         KTO's KL pairs). Data prepared under other options (before the fit, without a Trainer, or
         for another module) is prepared again rather than trained on as it is."""
-        return (self.requirements.drop_overlong,)
+        return (self.requirements.drop_overlong, self.requirements.tool_schemas)
 
     def setup(self, stage: str | None = None) -> None:
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -295,6 +296,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
             sequences, extras = [token_id_sequence(row, index, label)], {}
         else:
             self.check_row_values(row, index, label)
+            if self.requirements.tool_schemas and not row.get("tools"):
+                row = {**row, "tools": self.requirements.tool_schemas}
             if self.chat_template_kwargs:
                 row = {**row, "chat_template_kwargs": {**self.chat_template_kwargs, **(row.get("chat_template_kwargs") or {})}}
             sequences, extras = self.tokenize_row(row, tokenizer)

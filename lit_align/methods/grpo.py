@@ -47,10 +47,11 @@ from lit_align.methods.entropy_bonus import EntropyBonus
 from lit_align.methods.generation_batches import GenerationBatches
 from lit_align.methods.metrics import reward_metrics
 from lit_align.methods.online import OnlineModule
+from lit_align.methods.tool_use import ToolUse
 from lit_align.rollout.types import Advantages, Rollout
 
 
-class GRPO(DynamicSampling, GenerationBatches, EntropyBonus, OnlineModule):
+class GRPO(ToolUse, DynamicSampling, GenerationBatches, EntropyBonus, OnlineModule):
     """Group Relative Policy Optimization on prompt-only data with reward functions.
 
     Also TRL 1.16's ``luspo`` and ``vespo`` (``vespo_*``), the entropy bonus (``entropy_coef``, adaptive

@@ -310,7 +310,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         return completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)
 
     def loss_mask(self, gens: Generations) -> Tensor:
-        mask = gens.completion_mask.float()
+        mask = gens.model_mask.float()  # tool results (multi-turn rollouts) never count
         if self.mask_truncated_completions:
             mask = mask * (~gens.is_truncated).float().unsqueeze(1)
         return mask
@@ -331,4 +331,4 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
     # -- metrics ------------------------------------------------------------------------------------
     def completion_metrics(self, gens: Generations) -> dict[str, float]:
         """Lengths over every rank's completions (``completions/*``)."""
-        return completion_metrics(self.gather(gens.completion_mask.sum(1).float())[0], self.gather(gens.is_truncated.float())[0])
+        return completion_metrics(self.gather(gens.model_mask.sum(1).float())[0], self.gather(gens.is_truncated.float())[0])

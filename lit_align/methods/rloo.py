@@ -19,10 +19,11 @@ from lit_align.losses.policy import rloo_loss
 from lit_align.methods.generation_batches import GenerationBatches
 from lit_align.methods.metrics import reward_metrics
 from lit_align.methods.online import OnlineModule
+from lit_align.methods.tool_use import ToolUse
 from lit_align.rollout.types import Advantages, Rollout
 
 
-class RLOO(GenerationBatches, OnlineModule):
+class RLOO(ToolUse, GenerationBatches, OnlineModule):
     """REINFORCE Leave-One-Out on prompt-only data with reward functions."""
 
     default_lr = 1e-6

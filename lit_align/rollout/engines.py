@@ -59,9 +59,15 @@ class Generations:
     completion_mask: Tensor  # (N, C) long: tokens up to and including the first EOS
     is_truncated: Tensor  # (N,) bool: no EOS within max_completion_length
     sampling_logps: Tensor | None = None  # (N, C) engine log-probs of the sampled tokens, after its processors
+    tool_mask: Tensor | None = None  # (N, C) long: 1 where the model wrote the token, 0 on tool results (multi-turn)
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
+
+    @property
+    def model_mask(self) -> Tensor:
+        """``completion_mask`` without tool-result tokens: the tokens the model wrote (N, C)."""
+        return self.completion_mask if self.tool_mask is None else self.completion_mask * self.tool_mask
 
     def select(self, index: Tensor) -> Generations:
         """The rows at ``index``, every field (sampling log-probs included)."""
@@ -71,7 +77,7 @@ class Generations:
     def cat(self, other: Generations, pad_token_id: int) -> Generations:
         """These rows, then ``other``'s (completions right-padded to the wider of the two)."""
         width = max(self.completion_ids.size(1), other.completion_ids.size(1))
-        pads = {"completion_ids": pad_token_id, "completion_mask": 0, "sampling_logps": 0.0}
+        pads = {"completion_ids": pad_token_id, "completion_mask": 0, "sampling_logps": 0.0, "tool_mask": 1}
 
         def joined(name: str) -> Tensor | None:
             a, b = getattr(self, name), getattr(other, name)

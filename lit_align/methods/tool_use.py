@@ -1,0 +1,166 @@
+"""Multi-turn rollouts with tools (TRL 1.16's ``tools`` and ``max_tool_calling_iterations``), for
+GRPO and RLOO.
+
+After the first turn, the completions that call a tool (parsed in the chat template's convention,
+:mod:`lit_align.rollout.tools`) get the tool results appended through the chat template, and the
+policy continues from there, every such row of the batch in one call, until no row calls a tool,
+``max_tool_calling_iterations`` is reached or the completion is ``max_completion_length`` long. A
+completion is then the model's turns and the tool turns between them; ``Generations.tool_mask``
+marks the model's own tokens, and only those count in the loss, the KL, the entropy and the
+completion lengths (TRL's ``tool_mask``). The engine generates turn by turn (a generation server
+too); tools run on the trainer side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_align.data.base import DataRequirements
+from lit_align.data.formats import PromptBatch
+from lit_align.rollout.engines import Generations, eos_ids, right_pad
+from lit_align.rollout.tools import Toolbox, detect_tool_format, parse_tool_calls, tool_metrics
+from lit_align.rollout.types import Rollout
+
+
+class ToolUse:
+    """Mixin of an online module (before it in the bases): its ``sample_batch`` runs the tool turns."""
+
+    def __init__(
+        self,
+        *args: Any,
+        tools: list[Any] | None = None,
+        max_tool_calling_iterations: int | None = None,
+        tool_call_format: str | None = None,
+        tool_call_timeout: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            tools: Python functions the policy may call (import paths in YAML); their names, type hints
+                and docstrings are the tool schema every prompt is rendered with (TRL's ``tools``).
+            max_tool_calling_iterations: Rounds of tool calls per rollout (None: until the completion is
+                ``max_completion_length`` long).
+            tool_call_format: How the model writes a call (``hermes``, ``llama3`` or one registered with
+                ``lit_align.rollout.tools.register_tool_call_format``); None: read from the chat template.
+            tool_call_timeout: Seconds one tool call may take; a slower one answers with an error.
+        """
+        super().__init__(*args, **kwargs)
+        if max_tool_calling_iterations is not None and max_tool_calling_iterations < 0:
+            raise ValueError(f"max_tool_calling_iterations must be >= 0, got {max_tool_calling_iterations}")
+        self.toolbox = Toolbox(tools, timeout=tool_call_timeout) if tools else None
+        self.max_tool_calling_iterations = max_tool_calling_iterations
+        self.tool_call_format = tool_call_format
+        self._tool_counts: tuple[Tensor, Tensor] | None = None
+        if self.toolbox is not None and getattr(self, "dynamic_sampling", False):
+            raise ValueError("dynamic_sampling resamples groups after scoring; with tools it is not supported yet: "
+                             "set one of dynamic_sampling=False or tools=None")
+
+    def data_requirements(self) -> DataRequirements:
+        schemas = json.dumps(self.toolbox.schemas) if self.toolbox is not None else None
+        return replace(super().data_requirements(), tool_schemas=schemas)
+
+    # -- the rollout -----------------------------------------------------------------------------
+    def sample_batch(self, batch: PromptBatch) -> Generations:
+        gens = super().sample_batch(batch)
+        if self.toolbox is None:
+            return gens
+        return self.tool_turns(gens)
+
+    def tool_format(self) -> str:
+        fmt = self.tool_call_format or detect_tool_format(self.tokenizer)
+        if fmt is None:
+            raise ValueError("tools are set, but the chat template shows no tool-call convention lit-align knows "
+                             "(hermes <tool_call>, llama3 JSON): set tool_call_format, or register a parser with "
+                             "lit_align.rollout.tools.register_tool_call_format")
+        return fmt
+
+    def tool_turns(self, gens: Generations) -> Generations:
+        """The first turn's completions, continued through every round of tool calls (see the module docstring)."""
+        fmt, limit = self.tool_format(), self.max_completion_length
+        n = len(gens)
+        prompts = [p[m.bool()].tolist() for p, m in zip(gens.prompt_ids, gens.prompt_mask)]
+        lengths = gens.completion_mask.sum(1).tolist()
+        rows = [c[:k].tolist() for c, k in zip(gens.completion_ids, lengths)]
+        logps = ([lp[:k].tolist() for lp, k in zip(gens.sampling_logps, lengths)] if gens.sampling_logps is not None
+                 else [[0.0] * k for k in lengths])
+        own = [[1] * k for k in lengths]  # 1: the model's token, 0: a tool's
+        truncated = gens.is_truncated.tolist()
+        turn = list(rows)  # each row's latest model turn
+        calls, failures = torch.zeros(n), torch.zeros(n)
+        rounds = self.max_tool_calling_iterations if self.max_tool_calling_iterations is not None else limit
+        active = [i for i in range(n) if not truncated[i]]
+        for _ in range(rounds):
+            parsed = {i: parse_tool_calls(self.tokenizer.decode(turn[i], skip_special_tokens=True), fmt) for i in active}
+            active = [i for i in active if parsed[i].calls]
+            if not active:
+                break
+            messages, stats = self.toolbox.run([parsed[i].calls for i in active])
+            calls[active] += torch.tensor(stats.calls_per_row, dtype=torch.float)
+            failures[active] += torch.tensor(stats.failures_per_row, dtype=torch.float)
+            suffixes = {i: self.tool_suffix_ids(msgs) for i, msgs in zip(active, messages)}
+            active = [i for i in active if len(rows[i]) + len(suffixes[i]) < limit]  # room to answer after the result
+            if not active:
+                break
+            budget = max(limit - len(rows[i]) - len(suffixes[i]) for i in active)
+            ids = [prompts[i] + rows[i] + suffixes[i] for i in active]
+            width = max(map(len, ids))
+            left = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in ids], device=gens.prompt_ids.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=gens.prompt_ids.device)
+            more = self.sample(self.model, left, mask, sampling=replace(self.sampling, num_generations=1, max_completion_length=budget))
+            for j, i in enumerate(active):
+                room = limit - len(rows[i]) - len(suffixes[i])
+                k = min(int(more.completion_mask[j].sum()), room)
+                new = more.completion_ids[j, :k].tolist()
+                new_logps = more.sampling_logps[j, :k].tolist() if more.sampling_logps is not None else [0.0] * k
+                rows[i] = rows[i] + suffixes[i] + new
+                logps[i] = logps[i] + [0.0] * len(suffixes[i]) + new_logps
+                own[i] = own[i] + [0] * len(suffixes[i]) + [1] * k
+                truncated[i] = bool(more.is_truncated[j]) or k < int(more.completion_mask[j].sum())
+                turn[i] = new
+            active = [i for i in active if not truncated[i]]
+        self._tool_counts = (calls, failures)
+        return self.joined_turns(gens, rows, logps, own, truncated)
+
+    def joined_turns(self, gens: Generations, rows: list, logps: list, own: list, truncated: list) -> Generations:
+        device = gens.prompt_ids.device
+        ids = right_pad(rows, self.pad_token_id, device=device)
+        cmask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            cmask[i, : len(r)] = 1
+        pad = ids.size(1)
+        return Generations(
+            gens.prompt_ids, gens.prompt_mask, ids, cmask, torch.tensor(truncated, device=device),
+            torch.tensor([lp + [0.0] * (pad - len(lp)) for lp in logps], dtype=torch.float32, device=device),
+            tool_mask=torch.tensor([m + [1] * (pad - len(m)) for m in own], dtype=torch.long, device=device),
+        )
+
+    def tool_suffix_ids(self, tool_messages: list[dict]) -> list[int]:
+        """The tokens the chat template puts after an assistant turn that called tools: the tool turns
+        and the next assistant header (TRL's ``_get_tool_suffix_ids``)."""
+        call = [{"type": "function", "function": {"name": tool_messages[0].get("name", "tool"), "arguments": {}}}]
+        dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": call}]
+        template = self.tokenizer.apply_chat_template
+        prefix = list(template(dummy, add_generation_prompt=False, tokenize=True, return_dict=False))
+        full = list(template(dummy + tool_messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        eos = set(eos_ids(self.tokenizer, self.model))
+        ends = [k for k, t in enumerate(prefix) if t in eos]
+        if ends:  # the turn ends at EOS (some templates add a newline the model never wrote)
+            prefix = prefix[: ends[-1] + 1]
+        if full[: len(prefix)] != prefix:
+            raise ValueError("the chat template renders an assistant turn differently once tool results follow it; "
+                             "lit-align cannot find where the tool turns start")
+        return full[len(prefix):]
+
+    def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
+        rollout = super().build_rollout(batch, gens, completions, rewards, stage)
+        if self._tool_counts is not None:
+            calls, failures = self._tool_counts
+            totals = self.global_sum(torch.stack([calls.sum(), failures.sum(), torch.tensor(float(len(calls)))]).to(self.device))
+            rollout.metrics.update(tool_metrics(float(totals[0]), float(totals[1]), int(totals[2])))
+            self._tool_counts = None
+        return rollout
