@@ -47,6 +47,7 @@ GUIDE_PAGES = {  # README sections gathered on their own pages
                               "UnpairedPreferenceDataModule", "StepwiseDataModule", "PromptOnlyDataModule"]),
     "Online methods: rollouts, engines, rewards": ("online", ["RolloutCallback"]),
     "Generation server": ("server", ["rollout.server_engine.ServerEngine"]),
+    "Tools and environments": ("tools", []),
     "Pairwise judges": ("judges", []),
     "The CLI": ("cli", []),
 }

@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from scripted_engine import ScriptedEngine  # noqa: E402  (tests/ is this script's directory)
+from scripted_engine import TOOL_TEMPLATE, ScriptedEngine, ToolCaller, add  # noqa: E402  (tests/ is this script's directory)
 
 from lit_align import (  # noqa: E402
     BCO,
@@ -48,6 +48,7 @@ METHODS = {
     "ppo": (PPO, PromptOnlyDataModule),
     "grpo_sampled": (GRPO, PromptOnlyDataModule),
     "grpo_spg": (GRPO, PromptOnlyDataModule),  # steps_per_generation=2 (accumulate_grad_batches=2)
+    "grpo_tools": (GRPO, PromptOnlyDataModule),  # multi-turn rollouts with a tool
     "gkd": (GKD, PromptCompletionDataModule),
     "online_dpo": (OnlineDPO, PromptOnlyDataModule),
 }
@@ -60,6 +61,7 @@ ONLINE = {
     "ppo": {"num_ppo_epochs": 2, "kl_estimator": "k3", "whiten_rewards": True},
     "grpo_sampled": {"num_generations": 4, "beta": 0.04},
     "grpo_spg": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo"},
+    "grpo_tools": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo", "tools": [add]},
     "online_dpo": {"beta": 0.1, "missing_eos_penalty": 1.0},
 }
 
@@ -82,10 +84,19 @@ def run(method: str, devices: int, out: str) -> None:
     dataset = "builtin:arithmetic?size=32"
     if method in ONLINE:
         length = {"max_new_tokens" if method == "online_dpo" else "max_completion_length": 16}
+        if method == "grpo_tools":  # a template that renders tools, and room for the tool turn and the answer
+            template = os.path.join(os.path.dirname(out), "tools.jinja")
+            with open(template, "w") as f:
+                f.write(TOOL_TEMPLATE)
+            length = {"max_completion_length": 160, "chat_template_path": template}
         module = module_cls(reward_funcs=["arithmetic_reward"], optimizer=optimizer, **length, **ONLINE[method])
         dataset = "builtin:arithmetic?size=32&steps=1&max_operand=9"
+        if method == "grpo_tools":
+            dataset += "&conversational=true"
         global_batch = {"ppo": 8, "online_dpo": 4}.get(method, 16)  # online_dpo: prompts
-        if method != "grpo_sampled":
+        if method == "grpo_tools":
+            callbacks.append(RolloutCallback(engine=ToolCaller()))
+        elif method != "grpo_sampled":
             callbacks.append(RolloutCallback(engine=ScriptedEngine(builtin_tokenizer())))
     elif method == "gkd":  # distillation on the data (lmbda=0), from a teacher the test wrote
         module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.0, optimizer=optimizer)

@@ -2,7 +2,8 @@
 global batch: SFT's global token normalisation (also on a shuffled stream, each rank reading every
 other row), DPO's pair means, KTO's KL estimate (``train/kl``),
 BCO's running reward mean (``train/delta``), GRPO's batch-scaled advantages and DAPO token count,
-RLOO's normalised advantages, PPO's whitening and GKD's token mean are all computed over both ranks."""
+RLOO's normalised advantages, PPO's whitening and GKD's token mean are all computed over both ranks;
+multi-turn rollouts with a tool give both ranks' tool metrics."""
 
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-METHODS = ["sft", "sft_stream", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo"]
+METHODS = ["sft", "sft_stream", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo", "grpo_tools"]
 
 
 @pytest.fixture(scope="module")

@@ -10,68 +10,10 @@ import pytest
 import torch
 
 from lit_align import GRPO, RLOO, PromptOnlyDataModule, RolloutCallback
-from lit_align.rollout.engines import Generations, completion_mask, eos_ids, right_pad
+from tests.scripted_engine import TOOL_TEMPLATE as TEMPLATE
+from tests.scripted_engine import ToolCaller, add, broken
 
 DATA = "builtin:arithmetic?size=16&steps=1&max_operand=4&conversational=true"
-TEMPLATE = (
-    "{%- if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
-    "{%- for m in messages %}"
-    "{%- if m.role == 'tool' %}<|im_start|>tool\n{{ m.content }}<|im_end|>\n"
-    "{%- elif m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content }}"
-    "{%- for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{%- endfor %}<|im_end|>\n"
-    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first.
-        b: The second.
-    """
-    return a + b
-
-
-def broken(a: int) -> int:
-    """Always fails.
-
-    Args:
-        a: Anything.
-    """
-    raise RuntimeError("no luck")
-
-
-class ToolCaller:
-    """Calls ``call`` while the context holds no tool result, then answers."""
-
-    samples_any_model = True
-
-    def __init__(self, call: str = '{"name": "add", "arguments": {"a": 2, "b": 3}}') -> None:
-        self.tokenizer, self.call, self.contexts = None, call, []
-
-    def connect(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-
-    def generate(self, model, prompt_ids, prompt_mask, sampling) -> Generations:
-        tok, rows = self.tokenizer, []
-        for p, m in zip(prompt_ids.tolist(), prompt_mask.tolist()):
-            context = tok.decode([t for t, k in zip(p, m) if k])
-            self.contexts.append(context)
-            text = "The sum is 5" if "<|im_start|>tool" in context else f"<tool_call>{self.call}</tool_call>"
-            for _ in range(sampling.num_generations):
-                rows.append((tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: sampling.max_completion_length])
-        ids = right_pad(rows, tok.pad_token_id, device=prompt_ids.device)
-        mask, truncated = completion_mask(ids, eos_ids(tok))
-        n = sampling.num_generations
-        return Generations(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), ids, mask, truncated,
-                           torch.full(ids.shape, -0.5) * mask)
-
-    def sync_weights(self, model) -> None:
-        pass
-
-
 def template_file(tmp_path) -> str:
     path = tmp_path / "tools.jinja"
     path.write_text(TEMPLATE)
@@ -85,7 +27,7 @@ def run(tmp_path, cls=GRPO, engine=None, **kwargs):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append((batch.rollout, {k: float(v) for k, v in trainer.callback_metrics.items()}))
 
-    engine = engine or ToolCaller()
+    engine = engine or ToolCaller(answer="The sum is 5")
     module = cls(reward_funcs=["arithmetic_reward"], num_generations=2, max_completion_length=200, chat_template_path=template_file(tmp_path),
                  **kwargs)
     L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -110,13 +52,17 @@ def test_a_tool_turn_is_in_the_completion_and_out_of_the_loss(tmp_path, cls):
     assert metrics["train/tools/call_frequency"] == 1.0 and metrics["train/tools/failure_frequency"] == 0.0
     own = int((gens.completion_mask * gens.tool_mask)[0].sum())
     assert metrics["train/completions/max_length"] == own  # lengths count the model's tokens only
-    assert rollout.completions[0][0]["content"].endswith("The sum is 5")  # reward functions see the final answer
+    assert rollout.completions[0] == [  # reward functions and the completions table see the conversation
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+        {"role": "tool", "name": "add", "content": "5"},
+        {"role": "assistant", "content": "The sum is 5"},
+    ]
 
 
 def test_failing_and_unknown_tools_are_answered_and_counted(tmp_path):
-    _, engine, (rollout, metrics) = run(tmp_path, engine=ToolCaller('{"name": "broken", "arguments": {"a": 1}}'), tools=[add, broken])
+    _, engine, (rollout, metrics) = run(tmp_path, engine=ToolCaller('{"name": "broken", "arguments": {"a": 1}}', "The sum is 5"), tools=[add, broken])
     assert "no luck" in engine.contexts[-1] and metrics["train/tools/failure_frequency"] == 1.0
-    _, engine, (_, metrics) = run(tmp_path, engine=ToolCaller('{"name": "sub", "arguments": {}}'), tools=[add])
+    _, engine, (_, metrics) = run(tmp_path, engine=ToolCaller('{"name": "sub", "arguments": {}}', "The sum is 5"), tools=[add])
     assert "Tool sub not found." in engine.contexts[-1] and metrics["train/tools/failure_frequency"] == 1.0
 
 
@@ -134,3 +80,80 @@ def test_a_template_without_a_known_tool_convention_is_reported(tmp_path):
     module = GRPO(reward_funcs=["arithmetic_reward"], tools=[add])  # builtin:tiny's template renders no tools
     with pytest.raises(ValueError, match="no tool-call convention lit-align knows"):
         module.tool_format()
+
+
+class Counter:
+    """An environment holding a running total; the policy adds to it."""
+
+    def reset(self, prompt, answer=None, **row):
+        self.total, self.target = 0, 5
+        return " Reach 5."
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers to the total.
+
+        Args:
+            a: The first.
+            b: The second.
+        """
+        self.total += a + b
+        return self.total
+
+    def get_reward(self) -> float:
+        return float(self.total == self.target)
+
+
+class Doubler(Counter):
+    """Another environment: its ``add`` doubles, and it scores nothing."""
+
+    def add(self, a: int, b: int) -> int:
+        """Add twice.
+
+        Args:
+            a: The first.
+            b: The second.
+        """
+        self.total += 2 * (a + b)
+        return self.total
+
+    get_reward = None
+
+
+def seen_environments(prompts, completions, environments, **kwargs):
+    return [float(type(e) is Counter) for e in environments]
+
+
+def test_an_environment_per_completion_gives_tools_prompt_text_and_a_reward(tmp_path):
+    module, engine, (rollout, metrics) = run(tmp_path, environment_factory=Counter)
+    assert engine.contexts[0].startswith("<tools>add;</tools>") and engine.contexts[0].endswith(" Reach 5.<|im_end|><|im_start|>assistant\n")
+    assert module.reward_names == ["arithmetic_reward", "Counter"] and rollout.reward_columns["Counter"].tolist() == [1.0] * 4
+    assert metrics["train/rewards/Counter/mean"] == 1.0 and metrics["train/tools/call_frequency"] == 1.0
+    assert len(module.environments.pools[None]) == 4  # one per completion, kept for the next batch
+
+
+def test_a_dict_of_environments_is_chosen_per_row(tmp_path):
+    import json
+
+    rows = [{"prompt": [{"role": "user", "content": f"Compute {i}+1."}], "environment": "count" if i % 2 else "double"}
+            for i in range(8)]
+    path = tmp_path / "env.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(batch.rollout)
+
+    module = GRPO(reward_funcs=[seen_environments], num_generations=2, max_completion_length=200,
+                  chat_template_path=template_file(tmp_path), environment_factory={"count": Counter, "double": Doubler})
+    engine = ToolCaller(answer="The sum is 5")
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, callbacks=[RolloutCallback(engine=engine), Spy()]).fit(
+        module, PromptOnlyDataModule(str(path), batch_size=4, shuffle=False))
+    environments = [r["environment"] for r in rows[:2] for _ in range(2)]
+    tool_results = [c.split("<|im_start|>tool\n")[1].split("<|im_end|>")[0] for c in engine.contexts if "<|im_start|>tool" in c]
+    assert tool_results == ["10" if e == "double" else "5" for e in environments]  # each row's own environment's add
+    assert seen[0].reward_columns["seen_environments"].tolist() == [float(e == "count") for e in environments]
+    assert module.reward_names == ["seen_environments", "Counter"]  # Doubler has no get_reward
+    with pytest.raises(ValueError, match="which has no reset"):
+        GRPO(reward_funcs=["arithmetic_reward"], environment_factory=dict)

@@ -81,9 +81,13 @@ class Scoring:
             self.reward_logs = RewardLogs()
         columns: dict[str, Any] = {k: self.repeat(v) for k, v in batch.extras.items()}
         columns.update(trainer_state=self.trainer_state(), log_extra=self.reward_logs.log_extra,
-                       log_metric=self.reward_logs.log_metric)
+                       log_metric=self.reward_logs.log_metric, **self.reward_columns())
         rewards = compute_rewards(self.reward_funcs, self.repeat(batch.prompts), completions, ids, columns, self.device)
         return completions, rewards
+
+    def reward_columns(self) -> dict[str, Any]:
+        """Further keyword arguments of the reward functions (multi-turn rollouts add ``environments``)."""
+        return {}
 
     def trainer_state(self) -> TrainerState:
         trainer = self._trainer

@@ -22,8 +22,10 @@ from torch import Tensor
 
 from lit_align.data.base import DataRequirements
 from lit_align.data.formats import PromptBatch
+from lit_align.data.tokenize import render_prompt
 from lit_align.rollout.engines import Generations, eos_ids, right_pad
-from lit_align.rollout.tools import Toolbox, detect_tool_format, parse_tool_calls, tool_metrics
+from lit_align.rollout.environments import Environments, environment_methods
+from lit_align.rollout.tools import Toolbox, detect_tool_format, parse_tool_calls, tool_metrics, tool_schemas
 from lit_align.rollout.types import Rollout
 
 
@@ -35,6 +37,7 @@ class ToolUse:
         *args: Any,
         tools: list[Any] | None = None,
         max_tool_calling_iterations: int | None = None,
+        environment_factory: Any = None,
         tool_call_format: str | None = None,
         tool_call_timeout: float = 10.0,
         **kwargs: Any,
@@ -45,6 +48,10 @@ class ToolUse:
                 and docstrings are the tool schema every prompt is rendered with (TRL's ``tools``).
             max_tool_calling_iterations: Rounds of tool calls per rollout (None: until the completion is
                 ``max_completion_length`` long).
+            environment_factory: A class (or factory, or import path) made once per completion: its
+                ``reset(**row)`` starts the rollout (text it returns is appended to the last user message), its
+                public methods are tools of that rollout, its ``get_reward()`` a reward column named after it;
+                or ``{name: factory}``, one chosen per row by its ``environment`` column (TRL's).
             tool_call_format: How the model writes a call (``hermes``, ``llama3`` or one registered with
                 ``lit_align.rollout.tools.register_tool_call_format``); None: read from the chat template.
             tool_call_timeout: Seconds one tool call may take; a slower one answers with an error.
@@ -52,7 +59,14 @@ class ToolUse:
         super().__init__(*args, **kwargs)
         if max_tool_calling_iterations is not None and max_tool_calling_iterations < 0:
             raise ValueError(f"max_tool_calling_iterations must be >= 0, got {max_tool_calling_iterations}")
-        self.toolbox = Toolbox(tools, timeout=tool_call_timeout) if tools else None
+        self.environments = Environments(environment_factory) if environment_factory is not None else None
+        self.toolbox = Toolbox(tools or [], timeout=tool_call_timeout) if tools or self.environments else None
+        if self.environments is not None:  # environments that score their rollouts are reward functions too
+            self.reward_funcs += self.environments.reward_funcs
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(len(self.environments.reward_funcs))])
+        self._row_tools: list[list] | None = None  # this rollout's environment methods, per completion
+        self._conversations: list[list[dict]] | None = None  # this rollout's messages, per completion
+        self._row_environments: list | None = None
         self.max_tool_calling_iterations = max_tool_calling_iterations
         self.tool_call_format = tool_call_format
         self._tool_counts: tuple[Tensor, Tensor] | None = None
@@ -61,15 +75,43 @@ class ToolUse:
                              "set one of dynamic_sampling=False or tools=None")
 
     def data_requirements(self) -> DataRequirements:
-        schemas = json.dumps(self.toolbox.schemas) if self.toolbox is not None else None
+        schemas = json.dumps(self.toolbox.schemas) if self.toolbox is not None and self.toolbox.schemas else None
         return replace(super().data_requirements(), tool_schemas=schemas)
 
     # -- the rollout -----------------------------------------------------------------------------
     def sample_batch(self, batch: PromptBatch) -> Generations:
-        gens = super().sample_batch(batch)
+        gens = super().sample_batch(batch) if self.environments is None else self.environment_turn(batch)
         if self.toolbox is None:
             return gens
         return self.tool_turns(gens)
+
+    def environment_turn(self, batch: PromptBatch) -> Generations:
+        """The first turn with environments: one per completion, reset with its row; each prompt rendered
+        again with the reset's text and its environment's tools, then sampled once."""
+        G = self.num_generations
+        rows = [{"prompt": p, **{k: v[j] for k, v in batch.extras.items()}} for j, p in enumerate(batch.prompts) for _ in range(G)]
+        envs = self.environments.draw(self.environments.names(len(rows), [r.get("environment") for r in rows]))
+        ids, self._row_tools, self._row_environments = [], [], envs
+        for row, env in zip(rows, envs):
+            kwargs = {k: v for k, v in row.items() if k != "environment"} if self.environments.multi else row
+            observation, prompt = env.reset(**kwargs), row["prompt"]
+            if observation is not None:
+                prompt = (prompt + observation if isinstance(prompt, str)
+                          else [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] + observation}])
+            methods = environment_methods(env)
+            self._row_tools.append(methods)
+            schemas = tool_schemas([*self.toolbox.tools.values(), *methods])
+            ids.append(render_prompt(self.tokenizer, prompt, {"tools": schemas or None}))
+        width = max(map(len, ids))
+        device = batch.prompt_ids.device
+        left = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
+        return self.sample(self.model, left, mask, sampling=replace(self.sampling, num_generations=1))
+
+    def reward_columns(self) -> dict[str, Any]:
+        """Reward functions also get the rollout's ``environments`` (TRL's)."""
+        extra = super().reward_columns()
+        return {**extra, "environments": self._row_environments} if self._row_environments is not None else extra
 
     def tool_format(self) -> str:
         fmt = self.tool_call_format or detect_tool_format(self.tokenizer)
@@ -93,17 +135,22 @@ class ToolUse:
         turn = list(rows)  # each row's latest model turn
         calls, failures = torch.zeros(n), torch.zeros(n)
         rounds = self.max_tool_calling_iterations if self.max_tool_calling_iterations is not None else limit
+        conversations: list[list[dict]] = [[] for _ in range(n)]  # the model's turns and the tools' answers
         active = [i for i in range(n) if not truncated[i]]
         for _ in range(rounds):
             parsed = {i: parse_tool_calls(self.tokenizer.decode(turn[i], skip_special_tokens=True), fmt) for i in active}
             active = [i for i in active if parsed[i].calls]
             if not active:
                 break
-            messages, stats = self.toolbox.run([parsed[i].calls for i in active])
+            row_tools = [self._row_tools[i] for i in active] if self._row_tools is not None else None
+            messages, stats = self.toolbox.run([parsed[i].calls for i in active], row_tools)
             calls[active] += torch.tensor(stats.calls_per_row, dtype=torch.float)
             failures[active] += torch.tensor(stats.failures_per_row, dtype=torch.float)
-            suffixes = {i: self.tool_suffix_ids(msgs) for i, msgs in zip(active, messages)}
+            answers = dict(zip(active, messages))
+            suffixes = {i: self.tool_suffix_ids(msgs) for i, msgs in answers.items()}
             active = [i for i in active if len(rows[i]) + len(suffixes[i]) < limit]  # room to answer after the result
+            for i in active:
+                conversations[i] += [parsed[i].message(), *answers[i]]
             if not active:
                 break
             budget = max(limit - len(rows[i]) - len(suffixes[i]) for i in active)
@@ -124,7 +171,19 @@ class ToolUse:
                 turn[i] = new
             active = [i for i in active if not truncated[i]]
         self._tool_counts = (calls, failures)
+        for i in range(n):
+            conversations[i].append(parse_tool_calls(self.tokenizer.decode(turn[i], skip_special_tokens=True), fmt).message())
+        self._conversations = conversations
         return self.joined_turns(gens, rows, logps, own, truncated)
+
+    def decode(self, batch: PromptBatch, gens: Generations) -> tuple[list, list[list[int]]]:
+        """Conversational completions of a multi-turn rollout are its messages: the assistant turns (with
+        their tool calls) and the tool turns, as TRL's reward functions and completions table see them."""
+        texts, ids = super().decode(batch, gens)
+        conversations, self._conversations = self._conversations, None
+        if conversations is not None and len(conversations) == len(texts) and texts and isinstance(texts[0], list):
+            texts = conversations
+        return texts, ids
 
     def joined_turns(self, gens: Generations, rows: list, logps: list, own: list, truncated: list) -> Generations:
         device = gens.prompt_ids.device

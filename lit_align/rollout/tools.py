@@ -309,18 +309,23 @@ class Toolbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
 
-    def run(self, calls_per_row: Sequence[Sequence[ToolCall | ToolCallError]]) -> tuple[list[list[dict]], ToolStats]:
+    def run(self, calls_per_row: Sequence[Sequence[ToolCall | ToolCallError]],
+            tools_per_row: Sequence[Sequence[Callable]] | None = None) -> tuple[list[list[dict]], ToolStats]:
         """One tool message per call, rows and calls in order, with the per-row counts. Never raises for a
         bad call: an unknown tool, bad arguments, an exception, a timeout or a ``ToolCallError`` (pass those
-        to answer malformed calls; TRL ignores them) each give an error message and count as a failure."""
+        to answer malformed calls; TRL ignores them) each give an error message and count as a failure.
+        ``tools_per_row`` adds tools a row alone may call (its environment's methods)."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=_serve, args=(self._loop,), name="lit-align-tools", daemon=True).start()
-        return asyncio.run_coroutine_threadsafe(self.arun(calls_per_row), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(self.arun(calls_per_row, tools_per_row), self._loop).result()
 
-    async def arun(self, calls_per_row: Sequence[Sequence[ToolCall | ToolCallError]]) -> tuple[list[list[dict]], ToolStats]:
+    async def arun(self, calls_per_row: Sequence[Sequence[ToolCall | ToolCallError]],
+                   tools_per_row: Sequence[Sequence[Callable]] | None = None) -> tuple[list[list[dict]], ToolStats]:
         """``run`` for callers already inside an event loop."""
-        outcomes = await asyncio.gather(*(self._call(call) for row in calls_per_row for call in row))
+        tables = [{**self.tools, **{t.__name__: t for t in extra}} for extra in tools_per_row] if tools_per_row else None
+        outcomes = await asyncio.gather(*(self._call(call, tables[r] if tables else self.tools)
+                                          for r, row in enumerate(calls_per_row) for call in row))
         messages, failures, flat = [], [], iter(outcomes)
         for row in calls_per_row:
             done = [next(flat) for _ in row]
@@ -328,10 +333,10 @@ class Toolbox:
             failures.append(sum(failed for _, failed in done))
         return messages, ToolStats([len(row) for row in calls_per_row], failures)
 
-    async def _call(self, call: ToolCall | ToolCallError) -> tuple[dict, bool]:
+    async def _call(self, call: ToolCall | ToolCallError, tools: dict[str, Callable]) -> tuple[dict, bool]:
         if isinstance(call, ToolCallError):
             return self._failure(call.name or "unknown", f"Malformed tool call: {call.error}")
-        tool = self.tools.get(call.name)
+        tool = tools.get(call.name)
         if tool is None:
             return self._failure(call.name, f"Tool {call.name} not found.")  # TRL's wording
         if problem := self._argument_problem(call, tool):
@@ -359,7 +364,7 @@ class Toolbox:
             inspect.signature(tool).bind(**call.arguments)
         except TypeError as err:
             return f"{call.name}() {err}"
-        hints = self._hints[call.name]
+        hints = self._hints[call.name] if self.tools.get(call.name) is tool else _type_hints(tool)
         for arg, value in call.arguments.items():
             allowed = _simple_types(hints.get(arg))
             if allowed is not None and not any(_matches(value, kind) for kind in allowed):
