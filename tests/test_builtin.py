@@ -456,3 +456,27 @@ def test_noise_option_slips_that_share_of_demonstrations():
     assert arithmetic_rows("preference", size=20, noise=0.5) == arithmetic_rows("preference", size=20)
     with pytest.raises(ValueError, match=r"option 'noise' in 'builtin:arithmetic\?noise=1.5' must be a float in \[0, 1\]"):
         parse_builtin_dataset("builtin:arithmetic?noise=1.5")
+
+
+def test_the_template_renders_tools_in_the_hermes_convention_and_plain_chats_as_before(tok):
+    """Tools add a system turn and <tool_call> markup; a conversation without them renders as the
+    template did before tools (builtin:tiny-sft was trained on those renders)."""
+    plain = ("{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+             "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}{%- else -%}"
+             "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
+             "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    for cut in range(1, len(CONV) + 1):
+        for gen in (False, True):
+            assert tok.apply_chat_template(CONV[:cut], tokenize=False, add_generation_prompt=gen) == tok.apply_chat_template(
+                CONV[:cut], tokenize=False, add_generation_prompt=gen, chat_template=plain)
+    conv = [{"role": "user", "content": "Compute 7+5."},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 7, "b": 5}}}]},
+            {"role": "tool", "name": "add", "content": "12"}, {"role": "assistant", "content": "Answer: 12"}]
+    schema = {"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {}}}}
+    text = tok.apply_chat_template(conv, tools=[schema], tokenize=False)
+    assert text == ('<|im_start|>system\n<tools>add;</tools><|im_end|>\n<|im_start|>user\nCompute 7+5.<|im_end|>\n'
+                    '<|im_start|>assistant\n<tool_call>{"name": "add", "arguments": {"a": 7, "b": 5}}</tool_call><|im_end|>\n'
+                    '<|im_start|>tool\n12<|im_end|>\n<|im_start|>assistant\nAnswer: 12<|im_end|>\n')
+    out = tok.apply_chat_template(conv, tools=[schema], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    assert marked == '<tool_call>{"name": "add", "arguments": {"a": 7, "b": 5}}</tool_call><|im_end|>Answer: 12<|im_end|>'

@@ -77,7 +77,9 @@ def test_max_tool_calling_iterations_bounds_the_rounds(tmp_path):
 
 
 def test_a_template_without_a_known_tool_convention_is_reported(tmp_path):
-    module = GRPO(reward_funcs=["arithmetic_reward"], tools=[add])  # builtin:tiny's template renders no tools
+    plain = tmp_path / "plain.jinja"
+    plain.write_text("{%- for m in messages -%}{{ m.role }}: {{ m.content }}\n{%- endfor -%}")
+    module = GRPO(reward_funcs=["arithmetic_reward"], tools=[add], chat_template_path=str(plain))
     with pytest.raises(ValueError, match="no tool-call convention lit-align knows"):
         module.tool_format()
 
@@ -157,3 +159,24 @@ def test_a_dict_of_environments_is_chosen_per_row(tmp_path):
     assert module.reward_names == ["seen_environments", "Counter"]  # Doubler has no get_reward
     with pytest.raises(ValueError, match="which has no reset"):
         GRPO(reward_funcs=["arithmetic_reward"], environment_factory=dict)
+
+
+def test_the_builtin_template_renders_tools_and_the_loop_runs_on_it(tmp_path):
+    """builtin:tiny's own chat template speaks the Hermes convention: no template file needed."""
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(batch.rollout)
+
+    module = GRPO(reward_funcs=["arithmetic_reward"], num_generations=2, max_completion_length=200, tools=[add])
+    assert module.tool_format() == "hermes"
+    engine = ToolCaller()
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, callbacks=[RolloutCallback(engine=engine), Spy()]).fit(
+        module, PromptOnlyDataModule(DATA, batch_size=4))
+    assert engine.contexts[0].startswith("<|im_start|>system\n<tools>add;</tools><|im_end|>\n<|im_start|>user\n")
+    gens = seen[0].generations
+    tool_part = module.tokenizer.decode(gens.completion_ids[0][(gens.tool_mask[0] == 0) & gens.completion_mask[0].bool()])
+    assert tool_part == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+    assert seen[0].completions[0][-1]["content"].startswith("Answer: ")

@@ -26,15 +26,26 @@ ENDOFTEXT = "<|endoftext|>"
 # Order fixes the ids: bytes are 0..255 (id == byte value), specials follow from 256.
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, ENDOFTEXT)
 
-# ChatML with as little whitespace as possible (short sequences keep CPU runs fast). The
+# ChatML with as little whitespace as possible (short sequences keep CPU runs fast), with tools in
+# the Hermes convention: the tool names in a system turn, an assistant's calls as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call>, tool results as "tool" turns. The
 # assistant turn's content and its closing <|im_end|> sit inside {% generation %} so
 # assistant-only losses train the model to stop; the "\n" after it is outside, so rendering
 # messages[:-1] with add_generation_prompt=True is a token prefix of the full conversation.
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- (tool.function or tool).name + ';' -}}{%- endfor -%}"
+    "{{- '</tools><|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{%- generation -%}{{- message['content'] -}}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{{- '<tool_call>' + {'name': (call.function or call).name, 'arguments': (call.function or call).arguments} | tojson + '</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>' -}}{%- endgeneration -%}"
     "{{- '\\n' -}}"
     "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
