@@ -180,3 +180,31 @@ def test_the_builtin_template_renders_tools_and_the_loop_runs_on_it(tmp_path):
     tool_part = module.tokenizer.decode(gens.completion_ids[0][(gens.tool_mask[0] == 0) & gens.completion_mask[0].bool()])
     assert tool_part == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
     assert seen[0].completions[0][-1]["content"].startswith("Answer: ")
+
+
+def test_the_arithmetic_task_has_a_calculator_and_tool_demonstrations():
+    from lit_align import LanguageModelingDataModule
+    from lit_align.data.arithmetic import arithmetic_rows, calculator
+    from lit_align.models.builtin import builtin_tokenizer
+
+    assert calculator("7+5-3") == 9
+    with pytest.raises(ValueError, match="not a sum of integers"):
+        calculator("__import__('os')")
+    rows = arithmetic_rows("language_modeling", size=20, steps=1, max_operand=9, conversational=True, tools=True, noise=0.5)
+    used = [r for r in rows if len(r["messages"]) == 4]
+    assert 0 < len(used) < len(rows)  # the noise fraction works the sum out itself
+    call = used[0]["messages"][1]["tool_calls"][0]["function"]
+    assert call["name"] == "calculator" and str(calculator(call["arguments"]["expression"])) == used[0]["messages"][2]["content"]
+    assert rows[0]["tools"][0]["function"]["name"] == "calculator"
+    dm = LanguageModelingDataModule("builtin:arithmetic?size=20&steps=1&max_operand=9&conversational=true&tools=true&noise=0.5",
+                                    batch_size=4, shuffle=False, group_by_length=False)
+    from lit_align.data.base import DataRequirements
+
+    dm.connect(builtin_tokenizer(), DataRequirements(assistant_masks=True))
+    dm.setup()
+    text = builtin_tokenizer().decode(dm.datasets["train"][0]["input_ids"][0])
+    assert text.startswith("<|im_start|>system\n<tools>calculator;</tools>")
+    prompts = arithmetic_rows("prompt_only", size=4, steps=1, max_operand=9, conversational=True, tools=True)
+    assert set(prompts[0]) == {"prompt", "answer", "tools"}
+    with pytest.raises(ValueError, match="tools=true gives conversational"):
+        arithmetic_rows("preference", size=4, tools=True)

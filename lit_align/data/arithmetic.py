@@ -46,6 +46,7 @@ OPTIONS: dict[str, type] = {
     "max_operand": int,
     "test_size": int,
     "noise": float,
+    "tools": bool,
 }
 DEFAULT_SIZE = 1000
 _TEST_BUCKETS = 8  # 1 in 8 prompts (by hash) belongs to the test split
@@ -134,6 +135,33 @@ def _problem(rng: random.Random, steps: int, max_operand: int) -> tuple[list[int
     return operands, ops
 
 
+def calculator(expression: str) -> int:
+    """Evaluate a sum or difference of integers, such as 7+5-3.
+
+    Args:
+        expression: The expression, integers joined by + and -.
+    """
+    if not re.fullmatch(r"\s*\d+(?:\s*[+-]\s*\d+)*\s*", expression):
+        raise ValueError(f"not a sum of integers: {expression!r}")
+    return solve(expression)
+
+
+def calculator_schema() -> dict:
+    """The chat-template tool schema of :func:`calculator` (what a ``tools`` column holds)."""
+    from transformers.utils import get_json_schema
+
+    return get_json_schema(calculator)
+
+
+def _tool_turns(prompt: str) -> list[dict]:
+    """A demonstration that asks the calculator: the call, its result, the answer."""
+    expression = prompt.removeprefix("Compute ").removesuffix(".")
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+    return [{"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": "calculator", "content": str(solve(prompt))},
+            {"role": "assistant", "content": f"{_ANSWER} {solve(prompt)}"}]
+
+
 def _prompt(operands: list[int], ops: list[str]) -> str:
     expr = str(operands[0]) + "".join(op + str(n) for op, n in zip(ops, operands[1:]))
     return f"Compute {expr}."
@@ -200,6 +228,7 @@ def arithmetic_rows(
     conversational: bool = False,
     max_operand: int = 20,
     noise: float = 0.0,
+    tools: bool = False,
 ) -> list[dict]:
     """``size`` rows of the arithmetic task in TRL format ``fmt`` (see :data:`FORMATS`).
 
@@ -207,11 +236,17 @@ def arithmetic_rows(
     Corrupted solutions carry an arithmetic slip at a random step through to a wrong answer.
     ``noise``: the fraction of demonstrations (``language_modeling`` and ``prompt_completion``
     rows) that carry such a slip, as imperfect human demonstrations do; other formats ignore it.
+    ``tools`` (conversational ``language_modeling`` and ``prompt_only``): rows carry a ``tools``
+    column with the :func:`calculator` schema; a demonstration asks the calculator and answers with
+    its result, except the ``noise`` fraction, which works the sum out itself with a slip.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} for builtin:arithmetic; valid splits: {', '.join(SPLITS)}")
+    if tools and not (conversational and fmt in ("language_modeling", "prompt_only")):
+        raise ValueError("tools=true gives conversational language_modeling and prompt_only rows (tool calls are "
+                         f"messages); got format {fmt!r}, conversational={conversational}")
     if size < 0 or steps < 1 or max_operand < 1 or not 0.0 <= noise <= 1.0:
         raise ValueError(
             f"need size >= 0, steps >= 1, max_operand >= 1, 0 <= noise <= 1; got {size=}, {steps=}, "
@@ -236,9 +271,14 @@ def arithmetic_rows(
     for (operands, ops), ok in zip(problems, correct):
         prompt = _prompt(operands, ops)
         good = "\n".join(_steps(operands, ops, None, 0))
-        if noise and fmt in ("language_modeling", "prompt_completion") and slips.random() < noise:
+        slipped = bool(noise and fmt in ("language_modeling", "prompt_completion") and slips.random() < noise)
+        if slipped:
             good = "\n".join(_steps(operands, ops, *_slip(slips, steps)))
-        if fmt == "language_modeling":
+        if tools:
+            schema = [calculator_schema()]
+            row = ({"messages": user(prompt) + (assistant(good) if slipped else _tool_turns(prompt)), "tools": schema}
+                   if fmt == "language_modeling" else {"prompt": user(prompt), "answer": solve(prompt), "tools": schema})
+        elif fmt == "language_modeling":
             if conversational:
                 row = {"messages": user(prompt) + assistant(good)}
             else:
