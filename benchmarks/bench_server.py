@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -102,11 +101,6 @@ def child_main(args: argparse.Namespace) -> None:
                 extra=spent))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def phases(r: Result) -> dict[str, float]:
     w = r.warmup
@@ -154,7 +148,7 @@ def main() -> None:
 
     from lit_align.data.arithmetic import arithmetic_rows
     from lit_align.models.builtin import builtin_model, builtin_tokenizer
-    from lit_align.rollout.server import launch
+    from lit_align.rollout.server import free_port, launch
 
     runs: dict[str, list[Result]] = {n: [] for n in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:

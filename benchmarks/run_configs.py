@@ -33,7 +33,6 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,14 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_align.rollout.server import config_server_argv, launch  # noqa: E402
+from lit_align.rollout.server import config_server_argv, free_port, launch  # noqa: E402
 from lit_align.wandb_offline import metric_series, read_run  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 EXPECT = re.compile(r"^#\s*expect:\s*(\S+)\s+(rises by|falls by|ends)\s*(>=|<=)\s*([-+0-9.eE]+)(%?)\s*$")
 

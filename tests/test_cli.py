@@ -4,7 +4,6 @@ import contextlib
 import csv
 import glob
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lit_align.cli import build_cli
-from lit_align.rollout.server import config_server_argv, launch
+from lit_align.rollout.server import config_server_argv, free_port, launch
 from lit_align.wandb_offline import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +43,8 @@ def config_server(config):
         return
     argv = [*argv, "--port", "0"]  # argparse: the last --port wins
     process, url = launch(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        group_port = s.getsockname()[1]
     try:
-        yield [f"--model.init_args.vllm_server_base_url={url}", f"--model.init_args.vllm_group_port={group_port}"]
+        yield [f"--model.init_args.vllm_server_base_url={url}", f"--model.init_args.vllm_group_port={free_port()}"]
     finally:
         process.kill()
         process.wait(timeout=30)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 from lit_align.models.builtin import builtin_config, builtin_model, builtin_tokenizer
 from lit_align.rollout.engines import HFEngine, SamplingParams
-from lit_align.rollout.server import launch
+from lit_align.rollout.server import free_port, launch
 from lit_align.rollout.server_engine import ServerEngine
 from lit_align.rollout.weight_sync import parameter_fingerprint, plan_buckets
 
@@ -29,11 +28,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 PROMPTS = ["12+7=", "3*4-5=", "hello"]
 GREEDY = SamplingParams(max_completion_length=12, temperature=0.0, num_generations=1)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server() -> tuple[subprocess.Popen, str]:

@@ -23,6 +23,7 @@ from lit_align.data.tokenize import (
     tokenize_text,
 )
 from lit_align.imports import import_object
+from lit_align.ops.packing import left_pad
 
 TEXT_OR_CHAT = ("text", "messages")
 
@@ -407,15 +408,7 @@ class PromptBatch:
 
 
 def collate_prompts(items: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> PromptBatch:
-    ids = [it["input_ids"][0] for it in items]
-    width = max(len(x) for x in ids)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    prompt_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for r, x in enumerate(ids):
-        prompt_ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-        prompt_mask[r, width - len(x) :] = 1
+    prompt_ids, prompt_mask = left_pad([it["input_ids"][0] for it in items], pad_token_id, pad_to_multiple_of)
     skip = {"input_ids", "completion_mask", "length", "prompt"}
     extras = {k: [it[k] for it in items] for k in items[0] if k not in skip}
     return PromptBatch(prompt_ids, prompt_mask, [it["prompt"] for it in items], extras)

@@ -23,6 +23,7 @@ from torch import Tensor
 from lit_align.data.base import DataRequirements
 from lit_align.data.formats import PromptBatch
 from lit_align.data.tokenize import render_prompt
+from lit_align.ops.packing import left_pad
 from lit_align.rollout.engines import Generations, eos_ids, right_pad
 from lit_align.rollout.environments import Environments, environment_methods
 from lit_align.rollout.tools import Toolbox, detect_tool_format, parse_tool_calls, tool_metrics, tool_schemas
@@ -102,10 +103,7 @@ class ToolUse:
             self._row_tools.append(methods)
             schemas = tool_schemas([*self.toolbox.tools.values(), *methods])
             ids.append(render_prompt(self.tokenizer, prompt, {"tools": schemas or None}))
-        width = max(map(len, ids))
-        device = batch.prompt_ids.device
-        left = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
+        left, mask = left_pad(ids, self.pad_token_id, device=batch.prompt_ids.device)
         return self.sample(self.model, left, mask, sampling=replace(self.sampling, num_generations=1))
 
     def reward_columns(self) -> dict[str, Any]:
@@ -155,9 +153,7 @@ class ToolUse:
                 break
             budget = max(limit - len(rows[i]) - len(suffixes[i]) for i in active)
             ids = [prompts[i] + rows[i] + suffixes[i] for i in active]
-            width = max(map(len, ids))
-            left = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in ids], device=gens.prompt_ids.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=gens.prompt_ids.device)
+            left, mask = left_pad(ids, self.pad_token_id, device=gens.prompt_ids.device)
             more = self.sample(self.model, left, mask, sampling=replace(self.sampling, num_generations=1, max_completion_length=budget))
             for j, i in enumerate(active):
                 room = limit - len(rows[i]) - len(suffixes[i])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lit_align.ops.forward import decoder_hidden, lm_head_params
 from lit_align.ops.logprobs import selected_logprobs
-from lit_align.ops.packing import SequenceBatch, collate_sequences
+from lit_align.ops.packing import SequenceBatch, collate_sequences, left_pad
 
 
 def completion_batch(
@@ -152,10 +152,4 @@ def left_padded_prompts(batch: SequenceBatch, targets: Tensor, pad_token_id: int
             "sampling completes each sequence's prompt (the tokens before its completion), and a sequence of "
             "this batch has none: use prompt-completion or conversational data"
         )
-    width = max(len(r) for r in rows)
-    prompt_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        prompt_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        prompt_mask[i, width - len(r):] = 1
-    return prompt_ids.to(batch.input_ids.device), prompt_mask.to(batch.input_ids.device)
+    return left_pad(rows, pad_token_id, device=batch.input_ids.device)

@@ -96,6 +96,21 @@ def pack_bfd(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, multiple_of: int | None = None,
+             device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Token-id rows left-padded for generation: ``(R, W)`` ids and 0/1 mask (``W`` rounded up to
+    ``multiple_of`` when given)."""
+    width = max(len(r) for r in rows)
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _pad_value(name: str, pad_token_id: int) -> int:
     return {"input_ids": pad_token_id, "step_labels": IGNORE_INDEX}.get(name, 0)
 

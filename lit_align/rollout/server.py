@@ -41,6 +41,7 @@ import math
 import os
 import selectors
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_align.ops.packing import left_pad
 from lit_align.rollout.engines import (
     Generations,
     HFEngine,
@@ -182,13 +184,7 @@ def _load_into_worker(worker: Any, named: list[tuple[str, Tensor]]) -> None:
 def _left_pad(prompts: Any, pad_token_id: int) -> tuple[Tensor, Tensor]:
     if not (isinstance(prompts, list) and prompts and all(isinstance(p, list) and p for p in prompts)):
         raise ValueError("'prompts' must be a non-empty list of non-empty lists of token ids")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
+    return left_pad(prompts, pad_token_id)
 
 
 class GenerationServer:
@@ -418,6 +414,13 @@ def launch(argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | No
         _, err = process.communicate(timeout=30)
         raise RuntimeError(f"lit-align serve {' '.join(argv)} did not start within {timeout:g}s: {line.strip()!r} {err[-2000:]}")
     return process, line.split(" on ")[1].split()[0]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a server's ``--port`` or a ``vllm_group_port``)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def config_server_argv(config: str | os.PathLike) -> list[str] | None:
