@@ -7,6 +7,7 @@ sequences (``tokenize_row``) and, where it differs, how a batch is collated.
 from __future__ import annotations
 
 import functools
+import uuid
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -284,9 +285,12 @@ class AlignDataModule(L.LightningDataModule, ABC):
         keep = self.keep_columns(ds)
         fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized)
         in_memory = isinstance(ds, datasets.Dataset)
-        options = {"num_proc": self.dataset_num_proc, "load_from_cache_file": False, "desc": f"Tokenizing {label}"}
+        # The rows are tokenized in memory and never read back from a cache, so a fresh fingerprint is as
+        # good as datasets' own, which would pickle this DataModule and its tokenizer (seconds per map).
+        options = {"num_proc": self.dataset_num_proc, "load_from_cache_file": False, "desc": f"Tokenizing {label}",
+                   "keep_in_memory": True, "new_fingerprint": uuid.uuid4().hex}
         ds = ds.map(fn, with_indices=True, remove_columns=[c for c in names if c not in keep],
-                    **({"keep_in_memory": True, **options} if in_memory else {}))
+                    **(options if in_memory else {}))
         ds = ds.filter(lambda k: k, input_columns="keep", **({"keep_in_memory": True} if in_memory else {}))
         return ds.remove_columns("keep")
 
