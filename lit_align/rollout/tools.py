@@ -9,10 +9,19 @@ a failure; metrics ``tools/call_frequency`` (calls per completion), ``tools/fail
 Departures from TRL:
 - Calls are parsed from decoded text (special tokens skipped) by small parsers in one registry
   (``TOOL_CALL_FORMATS``), not ``tokenizer.parse_response`` with a per-template response schema: any
-  tokenizer works (byte-level ``builtin:tiny`` too), and malformed calls are reported
-  (``ParsedResponse.errors``) where TRL decodes the whole completion as plain text.
+  tokenizer works (byte-level ``builtin:tiny`` too). String arguments are cast by the tool's schema
+  (``coerce_arguments``) as ``parse_response(tools=...)`` does.
+- A malformed call (bad JSON, no name, an unterminated ``<tool_call>``) is answered with an error tool message
+  and counted as a failed call, so the model learns what went wrong; TRL decodes the whole turn as plain text
+  and runs none of its calls.
 - Arguments are bound to the signature and checked against simple annotations before the call, so a wrong
-  name or type gives a message naming the argument, and costs no thread.
+  name or type gives a message naming the argument (TRL: Python's own ``TypeError`` from the call), and costs
+  no thread.
+- A row's tool messages are in call order; TRL puts its async tools' answers after its sync tools'.
+- Llama 3's JSON convention allows one call per assistant message (its chat template raises "This model only
+  supports single tool-calls at once!"): ``parse_llama3`` refuses a message with several
+  (``ParsedResponse.refusal``); its calls are not run, one error tool message answers them, counted as a failure,
+  and the assistant message keeps them as text, so the conversation still renders.
 - Every call has a timeout (TRL has none). Python cannot stop a thread: a sync tool past its timeout is
   *abandoned*: it runs on in its daemon thread until it returns, its result dropped, never holding the
   process at exit (``Toolbox.abandoned`` counts them). A late async tool is cancelled (one that blocks
@@ -30,7 +39,7 @@ import threading
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transformers.utils import get_json_schema
@@ -56,25 +65,54 @@ class ToolCall:
 
 @dataclass
 class ToolCallError:
-    """A call the model tried to make but that did not parse; ``name`` is set when it could be read."""
+    """A call the model tried to make but that did not parse; ``name`` is set when it could be read.
+    ``malformed=False``: calls that parsed but that the convention refuses (``ParsedResponse.refusal``)."""
     raw: str
     error: str
     name: str | None = None
+    malformed: bool = True
+
+    def answer(self) -> str:
+        """The error a tool message gives for it."""
+        return f"Malformed tool call: {self.error}" if self.malformed else self.error
 
 
 @dataclass
 class ParsedResponse:
-    """A completion split into its assistant text (calls removed), its calls and its malformed calls."""
+    """A completion split into its assistant text (calls removed), its calls and its malformed calls;
+    ``refusal``: why its calls are refused as a whole (a convention's limit), else None; ``attempts``: the
+    calls and malformed calls in the order the text has them."""
     content: str
     calls: list[ToolCall] = field(default_factory=list)
     errors: list[ToolCallError] = field(default_factory=list)
+    refusal: str | None = None
+    attempts: list[ToolCall | ToolCallError] = field(default_factory=list)
 
     def message(self) -> dict[str, Any]:
-        """The assistant message to append to the conversation (``tool_calls`` only when there are calls)."""
+        """The assistant message to append to the conversation (``tool_calls`` only when there are calls;
+        refused calls were not made: they stay in the text)."""
+        if self.refusal is not None:
+            return {"role": "assistant", "content": f"{self.content} {self.refused_text}".strip()}
         message: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.calls:
             message["tool_calls"] = [call.as_dict() for call in self.calls]
         return message
+
+    def requests(self) -> list[ToolCall | ToolCallError]:
+        """What a rollout answers, one tool message each, in text order: the calls and the malformed calls
+        (answered with their error), or one error for refused calls."""
+        if self.refusal is not None:
+            return [ToolCallError(self.refused_text, self.refusal, malformed=False)]
+        return list(self.attempts) or [*self.calls, *self.errors]
+
+    def coerced(self, schemas: Sequence[dict]) -> ParsedResponse:
+        """The same response with its calls' string arguments cast by ``schemas`` (``coerce_arguments``)."""
+        return replace(self, calls=coerce_arguments(self.calls, schemas), attempts=coerce_arguments(self.attempts, schemas))
+
+    @property
+    def refused_text(self) -> str:
+        """The text of the calls a refusal covers (well-formed and malformed), ``;``-separated."""
+        return "; ".join(c.raw for c in (*self.calls, *self.errors))
 
 
 ToolCallParser = Callable[[str], ParsedResponse]
@@ -104,7 +142,7 @@ def _parsed(text: str, spans: list[tuple[int, int]], results: list[ToolCall | To
     content = "".join(text[a:b] for a, b in zip(starts, ends)).strip()
     calls = [r for r in results if isinstance(r, ToolCall)]
     errors = [r for r in results if isinstance(r, ToolCallError)]
-    return ParsedResponse(content, calls, errors)
+    return ParsedResponse(content, calls, errors, attempts=list(results))
 
 
 # A block ends at its </tool_call>; one cut off (length limit) ends where the next one starts, or at the end.
@@ -127,9 +165,14 @@ _LLAMA3_START = re.compile(r'(?:<\|python_tag\|>\s*)?(?=\{\s*"(?:name|parameters
 _LLAMA3_TAIL = re.compile(r"\s*;?\s*")
 
 
+LLAMA3_SINGLE_CALL = "This model only supports single tool-calls at once!"  # the Llama 3.1 / 3.2 templates' error
+
+
 def parse_llama3(text: str) -> ParsedResponse:
     """Llama 3.1 / 3.2 JSON calls: ``{"name": ..., "parameters": {...}}``, optionally after ``<|python_tag|>``,
-    several separated by ``;``. A JSON object without ``parameters``/``arguments`` is prose, left in the text."""
+    several separated by ``;``. A JSON object without ``parameters``/``arguments`` is prose, left in the text.
+    The convention allows one call per message: a message with several (malformed ones included) is refused
+    (``refusal``), none of them run."""
     spans, results, pos, decoder = [], [], 0, json.JSONDecoder()
     while match := _LLAMA3_START.search(text, pos):
         brace = match.end()
@@ -145,7 +188,11 @@ def parse_llama3(text: str) -> ParsedResponse:
         results.append(decode_call(text[match.start() : end].strip(), text[brace:end]))
         pos = _LLAMA3_TAIL.match(text, end).end()  # the ';' and spaces between calls go with the call
         spans.append((match.start(), pos))
-    return _parsed(text, spans, results)
+    parsed = _parsed(text, spans, results)
+    if len(results) > 1:
+        names = ", ".join(r.name or "?" for r in results)
+        parsed.refusal = f"{LLAMA3_SINGLE_CALL} The message made {len(results)} calls ({names}); none was run: call one tool per message."
+    return parsed
 
 
 TOOL_CALL_FORMATS: dict[str, ToolCallParser] = {"hermes": parse_hermes, "llama3": parse_llama3}
@@ -188,6 +235,61 @@ def detect_tool_format(tokenizer_or_chat_template: Any) -> str | None:
     if not template:
         return None
     return next((name for name, detect in _DETECTORS if detect(template)), None)
+
+
+def _schema_types(schema: Any) -> list[str]:
+    """The JSON types a parameter schema allows (``type``, a list of them, ``anyOf``/``oneOf``, ``nullable``)."""
+    if not isinstance(schema, dict):
+        return []
+    declared = schema.get("type")
+    kinds = [declared] if isinstance(declared, str) else [t for t in declared or [] if isinstance(t, str)]
+    for union in ("anyOf", "oneOf"):
+        for choice in schema.get(union) or []:
+            kinds += _schema_types(choice)
+    return kinds + (["null"] if schema.get("nullable") and "null" not in kinds else [])
+
+
+def _cast(raw: str, kinds: list[str]) -> Any:
+    """``raw`` as the first non-string type of ``kinds`` it reads as (transformers' rule); else the text itself."""
+    for kind in kinds:
+        text = raw.strip()
+        try:
+            if kind == "integer":
+                if re.fullmatch(r"[+-]?\d+", text):
+                    return int(text)
+                number = float(text)  # JSON integers include whole numbers written as floats ("3.0")
+                if number.is_integer():
+                    return int(number)
+            elif kind == "number":
+                number = float(text)
+                if number == number and abs(number) != float("inf"):
+                    return int(number) if number.is_integer() and "." not in text else number
+            elif kind == "boolean" and text.lower() in ("true", "1", "false", "0"):
+                return text.lower() in ("true", "1")
+            elif kind == "null" and text in ("null", "None"):
+                return None
+            elif kind in ("object", "array"):
+                value = json.loads(text)
+                if isinstance(value, dict if kind == "object" else list):
+                    return value
+        except ValueError:
+            continue
+    return raw
+
+
+def coerce_arguments(calls: Sequence[ToolCall | ToolCallError], schemas: Sequence[dict]) -> list[ToolCall | ToolCallError]:
+    """``calls`` with string arguments cast to the types their tool's schema declares (``"3"`` to ``3`` for an
+    integer parameter), as TRL's ``parse_response(tools=...)`` does; anything else is left as it is."""
+    params = {s.get("function", s).get("name"): s.get("function", s).get("parameters", {}).get("properties", {})
+              for s in schemas}
+    out = []
+    for call in calls:
+        properties = params.get(call.name) if isinstance(call, ToolCall) else None
+        if properties:
+            call = ToolCall(call.name, {k: _cast(v, _schema_types(properties.get(k))) if isinstance(v, str) and k in properties
+                                        else v for k, v in call.arguments.items()}, call.raw)
+        out.append(call)
+    return out
 
 
 def load_tools(specs: Sequence[Callable | str] | None) -> list[Callable]:
@@ -335,7 +437,7 @@ class Toolbox:
 
     async def _call(self, call: ToolCall | ToolCallError, tools: dict[str, Callable]) -> tuple[dict, bool]:
         if isinstance(call, ToolCallError):
-            return self._failure(call.name or "unknown", f"Malformed tool call: {call.error}")
+            return self._failure(call.name or "unknown", call.answer())
         tool = tools.get(call.name)
         if tool is None:
             return self._failure(call.name, f"Tool {call.name} not found.")  # TRL's wording
