@@ -16,7 +16,7 @@ from torch import Tensor
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import nash_md_loss
 from lit_align.methods.online_preference import OnlinePreferenceModule, per_epoch
-from lit_align.rollout.engines import Generations
+from lit_align.methods.tool_use import Sampler
 from lit_align.rollout.mixture import GeometricMixture
 from lit_align.rollout.types import Rollout
 
@@ -42,12 +42,12 @@ class NashMD(OnlinePreferenceModule):
     def current_mixture_coef(self) -> float:
         return per_epoch(self.mixture_coef, self.current_epoch if self._trainer is not None else 0)
 
-    def sample_batch(self, batch: PromptBatch) -> Generations:
-        mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
+    def second_sampler(self) -> Sampler:
+        """The geometric mixture of policy and reference (at this epoch's ``mixture_coef``); with tools it
+        continues its own samples after each tool result, as the policy does its own."""
         # the reference forward runs in its context (LoRA: the policy's base, adapters off)
         mixture = GeometricMixture(self.model, self.reference_model, self.current_mixture_coef, self.reference_context)
-        other = self.sample(mixture, batch.prompt_ids, batch.prompt_mask, policy=False)
-        return mine.cat(other, self.pad_token_id)
+        return lambda ids, mask, sampling: self.sample(mixture, ids, mask, policy=False, sampling=sampling)
 
     def first_wins(self, first: Tensor, second: Tensor) -> Tensor:
         return torch.sigmoid(first - second)  # TRL: P = sigmoid(score_model - score_mixture)

@@ -6,26 +6,19 @@ better; the DPO ``sigmoid`` or ``ipo`` loss on the pair against the reference (d
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import pair_dpo_loss
 from lit_align.methods.online_preference import OnlinePreferenceModule
-from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Rollout
 
 
 class OnlineDPO(OnlinePreferenceModule):
     """Online DPO on prompt-only data with a pairwise judge or reward functions."""
 
-    def sample_batch(self, batch: PromptBatch) -> Generations:
-        # Two samples per prompt in one call (rows 2i, 2i+1), reordered as E first then E second samples.
-        gens = self.sample(self.model, batch.prompt_ids, batch.prompt_mask, sampling=replace(self.sampling, num_generations=2))
-        order = torch.cat([torch.arange(0, len(gens), 2), torch.arange(1, len(gens), 2)]).to(gens.completion_ids.device)
-        return gens.select(order)
+    # Both samples of a pair are the policy's: the base's second_sampler (None), one call per prompt batch.
 
     def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:
         r: Rollout = batch.rollout

@@ -5,10 +5,18 @@ for OnlineDPO, the policy-reference geometric mixture for NashMD, the reference 
 pairwise judge (or reward functions / models) says which is better; the loss pulls the policy
 towards the preferred one against the frozen reference. The three share this base and the
 rollout machinery of GRPO/RLOO; their losses are in ``lit_align.losses.online_preference``.
+
+Multi-turn rollouts (``tools``, ``environment_factory``; :class:`~lit_align.methods.tool_use.ToolUse`):
+both samples of a pair go through the tool turns, each continued by the model that began it (the
+mixture for NashMD's second sample, the reference for XPO's), with the same tools, so the judge or
+reward functions compare two conversations drawn alike. They see the whole conversation (the tool
+turns too); the summed log-probs of the losses count the sampler's own tokens only (``loss_mask``
+is ``Generations.model_mask``), so a tool result never gets gradient, KL or log-prob mass.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +26,7 @@ from lit_align.data.formats import PromptBatch
 from lit_align.losses.advantages import weighted_rewards
 from lit_align.losses.online_preference import check_online_loss_type
 from lit_align.methods.online import OnlineModule
+from lit_align.methods.tool_use import Sampler, ToolUse
 from lit_align.rewards.judges import PairwiseJudge, check_judgement, load_judge
 from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Advantages, Rollout
@@ -30,12 +39,13 @@ def per_epoch(value: float | list[float], epoch: int) -> float:
     return float(value)
 
 
-class OnlinePreferenceModule(OnlineModule):
+class OnlinePreferenceModule(ToolUse, OnlineModule):
     """Base of OnlineDPO, NashMD and XPO (not used directly).
 
-    Rows of a rollout: the ``E`` first samples (the policy's), then the ``E`` second samples;
-    ``rollout.extras["preferences"]`` holds, per prompt, the probability that the first sample is
-    better (``rollout.advantages`` the same per sample: ``P`` for the first, ``1 - P`` for the second).
+    Rows of a rollout: the ``E`` first samples (the policy's), then the ``E`` second samples (from
+    ``second_sampler``); ``rollout.extras["preferences"]`` holds, per prompt, the probability that the
+    first sample is better (``rollout.advantages`` the same per sample: ``P`` for the first, ``1 - P``
+    for the second).
     """
 
     default_lr = 5e-7
@@ -79,6 +89,10 @@ class OnlinePreferenceModule(OnlineModule):
             reward_funcs = [*(reward_funcs or []), reward_model_path]
         super().__init__(*args, reward_funcs=reward_funcs, beta=betas[0], max_completion_length=max_new_tokens,
                          temperature=temperature, num_generations=1, **kwargs)
+        if judge is not None and self.environments is not None and self.environments.reward_funcs:
+            names = [f.__name__ for f in self.environments.reward_funcs]
+            raise ValueError(f"{type(self).__name__}: a judge ranks the pairs, so the environments' get_reward {names} would "
+                             "be ignored: rank with reward_funcs (the environments' rewards join them) or drop the judge")
         if (judge is None) == (not self.reward_funcs):
             raise ValueError(f"{type(self).__name__} needs exactly one of judge and reward_funcs to rank its samples")
         check_online_loss_type(loss_type)
@@ -98,6 +112,27 @@ class OnlinePreferenceModule(OnlineModule):
         return per_epoch(self.betas, self.current_epoch if self._trainer is not None else 0)
 
     # -- rollout ------------------------------------------------------------------------------------
+    def second_sampler(self) -> Sampler | None:
+        """Who draws the second sample of each pair; None: the policy again (OnlineDPO)."""
+        return None
+
+    def sample_batch(self, batch: PromptBatch) -> Generations:
+        """The ``E`` first samples, then the ``E`` second; with tools, each continued through the tool turns
+        by its own sampler."""
+        policy = self.policy_sampler()
+        other = self.second_sampler() or policy
+        ids, mask = batch.prompt_ids, batch.prompt_mask
+        if self.environments is not None:
+            gens = self.environment_turn(batch, [(policy, 1), (other, 1)])
+        elif other is policy:  # two samples per prompt in one call (rows 2i, 2i+1), reordered as E first then E second
+            gens = policy(ids, mask, replace(self.sampling, num_generations=2))
+            gens = gens.select(torch.cat([torch.arange(0, len(gens), 2), torch.arange(1, len(gens), 2)]).to(ids.device))
+        else:
+            gens = policy(ids, mask, self.sampling).cat(other(ids, mask, self.sampling), self.pad_token_id)
+        if self.toolbox is None:
+            return gens
+        return self.tool_turns(gens, [policy] * len(batch) + [other] * len(batch))
+
     @property
     def can_score(self) -> bool:
         return self.judge is not None or bool(self.reward_funcs)

@@ -12,6 +12,18 @@ Departures from TRL (docs/methods.md §14), for correctness: the score is added 
 completion token, not one position past it (TRL's ``sequence_length + 1`` puts it on a
 padding state the policy never acts from); ``objective/entropy`` and ``policy/approxkl_avg``
 average over completion tokens only (TRL's include padding filled with ``INVALID_LOGPROB``).
+
+Multi-turn rollouts (``tools``, ``environment_factory``; :class:`~lit_align.methods.tool_use.ToolUse`):
+a tool result's tokens are the environment's answer, not actions of the policy. They get no policy
+gradient, no value loss, no KL penalty and no reward (``loss_mask`` is ``Generations.model_mask``),
+and the per-token rewards and GAE run over the model's tokens only: those are moved to the front of
+each row (:mod:`lit_align.ops.model_tokens`), the score lands on the last of them, GAE and the
+whitening run there as on a single-turn completion, and the advantages and returns go back to their
+positions (0 on tool tokens). So the model token just before a tool result bootstraps from the
+critic's value at the first model token after it, a state whose context holds the tool result, and
+``gamma`` and ``lam`` discount once per model token, whatever the result's length. (GAE over every
+token with the tool tokens masked would instead bootstrap from the critic's values *at* tool tokens,
+which the value loss never trains, and discount by the length of the tool's text.)
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from lit_align.losses.policy import ppo_policy_loss, ppo_value_loss
 from lit_align.methods.manual import ManualSteps
 from lit_align.methods.metrics import reward_metrics
 from lit_align.methods.online import OnlineModule
+from lit_align.methods.tool_use import ToolUse
 from lit_align.models.heads import load_classifier
 from lit_align.ops.completions import (
     completion_hidden,
@@ -34,13 +47,15 @@ from lit_align.ops.completions import (
     completion_values,
     select_sequences,
 )
+from lit_align.ops.model_tokens import compact, expand, model_token_order
 from lit_align.rewards.model import RewardModelScorer
 from lit_align.rollout.engines import Generations
 from lit_align.rollout.types import Advantages, Rollout
 
 
-class PPO(ManualSteps, OnlineModule):
-    """Proximal Policy Optimization with a critic, a frozen reference and a reward model or functions."""
+class PPO(ToolUse, ManualSteps, OnlineModule):
+    """Proximal Policy Optimization with a critic, a frozen reference and a reward model or functions
+    (and tools or environments: multi-turn rollouts, see the module docstring)."""
 
     default_lr = 3e-6
     kl_weight_name = "kl_coef"
@@ -158,16 +173,19 @@ class PPO(ManualSteps, OnlineModule):
         return old
 
     def advantages(self, rollout: Rollout, rewards: Tensor) -> Advantages:
-        gens, mask, old = rollout.generations, rollout.loss_mask, rollout.old_logps
+        gens = rollout.generations
         scores = weighted_rewards(rewards, self.reward_weights).nan_to_num(0.0)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * gens.is_truncated.float()
-        ref = rollout.ref_logps if rollout.ref_logps is not None else old
+        ref = rollout.ref_logps if rollout.ref_logps is not None else rollout.old_logps
+        # The model's tokens first in each row (tool results are the environment's; see the module docstring).
+        order = model_token_order(rollout.loss_mask)
+        mask, old, ref, values = (compact(t, order) for t in (rollout.loss_mask, rollout.old_logps, ref, rollout.extras["values"]))
         token_rewards, kl = kl_penalised_rewards(scores, old, ref, mask, self.kl_coef, self.kl_estimator)
         # Whitening uses the global batch's statistics (TRL's, per device, differ under DDP).
         if self.whiten_rewards:
             token_rewards = masked_whiten(token_rewards, mask, shift_mean=False, total=self.global_sum) * mask
-        advantages, returns = gae(token_rewards, rollout.extras["values"], mask, self.gamma, self.lam)
+        advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
         advantages = masked_whiten(advantages, mask, total=self.global_sum) * mask
         all_rewards = self.gather(rewards)[0]
         metrics = {
@@ -179,7 +197,7 @@ class PPO(ManualSteps, OnlineModule):
             **reward_metrics(self.reward_names, all_rewards, weighted_rewards(all_rewards, self.reward_weights), None),
         }
         metrics["objective/rlhf_reward"] = metrics["objective/non_score_reward"] + metrics["objective/scores"]
-        return Advantages(advantages, scores, metrics, extras={"returns": returns})
+        return Advantages(expand(advantages, order), scores, metrics, extras={"returns": expand(returns, order)})
 
     # -- updates ------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:

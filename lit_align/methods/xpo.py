@@ -15,7 +15,8 @@ from torch import Tensor
 from lit_align.data.formats import PromptBatch
 from lit_align.losses.online_preference import xpo_loss
 from lit_align.methods.online_preference import OnlinePreferenceModule, per_epoch
-from lit_align.rollout.engines import Generations
+from lit_align.methods.tool_use import Sampler
+from lit_align.rollout.engines import Generations, SamplingParams
 from lit_align.rollout.types import Rollout
 
 
@@ -36,11 +37,15 @@ class XPO(OnlinePreferenceModule):
     def current_alpha(self) -> float:
         return per_epoch(self.alpha, self.current_epoch if self._trainer is not None else 0)
 
-    def sample_batch(self, batch: PromptBatch) -> Generations:
-        mine = self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
-        with self.reference_context():
-            theirs = self.sample(self.reference_model, batch.prompt_ids, batch.prompt_mask, policy=False)
-        return mine.cat(theirs, self.pad_token_id)
+    def second_sampler(self) -> Sampler:
+        """The frozen reference (in its context: a LoRA policy's base, adapters off); with tools it
+        continues its own samples after each tool result, as the policy does its own."""
+
+        def reference(ids: Tensor, mask: Tensor, sampling: SamplingParams) -> Generations:
+            with self.reference_context():
+                return self.sample(self.reference_model, ids, mask, policy=False, sampling=sampling)
+
+        return reference
 
     def shared_step(self, batch: PromptBatch, stage: str) -> Tensor:
         r: Rollout = batch.rollout
