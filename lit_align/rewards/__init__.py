@@ -1,6 +1,7 @@
 """Reward functions with TRL's signature ``f(prompts, completions, completion_ids, **columns) -> list[float]``."""
 
 from lit_align.rewards.arithmetic import arithmetic_format_reward, arithmetic_reward
+from lit_align.rewards.gsm8k import gsm8k_reward
 from lit_align.rewards.judges import OpenAIPairwiseJudge, PairwiseJudge, RewardJudge
 from lit_align.rewards.length import LengthPenalty, SoftOverlongPunishment
 from lit_align.rewards.model import RewardModelScorer
@@ -16,6 +17,7 @@ __all__ = [
     "arithmetic_format_reward",
     "arithmetic_reward",
     "compute_rewards",
+    "gsm8k_reward",
     "load_reward_func",
     "reward_name",
 ]
