@@ -1,9 +1,9 @@
-"""Regenerate ``builtin:tiny-sft``, the shipped warm start of the online configs.
+"""Regenerate the shipped warm starts: ``builtin:tiny-sft`` and ``builtin:tiny-tools``.
 
-``python -m lit_align.tiny_sft`` runs the recipe ``models/assets/tiny-sft.yaml`` through
-``lit-align fit`` (one torch thread, in a temporary directory) and writes the trained weights to
-``models/assets/tiny-sft.safetensors`` (float32, about 0.5 MB). The config of the model is
-``builtin:tiny``'s, so only the weights are stored.
+``python -m lit_align.tiny_sft [--model builtin:tiny-tools]`` runs the model's recipe
+(``models/assets/<name>.yaml``) through ``lit-align fit`` (one torch thread, in a temporary
+directory) and writes the trained weights to ``models/assets/<name>.safetensors`` (float32, about
+0.5 MB). The config of the model is ``builtin:tiny``'s, so only the weights are stored.
 
 Training on another CPU gives other weights of the same quality (floating-point reduction order
 differs between kernels); shipping the file makes every machine start the online methods from the
@@ -17,36 +17,49 @@ import os
 import tempfile
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "models" / "assets"
-RECIPE = ASSETS / "tiny-sft.yaml"
-WEIGHTS = ASSETS / "tiny-sft.safetensors"
+from lit_align.models.builtin import ASSETS, BUILTIN_WEIGHTS
+
+RECIPE = ASSETS / "tiny-sft.yaml"  # builtin:tiny-sft's
+WEIGHTS = BUILTIN_WEIGHTS["builtin:tiny-sft"]
 
 
-def regenerate(out: Path = WEIGHTS, overrides: list[str] = ()) -> Path:
-    """Train the recipe (with CLI ``overrides`` such as ``--trainer.max_steps=3``) and save its weights to ``out``."""
+def recipe(name: str) -> Path:
+    """The training recipe of a shipped builtin model."""
+    if name not in BUILTIN_WEIGHTS:
+        raise ValueError(f"{name!r} has no shipped weights; choose one of {', '.join(BUILTIN_WEIGHTS)}")
+    return ASSETS / f"{name.removeprefix('builtin:')}.yaml"
+
+
+def regenerate(out: Path = WEIGHTS, overrides: list[str] = (), name: str = "builtin:tiny-sft") -> Path:
+    """Train ``name``'s recipe (with CLI ``overrides`` such as ``--trainer.max_steps=3``) and save its
+    weights to ``out``."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from lit_align.cli import build_cli
 
+    path = recipe(name)
     torch.set_num_threads(1)
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         try:
-            build_cli(["fit", f"--config={RECIPE}", "--trainer.enable_progress_bar=false", *overrides])
+            build_cli(["fit", f"--config={path}", "--trainer.enable_progress_bar=false", *overrides])
         finally:
             os.chdir(cwd)
-        state = load_file(str(Path(tmp) / "runs/tiny-sft/hf_model/model.safetensors"))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"recipe": RECIPE.name})
+        # Each recipe's SaveHFModel writes to runs/<recipe name>/hf_model.
+        state = load_file(str(Path(tmp) / "runs" / path.stem / "hf_model/model.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"recipe": path.name})
     out.chmod(0o644)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to write the weights (default: the package's)")
-    print(f"wrote {regenerate(parser.parse_args().out)}")
+    parser.add_argument("--model", default="builtin:tiny-sft", choices=list(BUILTIN_WEIGHTS), help="which shipped model")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the weights (default: the package's)")
+    args = parser.parse_args()
+    print(f"wrote {regenerate(args.out or BUILTIN_WEIGHTS[args.model], name=args.model)}")
 
 
 if __name__ == "__main__":

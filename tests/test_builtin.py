@@ -480,3 +480,32 @@ def test_the_template_renders_tools_in_the_hermes_convention_and_plain_chats_as_
     out = tok.apply_chat_template(conv, tools=[schema], tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     marked = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
     assert marked == '<tool_call>{"name": "add", "arguments": {"a": 7, "b": 5}}</tool_call><|im_end|>Answer: 12<|im_end|>'
+
+
+def test_tiny_tools_calls_the_calculator_in_some_samples_and_rightly():
+    """builtin:tiny-tools, the warm start of configs/grpo_tools.yaml: greedy decoding works the sum out by
+    hand (the demonstrations' mode); sampling calls the calculator now and then, and a call it writes holds
+    the prompt's expression: the behaviour GRPO then reinforces from the reward."""
+    from lit_align.data.formats import collate_prompts
+    from lit_align.rollout.engines import HFEngine, SamplingParams
+    from lit_align.rollout.tools import parse_tool_calls
+
+    tok, model = builtin_tokenizer(), builtin_model("builtin:tiny-tools")
+    assert not torch.equal(model.lm_head.weight, builtin_model("builtin:tiny-sft").lm_head.weight)
+    rows = arithmetic_rows("prompt_only", "train", size=64, steps=1, max_operand=20, conversational=True, tools=True)
+    ids = [tok.apply_chat_template(r["prompt"], tools=r["tools"], add_generation_prompt=True, tokenize=True, return_dict=False)
+           for r in rows]
+    batch = collate_prompts([{"input_ids": [i], "prompt": r["prompt"]} for i, r in zip(ids, rows)], tok.pad_token_id)
+    expressions = [r["prompt"][0]["content"].removeprefix("Compute ").removesuffix(".") for r in rows]
+    rates = {}
+    for temperature in (0.0, 1.0):
+        engine = HFEngine(tok)
+        engine.generator = torch.Generator().manual_seed(0)
+        out = engine.generate(model, batch.prompt_ids, batch.prompt_mask,
+                              SamplingParams(max_completion_length=96, temperature=temperature, num_generations=4))
+        texts = tok.batch_decode([c[m.bool()] for c, m in zip(out.completion_ids, out.completion_mask)], skip_special_tokens=True)
+        calls = [parse_tool_calls(t).calls for t in texts]
+        made = [(c[0], expressions[k // 4]) for k, c in enumerate(calls) if c]
+        rates[temperature] = (len(made) / len(texts), sum(c.arguments.get("expression") == e for c, e in made) / max(len(made), 1))
+    (greedy_calls, _), (sampled_calls, right) = rates[0.0], rates[1.0]
+    assert greedy_calls <= 0.1 and 0.05 <= sampled_calls <= 0.4 and right >= 0.8, rates

@@ -5,7 +5,9 @@ downloaded, the tokenizer needs no files, and the weights come from a fixed seed
 runs start from the same model. ``builtin:tiny-sft`` is the same network after supervised
 fine-tuning on the arithmetic task, its weights shipped with the package
 (``assets/tiny-sft.safetensors``, made by :mod:`lit_align.tiny_sft`): the warm start of
-the online methods, the same on every machine.
+the online methods, the same on every machine. ``builtin:tiny-tools`` is its sibling fine-tuned
+on conversations that call a calculator tool (``assets/tiny-tools.safetensors``): the warm start
+of ``configs/grpo_tools.yaml``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ BUILTIN_MODELS: dict[str, dict] = {
     "builtin:tiny": _TINY,
     # builtin:tiny fine-tuned by lit_align/models/assets/tiny-sft.yaml (weights in BUILTIN_WEIGHTS).
     "builtin:tiny-sft": _TINY,
+    # builtin:tiny fine-tuned on calculator-tool conversations by lit_align/models/assets/tiny-tools.yaml.
+    "builtin:tiny-tools": _TINY,
     # A 32k LM head, for benchmarks where the logits/loss over a realistic vocabulary dominate.
     # The byte tokenizer only uses ids < 264; the other rows are never produced as inputs.
     "builtin:tiny-32k": {
@@ -95,7 +99,10 @@ BUILTIN_MODELS: dict[str, dict] = {
 
 # Builtin models whose weights are shipped (trained) instead of drawn from the seed.
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN_WEIGHTS: dict[str, Path] = {"builtin:tiny-sft": ASSETS / "tiny-sft.safetensors"}
+BUILTIN_WEIGHTS: dict[str, Path] = {
+    "builtin:tiny-sft": ASSETS / "tiny-sft.safetensors",
+    "builtin:tiny-tools": ASSETS / "tiny-tools.safetensors",
+}
 
 
 def is_builtin(name: str) -> bool:
@@ -167,7 +174,7 @@ def builtin_config(name: str = "builtin:tiny") -> LlamaConfig:
 
 def builtin_model(name: str = "builtin:tiny", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """A builtin Llama, identical on every call, in eval mode: freshly initialised from seed 0, or
-    with its shipped weights (``builtin:tiny-sft``).
+    with its shipped weights (``builtin:tiny-sft``, ``builtin:tiny-tools``).
 
     The global RNG state is left untouched. Weights are drawn (or loaded) in float32 and then
     cast, so every dtype holds the same weights up to rounding.
@@ -193,7 +200,7 @@ def _shipped_weights(name: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{name} needs its shipped weights {path}, which are missing from this installation; "
-            "regenerate them with: python -m lit_align.tiny_sft"
+            f"regenerate them with: python -m lit_align.tiny_sft --model {name}"
         )
     state = load_file(str(path))
     if "lm_head.weight" not in state:  # save_pretrained leaves tied weights out; builtin models untie them
