@@ -67,3 +67,31 @@ def test_a_dead_server_stops_the_run_with_a_clear_error(tmp_path):
     finally:
         server.kill()
         proc.kill()
+
+
+@pytest.mark.slow
+def test_tool_turns_through_the_server(tmp_path):
+    """configs/grpo_tools.yaml with its rollouts on a ``lit-align serve`` process: the server generates
+    every turn (the first and each continuation after a tool result), the calculator runs in the trainer."""
+    server, url = launch(["--model", "builtin:tiny-tools", "--host", "127.0.0.1", "--port", "0"], env=ENV, timeout=120)
+    config = CONFIG.with_name("grpo_tools.yaml")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lit_align.cli", "fit", f"--config={config}", "--trainer.enable_progress_bar=false",
+             "--trainer.limit_val_batches=0", "--trainer.max_steps=3", "--trainer.log_every_n_steps=1",
+             "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=logs",
+             "--model.init_args.use_vllm=true", "--model.init_args.vllm_mode=server",
+             f"--model.init_args.vllm_server_base_url={url}", f"--model.init_args.vllm_group_port={free_port()}"],
+            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert health(url)["weights_version"] == 3
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    (metrics,) = tmp_path.glob("logs/*/version_*/metrics.csv")
+    import csv
+
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/tools/call_frequency")]
+    calls = [float(r["train/tools/call_frequency"]) for r in rows]
+    assert len(calls) == 3 and sum(calls) > 0, calls  # the policy called the calculator, and the calls were answered
+    assert all(float(r["train/tools/failure_frequency"]) <= 0.5 for r in rows)
