@@ -126,13 +126,23 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         self._tokenizer = None
         self.num_tokens_seen = 0
         self.strict_loading = not self.frozen_submodules  # checkpoints hold no frozen weights
+        self.sharded_submodules: list[str] = []  # the FSDP2-sharded children (configure_model under ModelParallelStrategy)
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:  # Lightning may call it more than once
-            return
-        self.model = self.build_policy()
-        self.build_other_models()
+        if self.model is None:  # Lightning may call it more than once
+            self.model = self.build_policy()
+            self.build_other_models()
+        if self.device_mesh is not None and not self.sharded_submodules:  # ModelParallelStrategy: FSDP2
+            self.shard(self.device_mesh)
+
+    def shard(self, mesh) -> None:
+        """Shard the policy and the other models over ``mesh`` with FSDP2 (``lit_align.ops.sharding``):
+        Lightning's ``ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)``,
+        on GPUs or CPUs (gloo)."""
+        from lit_align.ops.sharding import shard_module
+
+        self.sharded_submodules = shard_module(self, mesh)
 
     def build_other_models(self) -> None:
         """The models besides the policy (a reference, a teacher, a critic), built once after it."""

@@ -10,6 +10,7 @@ import torch
 
 from lit_align.methods.sampling import Sampling
 from lit_align.ops.completions import last_completion_run, left_padded_prompts
+from lit_align.ops.sharding import full_parameters
 from lit_align.rollout.engines import SamplingParams
 
 
@@ -40,8 +41,14 @@ class GenerateDuringEval(Sampling):
     def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         super().on_validation_batch_end(outputs, batch, batch_idx, dataloader_idx)
         trainer = self.trainer
-        if not self.generate_during_eval or batch_idx or trainer.sanity_checking or not trainer.is_global_zero:
+        if not self.generate_during_eval or batch_idx or trainer.sanity_checking:
             return
+        with full_parameters(self.model):  # FSDP2: every rank gathers the weights together, rank 0 samples
+            if trainer.is_global_zero:
+                self.log_eval_samples(batch)
+
+    def log_eval_samples(self, batch: Any) -> None:
+        trainer = self.trainer
         loggers = self.wandb_loggers()
         if not loggers:
             return

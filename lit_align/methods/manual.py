@@ -27,13 +27,14 @@ class ManualSteps:
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        # sync_gradients all-reduces every gradient itself, which would add to a sharded strategy's
-        # own reduction: one device or DDP until sharded strategies are taught.
+        # sync_gradients all-reduces every gradient itself under DDP; FSDP2 (ModelParallelStrategy, the
+        # module's sharded_submodules) reduce-scatters them in each backward. Other sharded strategies
+        # would reduce them twice.
         strategy = self.trainer.strategy
-        if self.world_size > 1 and not isinstance(strategy.model, DistributedDataParallel):
+        if self.world_size > 1 and not isinstance(strategy.model, DistributedDataParallel) and not self.sharded_submodules:
             raise ValueError(
-                f"{type(self).__name__} runs on one device or under DDP (strategy='ddp'), not {type(strategy).__name__}: it syncs "
-                "the gradients of its several optimizer steps per rollout itself"
+                f"{type(self).__name__} runs on one device, under DDP (strategy='ddp') or sharded by ModelParallelStrategy, "
+                f"not {type(strategy).__name__}: it syncs the gradients of its several optimizer steps per rollout itself"
             )
 
     def no_gradient_sync(self):
@@ -43,7 +44,7 @@ class ManualSteps:
         return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext()
 
     def sync_gradients(self) -> None:
-        if self.world_size == 1:
+        if self.world_size == 1 or self.sharded_submodules:  # FSDP2 has reduce-scattered them in backward
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])

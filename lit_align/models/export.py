@@ -14,16 +14,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lit_align.ops.sharding import full_state_dict, is_sharded
 
 
-def save_hf_model(model: torch.nn.Module, tokenizer, dirpath: str | os.PathLike, merge_lora: bool = True) -> Path:
-    """Save ``model`` (a transformers model, or a PEFT model) and ``tokenizer`` to ``dirpath``."""
+def save_hf_model(model: torch.nn.Module, tokenizer, dirpath: str | os.PathLike, merge_lora: bool = True,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save ``model`` (a transformers model, or a PEFT model) and ``tokenizer`` to ``dirpath``;
+    ``state_dict``: the weights to write instead of the model's own (an FSDP2-sharded model's,
+    gathered whole by :func:`~lit_align.ops.sharding.full_state_dict`)."""
     path = Path(dirpath)
     path.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload") and merge_lora:
         model = copy.deepcopy(model).cpu().merge_and_unload()
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({} if state_dict is None else {"state_dict": state_dict}))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -50,18 +55,26 @@ class SaveHFModel(L.Callback):
         if stage == "fit" and trainer.is_global_zero:  # before the model loads, not after training
             check_writable(self._dirpath(trainer), "SaveHFModel's dirpath")
 
-    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str) -> None:
-        self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora)
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str, state_dict=None) -> None:
+        self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora, state_dict)
         rank_zero_info(f"{what} {self.saved_to}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # FSDP2 (ModelParallelStrategy): every rank gathers the shards, rank 0 writes the whole weights.
+        state = full_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
         if trainer.is_global_zero:
-            self.export(trainer, pl_module, "Saved the policy as a Hugging Face model directory:")
+            self.export(trainer, pl_module, "Saved the policy as a Hugging Face model directory:", state)
         trainer.strategy.barrier("lit_align_save_hf_model")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Ctrl-C or SIGTERM: the weights trained so far are exported (rank 0 holds them under DDP).
+        # Ctrl-C or SIGTERM: the weights trained so far are exported (rank 0 holds them under DDP). Sharded
+        # weights would need every rank to gather them, which an interrupted run cannot count on; the
+        # checkpoint that SaveOnInterrupt writes holds them.
         if is_interrupt(exception) and trainer.global_step > 0 and trainer.is_global_zero:
+            if is_sharded(pl_module.model):
+                rank_zero_warn("Interrupted: the policy is sharded (FSDP2), so SaveHFModel writes no Hugging Face directory; "
+                               "the interrupt checkpoint holds its weights")
+                return
             self.export(trainer, pl_module, f"Interrupted at step {trainer.global_step}: saved the policy so far to")
 
 

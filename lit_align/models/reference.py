@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lit_align.models.loading import load_causal_lm
+from lit_align.ops.sharding import fsdp_units
 
 
 def frozen_copy(name_or_path: str, dtype: str, attn_implementation: str | None, **kwargs: Any) -> nn.Module:
@@ -37,6 +38,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def mix_into(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
     """TR-DPO (Gorbatovski et al. 2024): ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter."""
+    for unit in fsdp_units(reference) + fsdp_units(policy):  # FSDP2: both as shards (a forward may have left them whole)
+        unit.reshard()
     for ref_p, pol_p in zip(reference.parameters(), policy.parameters(), strict=True):
         ref_p.mul_(1.0 - alpha).add_(pol_p.detach().to(ref_p.dtype), alpha=alpha)
 

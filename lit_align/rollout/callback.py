@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning as L
 
+from lit_align.ops.sharding import full_parameters
 from lit_align.ops.state import all_ranks, own
 from lit_align.rollout.engines import GenerationEngine
 from lit_align.rollout.types import Rollout
@@ -97,8 +98,9 @@ class RolloutCallback(L.Callback):
             self._buffer = [Rollout.from_state_dict(s, pl_module.device) for s in self._pending]
             self._pending = None
         if self._buffer is None or self._served >= reuse:
-            self._sync(trainer, pl_module)
-            rollout = pl_module.make_rollout(batch, "train")
+            with full_parameters(pl_module):  # FSDP2: weights whole for the rollout (ranks may decode unevenly)
+                self._sync(trainer, pl_module)
+                rollout = pl_module.make_rollout(batch, "train")
             self._buffer = pl_module.split_rollout(rollout, parts) if parts > 1 else [rollout]
             self._served = 0
             every = self.log_completions_every_n_steps
@@ -110,8 +112,9 @@ class RolloutCallback(L.Callback):
         self._served += 1
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._sync(trainer, pl_module)
-        batch.rollout = pl_module.make_rollout(batch, "val")
+        with full_parameters(pl_module):
+            self._sync(trainer, pl_module)
+            batch.rollout = pl_module.make_rollout(batch, "val")
 
     def _sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The policy's weights into the engine, if an optimizer step moved them since the last push."""

@@ -152,12 +152,16 @@ def right_pad(rows: list[list[int]], pad_token_id: int, width: int | None = None
 
 @contextlib.contextmanager
 def generation_mode(model: nn.Module) -> Iterator[None]:
-    """No gradient checkpointing (it would disable the KV cache) for the duration of a generate call."""
+    """No gradient checkpointing (it would disable the KV cache) for the duration of a generate call,
+    and an FSDP2-sharded model's weights gathered whole (``lit_align.ops.sharding.full_parameters``:
+    a no-op inside a rollout, which gathers them for all of its generate calls)."""
+    from lit_align.ops.sharding import full_parameters
+
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if checkpointing:
         model.gradient_checkpointing_disable()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), full_parameters(model):
             yield
     finally:
         if checkpointing:
