@@ -24,6 +24,22 @@ def tokenizer():
     return builtin_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def gkd_teacher(tmp_path_factory):
+    """A teacher directory for GKD's multi-process runs: builtin:tiny with seeded noise, unlike the student."""
+    from lit_align.models.builtin import builtin_model
+
+    path = tmp_path_factory.mktemp("teacher")
+    teacher = builtin_model("builtin:tiny")
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    teacher.save_pretrained(path)
+    builtin_tokenizer().save_pretrained(path)
+    return path
+
+
 # The environment a learning test runs in. A learning test is a claim about a method, so it must
 # hold on any x86 CPU: benchmarks/learning_matrix.py runs every test marked ``learning`` under
 # ATEN_CPU_CAPABILITY=default|avx2|avx512, 1 and 2 threads and 3 seeds through these variables

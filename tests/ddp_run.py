@@ -75,10 +75,12 @@ class Record(L.Callback):
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
 
-def run(method: str, devices: int, out: str) -> None:
-    L.seed_everything(0)
+def build(method: str, devices: int, out: str, methods: dict = METHODS, offline: dict | None = None):
+    """The module, DataModule and callbacks of ``method`` (its settings above; ``offline``: extra arguments
+    of the offline methods), each rank's batch a ``devices``-th of the global one. tests/sharded_run.py
+    builds its runs here too."""
     global_batch = 8
-    module_cls, data_cls = METHODS[method]
+    module_cls, data_cls = methods[method]
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0)  # noqa: E731
     callbacks = [Record()]
     dataset = "builtin:arithmetic?size=32"
@@ -100,12 +102,21 @@ def run(method: str, devices: int, out: str) -> None:
             callbacks.append(RolloutCallback(engine=ScriptedEngine(builtin_tokenizer())))
     elif method == "gkd":  # distillation on the data (lmbda=0), from a teacher the test wrote
         module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.0, optimizer=optimizer)
+    elif method == "gkd_sampled":  # every batch sampled in training_step: half the student's, half the teacher's (seq_kd)
+        module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.5, seq_kd=True,
+                            max_new_tokens=12, optimizer=optimizer)
     else:
-        module = module_cls(optimizer=optimizer)
+        module = module_cls(optimizer=optimizer, **(offline or {}).get(method, {}))
     if method == "sft_stream":
         data = data_cls(dataset, batch_size=global_batch // devices, streaming=True, shuffle_buffer_size=8)
     else:
         data = data_cls(dataset, batch_size=global_batch // devices, shuffle=False, group_by_length=False)
+    return module, data, callbacks
+
+
+def run(method: str, devices: int, out: str) -> None:
+    L.seed_everything(0)
+    module, data, callbacks = build(method, devices, out)
     record = callbacks[0]
     max_steps = 4 if method == "ppo" else 2  # PPO: two rollouts of two epochs
     trainer = L.Trainer(

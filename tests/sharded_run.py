@@ -20,12 +20,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from ddp_run import METHODS, ONLINE, Record  # noqa: E402  (tests/ is this script's directory)
+from ddp_run import METHODS, Record, build  # noqa: E402  (tests/ is this script's directory)
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from scripted_engine import TOOL_TEMPLATE, ScriptedEngine, ToolCaller  # noqa: E402
 
-from lit_align import PreferenceDataModule, RewardModel, RolloutCallback  # noqa: E402
-from lit_align.models.builtin import builtin_tokenizer  # noqa: E402
+from lit_align import PreferenceDataModule, RewardModel  # noqa: E402
 from lit_align.models.export import SaveHFModel  # noqa: E402
 from lit_align.ops.sharding import full_state_dict, is_sharded  # noqa: E402
 
@@ -69,37 +67,9 @@ def run(method: str, devices: int, out: str) -> None:
     if method.startswith("resume_"):
         return resume(method.removeprefix("resume_"), devices, os.path.dirname(out))
     L.seed_everything(0)
-    module_cls, data_cls = METHODS[method]
-    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0)  # noqa: E731
-    callbacks = [Record()]
-    dataset, global_batch = "builtin:arithmetic?size=32", 8
-    if method in ONLINE:
-        length = {"max_new_tokens" if method == "online_dpo" else "max_completion_length": 16}
-        if method == "grpo_tools":  # a template that renders tools, and room for the tool turn and the answer
-            template = os.path.join(os.path.dirname(out), "tools.jinja")
-            with open(template, "w") as f:
-                f.write(TOOL_TEMPLATE)
-            length = {"max_completion_length": 160, "chat_template_path": template}
-        module = module_cls(reward_funcs=["arithmetic_reward"], optimizer=optimizer, **length, **ONLINE[method])
-        dataset = "builtin:arithmetic?size=32&steps=1&max_operand=9" + ("&conversational=true" if method == "grpo_tools" else "")
-        global_batch = {"ppo": 8, "online_dpo": 4}.get(method, 16)  # online_dpo: prompts
-        if method == "grpo_tools":
-            callbacks.append(RolloutCallback(engine=ToolCaller()))
-        elif method != "grpo_sampled":
-            callbacks.append(RolloutCallback(engine=ScriptedEngine(builtin_tokenizer())))
-    elif method == "gkd":  # distillation on the data (lmbda=0), from a teacher the test wrote
-        module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.0, optimizer=optimizer)
-    elif method == "gkd_sampled":  # every batch sampled in training_step: half the student's, half the teacher's (seq_kd)
-        module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.5, seq_kd=True,
-                            max_new_tokens=12, optimizer=optimizer)
-    else:
-        module = module_cls(optimizer=optimizer, **OFFLINE.get(method, {}))
+    module, data, callbacks = build(method, devices, out, METHODS, OFFLINE)
     if method == "sft":  # the policy written as one Hugging Face directory, from the shards when sharded
         callbacks.append(SaveHFModel(os.path.join(os.path.dirname(out), "hf_sft")))
-    if method == "sft_stream":
-        data = data_cls(dataset, batch_size=global_batch // devices, streaming=True, shuffle_buffer_size=8)
-    else:
-        data = data_cls(dataset, batch_size=global_batch // devices, shuffle=False, group_by_length=False)
     strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=4 if method == "ppo" else 2,

@@ -21,20 +21,11 @@ METHODS = ["sft", "sft_stream", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, gkd_teacher):
     """Every method on one process and on two: two launches in all (a process start and a process
     group cost more than two steps of a tiny model), the one-process run beside the two-process one."""
-    from lit_align.models.builtin import builtin_model, builtin_tokenizer
-
     tmp = tmp_path_factory.mktemp("ddp")
-    teacher = builtin_model("builtin:tiny")  # for GKD: builtin:tiny with seeded noise, unlike the student
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    teacher.save_pretrained(tmp / "teacher")
-    builtin_tokenizer().save_pretrained(tmp / "teacher")
-    env = dict(os.environ, LIT_ALIGN_TEST_TEACHER=str(tmp / "teacher"))
+    env = dict(os.environ, LIT_ALIGN_TEST_TEACHER=str(gkd_teacher))
     launches = {
         devices: subprocess.Popen([sys.executable, str(SCRIPT), ",".join(methods), str(devices), str(tmp / str(devices))],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

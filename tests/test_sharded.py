@@ -32,19 +32,10 @@ LOOSER = {"reward": dict(atol=1e-4, rtol=1e-3)}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, gkd_teacher):
     """Every method on one process and on two sharded ones: two launches side by side."""
-    from lit_align.models.builtin import builtin_model, builtin_tokenizer
-
     tmp = tmp_path_factory.mktemp("sharded")
-    teacher = builtin_model("builtin:tiny")  # for GKD: builtin:tiny with seeded noise, unlike the student
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(0)
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    teacher.save_pretrained(tmp / "teacher")
-    builtin_tokenizer().save_pretrained(tmp / "teacher")
-    env = dict(os.environ, LIT_ALIGN_TEST_TEACHER=str(tmp / "teacher"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, LIT_ALIGN_TEST_TEACHER=str(gkd_teacher), OMP_NUM_THREADS="1")
     methods = [*METHODS, "resume_dpo"]
     launches = {
         devices: subprocess.Popen([sys.executable, str(SCRIPT), ",".join(names), str(devices), str(tmp / str(devices))],
