@@ -77,6 +77,7 @@ class ToolUse:
             self.reward_funcs += self.environments.reward_funcs
             self.reward_weights = torch.cat([self.reward_weights, torch.ones(len(self.environments.reward_funcs))])
         self._row_tools: list[list] | None = None  # this rollout's environment methods, per completion
+        self._row_schemas: list[list[dict]] | None = None  # the tool schemas each completion's prompt shows
         self._conversations: list[list[dict]] | None = None  # this rollout's messages, per completion
         self._row_environments: list | None = None
         self.max_tool_calling_iterations = max_tool_calling_iterations
@@ -124,7 +125,7 @@ class ToolUse:
         rows = [row for _, n in sources for row in prompts for _ in range(n)]
         samplers = [sampler for sampler, n in sources for _ in range(len(prompts) * n)]
         envs = self.environments.draw(self.environments.names(len(rows), [r.get("environment") for r in rows]))
-        ids, self._row_tools, self._row_environments = [], [], envs
+        ids, self._row_tools, self._row_schemas, self._row_environments = [], [], [], envs
         for row, env in zip(rows, envs):
             kwargs = {k: v for k, v in row.items() if k != "environment"} if self.environments.multi else row
             observation, prompt = env.reset(**kwargs), row["prompt"]
@@ -133,7 +134,8 @@ class ToolUse:
                           else [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] + observation}])
             methods = environment_methods(env)
             self._row_tools.append(methods)
-            schemas = tool_schemas([*self.toolbox.tools.values(), *methods])
+            schemas = [*self.toolbox.schemas, *tool_schemas(methods)]
+            self._row_schemas.append(schemas)
             ids.append(render_prompt(self.tokenizer, prompt, {"tools": schemas or None, "chat_template_kwargs": {
                 **self.template_kwargs(), **(row.get("chat_template_kwargs") or {})}}))
         return self.sample_rows(ids, samplers, self.sampling, batch.prompt_ids.device)
@@ -244,8 +246,7 @@ class ToolUse:
 
     def row_schemas(self, i: int) -> list[dict]:
         """The tool schemas row ``i``'s prompt was rendered with (the module's tools and its environment's)."""
-        extra = tool_schemas(self._row_tools[i]) if self._row_tools is not None else []
-        return [*self.toolbox.schemas, *extra]
+        return self._row_schemas[i] if self._row_schemas is not None else self.toolbox.schemas
 
     def max_model_length(self) -> int:
         """The longest sequence the engine accepts (vLLM's max_model_len, else the model's positions)."""
