@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers.utils import get_json_schema
 
-from lit_align.rollout import tools as tools_module
+from lit_align.rollout import tool_calls as tools_module  # the format registry lives there
 from lit_align.rollout.tools import (
     CALL_FREQUENCY,
     FAILURE_FREQUENCY,

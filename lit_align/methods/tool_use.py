@@ -34,7 +34,8 @@ from lit_align.data.tokenize import render_prompt
 from lit_align.ops.packing import left_pad
 from lit_align.rollout.engines import Generations, SamplingParams, eos_ids, right_pad
 from lit_align.rollout.environments import Environments, environment_methods
-from lit_align.rollout.tools import Toolbox, detect_tool_format, parse_tool_calls, tool_metrics, tool_schemas
+from lit_align.rollout.tool_calls import detect_tool_format, parse_tool_calls
+from lit_align.rollout.tools import Toolbox, tool_metrics, tool_schemas
 from lit_align.rollout.types import Rollout
 
 Sampler = Callable[[Tensor, Tensor, SamplingParams], Generations]
