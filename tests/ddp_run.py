@@ -20,19 +20,25 @@ from scripted_engine import TOOL_TEMPLATE, ScriptedEngine, ToolCaller, add  # no
 
 from lit_align import (  # noqa: E402
     BCO,
+    CPO,
     DPO,
     GKD,
     GRPO,
     KTO,
+    ORPO,
     PPO,
+    PRM,
     RLOO,
     SFT,
+    XPO,
     LanguageModelingDataModule,
+    NashMD,
     OnlineDPO,
     PreferenceDataModule,
     PromptCompletionDataModule,
     PromptOnlyDataModule,
     RolloutCallback,
+    StepwiseDataModule,
     UnpairedPreferenceDataModule,
 )
 from lit_align.models.builtin import builtin_tokenizer  # noqa: E402
@@ -51,6 +57,11 @@ METHODS = {
     "grpo_tools": (GRPO, PromptOnlyDataModule),  # multi-turn rollouts with a tool
     "gkd": (GKD, PromptCompletionDataModule),
     "online_dpo": (OnlineDPO, PromptOnlyDataModule),
+    "nash_md": (NashMD, PromptOnlyDataModule),
+    "xpo": (XPO, PromptOnlyDataModule),
+    "cpo": (CPO, PreferenceDataModule),
+    "orpo": (ORPO, PreferenceDataModule),
+    "prm": (PRM, StepwiseDataModule),
 }
 # Online methods: global batch statistics on (batch scaling, the KL, whitening) and a scripted engine,
 # so one and two processes see the same completions; grpo_sampled samples with the real engine
@@ -63,7 +74,10 @@ ONLINE = {
     "grpo_spg": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo"},
     "grpo_tools": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo", "tools": [add]},
     "online_dpo": {"beta": 0.1, "missing_eos_penalty": 1.0},
+    "nash_md": {"beta": 0.1, "mixture_coef": 0.5},
+    "xpo": {"beta": 0.1, "alpha": 0.1},
 }
+PAIRED = ("online_dpo", "nash_md", "xpo")  # two samples per prompt, max_new_tokens (TRL's name for these methods)
 
 
 class Record(L.Callback):
@@ -85,7 +99,7 @@ def build(method: str, devices: int, out: str, methods: dict = METHODS, offline:
     callbacks = [Record()]
     dataset = "builtin:arithmetic?size=32"
     if method in ONLINE:
-        length = {"max_new_tokens" if method == "online_dpo" else "max_completion_length": 16}
+        length = {"max_new_tokens" if method in PAIRED else "max_completion_length": 16}
         if method == "grpo_tools":  # a template that renders tools, and room for the tool turn and the answer
             template = os.path.join(os.path.dirname(out), "tools.jinja")
             with open(template, "w") as f:
@@ -95,7 +109,7 @@ def build(method: str, devices: int, out: str, methods: dict = METHODS, offline:
         dataset = "builtin:arithmetic?size=32&steps=1&max_operand=9"
         if method == "grpo_tools":
             dataset += "&conversational=true"
-        global_batch = {"ppo": 8, "online_dpo": 4}.get(method, 16)  # online_dpo: prompts
+        global_batch = {"ppo": 8, **dict.fromkeys(PAIRED, 4)}.get(method, 16)  # paired methods: prompts
         if method == "grpo_tools":
             callbacks.append(RolloutCallback(engine=ToolCaller()))
         elif method != "grpo_sampled":

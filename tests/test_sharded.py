@@ -3,12 +3,14 @@ over gloo, each method's models sharded by ``AlignModule.configure_model``
 (:mod:`lit_align.ops.sharding`), gives the same losses, metrics and weights as one unsharded process
 on the same global batch: SFT, DPO (a sharded frozen reference), GRPO, KTO, the reward model (a
 score head), GKD (a sharded teacher), PPO (manual optimisation, a value head, gradient clipping),
-RLOO, BCO, Online DPO, GRPO with multi-turn tool rollouts and TR-DPO (the sharded policy mixed into
-the sharded reference).
+RLOO, BCO, Online DPO, Nash-MD and XPO (pairs scored against the sharded reference), CPO and ORPO
+(their NLL a token mean over both ranks), the PRM (a token-classification head), GRPO with
+multi-turn tool rollouts and TR-DPO (the sharded policy mixed into the sharded reference).
 Also: the sharded checkpoint (a folder of shards, the frozen reference left out) resumes exactly;
 SaveHFModel writes one loadable Hugging Face directory from the shards; generation on sharded
 weights keeps ranks that decode different lengths, or call generate a different number of times, from
-waiting on each other, and equals an unsharded model's.
+waiting on each other, and equals an unsharded model's. (A sharded policy's weight pushes to a
+``lit-align serve`` process: tests/test_server_fit.py.)
 
 Lightning's other sharded strategies do not run on CPU: ``FSDPStrategy`` (FSDP1) and
 ``DeepSpeedStrategy`` refuse a non-CUDA accelerator (see the README)."""
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
-METHODS = ["sft", "dpo", "grpo", "kto", "reward", "gkd", "ppo", "rloo", "bco", "online_dpo", "grpo_tools", "dpo_sync"]
+METHODS = ["sft", "dpo", "grpo", "kto", "reward", "gkd", "ppo", "rloo", "bco", "online_dpo", "nash_md", "xpo", "cpo", "orpo",
+           "prm", "grpo_tools", "dpo_sync"]
 SAMPLED = ["grpo_sampled", "gkd_sampled"]  # the HF engine on sharded weights: two processes only, each its own samples
 # Adam at lr 1e-2 turns the float rounding of a two-way split batch into weight differences of a few
 # 1e-5 for the reward model (the same under DDP); the rest agree to test_ddp's tolerances.

@@ -68,6 +68,10 @@ class CPO(GenerateDuringEval, AlignModule):
     def shared_step(self, batch: SequenceBatch, stage: str) -> Tensor:
         policy = sequence_logps(self.model, batch, with_extras=True, chunk_size=self.chunk_size)
         e = batch.num_examples
-        loss, metrics = cpo_loss(policy.logps[:e], policy.logps[e:], policy.lengths[:e], policy.lengths[e:], cfg=self.loss_config)
+        chosen_nll = None
+        if self.loss_config.cpo_alpha != 0:  # the token mean over every device's chosen completions, not this device's
+            chosen_nll = self.global_token_mean(-policy.logps[:e].sum(), self.global_sum(policy.lengths[:e].sum()))
+        loss, metrics = cpo_loss(policy.logps[:e], policy.logps[e:], policy.lengths[:e], policy.lengths[e:],
+                                 cfg=self.loss_config, chosen_nll=chosen_nll)
         self.log_metrics(preference_metrics(self, policy, batch, stage, {"loss": loss, **metrics}), stage, e)
         return loss

@@ -44,7 +44,8 @@ class ORPO(GenerateDuringEval, AlignModule):
         e = batch.num_examples
         chosen_tokens = (batch.sequence_ids >= 0) & (batch.sequence_ids < e)  # (R, T) whole chosen sequences
         policy = sequence_logps(self.model, batch, with_extras=True, nll_mask=chosen_tokens, chunk_size=self.chunk_size)
-        nll = -policy.nll_logps.sum() / policy.nll_lengths.sum().clamp(min=1)
+        # the token mean over every device's chosen sequences (one process and N step alike), not this device's
+        nll = self.global_token_mean(-policy.nll_logps.sum(), self.global_sum(policy.nll_lengths.sum()))
         loss, metrics = orpo_loss(
             policy.logps[:e], policy.logps[e:], policy.lengths[:e], policy.lengths[e:], nll, beta=self.beta
         )
