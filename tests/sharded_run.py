@@ -4,12 +4,15 @@
 
     python tests/sharded_run.py METHOD[,METHOD...] DEVICES OUT_DIR
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/sharded_run.py generate 2 OUT_DIR
+    LIT_ALIGN_TEST_SERVER=URL LIT_ALIGN_TEST_GROUP_PORT=PORT python tests/sharded_run.py grpo_server 2 OUT_DIR
 
 Launched by tests/test_sharded.py as a plain script (the strategy re-executes ``sys.argv`` for the
 second rank). The methods and their settings are tests/ddp_run.py's, plus ``reward`` and
 ``resume_<method>`` (four steps straight and resumed from the step-2 checkpoint). ``generate`` (under torchrun)
 samples greedily from a sharded policy and reference, each rank its own prompts, lengths and number
 of calls, and writes each rank's completions beside an unsharded copy's (``generate_<rank>.json``).
+``grpo_server`` (tests/test_server_fit.py) trains GRPO on a ``lit-align serve`` process's samples and
+writes the weights rank 0 pushed to it and the policy's gathered weights (``grpo_server.pt``).
 """
 
 import json
@@ -87,6 +90,57 @@ def run(method: str, devices: int, out: str) -> None:
                        "metrics": record.metrics, "weights": weights}, f)
 
 
+def grpo_server(devices: int, out_dir: str) -> None:
+    """GRPO for two steps, sampled by the ``lit-align serve`` process at ``$LIT_ALIGN_TEST_SERVER``
+    (``vllm_mode="server"``; its weight-sync group on ``$LIT_ALIGN_TEST_GROUP_PORT``), its weights pushed
+    before each rollout, and the final weights pushed after the run (``engine.sync_weights`` called on
+    every rank, outside a rollout). Rank 0 writes every push (the tensors it broadcast) and the policy's
+    weights gathered whole (``full_state_dict``) at each push."""
+    from lit_align import GRPO, PromptOnlyDataModule
+    from lit_align.rollout.server_engine import ServerEngine
+
+    pushes, push = [], ServerEngine._push
+
+    def recording_push(self, named):  # what rank 0 broadcasts to the server, as it sends it
+        pushes.append({name: t.detach().clone() for name, t in named})
+        return push(self, named)
+
+    ServerEngine._push = recording_push
+
+    class Gathered(L.Callback):
+        """A trainer callback: runs before the module's RolloutCallback, which pushes the weights."""
+
+        def __init__(self):
+            self.states = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.states.append({k: v.clone() for k, v in full_state_dict(pl_module.model).items()})  # a collective
+
+    def mean_token_id(completion_ids, **kwargs):  # spread within every group, whatever the untrained model samples
+        return [sum(ids) / max(len(ids), 1) for ids in completion_ids]
+
+    L.seed_everything(0)
+    module = GRPO(reward_funcs=[mean_token_id], num_generations=4, beta=0.04, max_completion_length=8,
+                  use_vllm=True, vllm_mode="server", vllm_server_base_url=os.environ["LIT_ALIGN_TEST_SERVER"],
+                  vllm_group_port=int(os.environ["LIT_ALIGN_TEST_GROUP_PORT"]), vllm_server_timeout=60,
+                  optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
+    data = PromptOnlyDataModule("builtin:arithmetic?size=16&steps=1&max_operand=9", batch_size=16 // devices, shuffle=False)
+    record, gathered = Record(), Gathered()
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=[record, gathered],
+    )
+    trainer.fit(module, data)
+    sharded = is_sharded(module.model)
+    module.engine.sync_weights(module.model)  # the final weights, from the sharded policy outside any rollout
+    gathered.states.append({k: v.clone() for k, v in full_state_dict(module.model).items()})
+    module.engine.close()
+    if trainer.is_global_zero:
+        torch.save({"world_size": trainer.world_size, "sharded": sharded, "losses": record.losses, "pushes": pushes,
+                    "states": gathered.states}, os.path.join(out_dir, "grpo_server.pt"))
+
+
 def generate(out_dir: str) -> None:
     """Greedy completions of a sharded model equal an unsharded copy's, although each rank decodes its
     own number of tokens (its prompts, its ``max_completion_length``) and, inside one gather
@@ -132,6 +186,8 @@ def main(methods: str, devices: int, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     if methods == "generate":
         return generate(out_dir)
+    if methods == "grpo_server":
+        return grpo_server(devices, out_dir)
     for method in methods.split(","):
         run(method, devices, os.path.join(out_dir, f"{method}.json"))
 

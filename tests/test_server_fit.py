@@ -1,6 +1,7 @@
 """``lit-align fit`` against a ``lit-align serve`` process: two trainer ranks share one server, and
-a server that dies stops the run with an error naming it, within its timeout.
-(``configs/grpo_server.yaml`` as shipped runs in ``tests/test_cli.py``.)"""
+a server that dies stops the run with an error naming it, within its timeout; a policy sharded over
+two processes (FSDP2) pushes its whole weights. (``configs/grpo_server.yaml`` as shipped runs in
+``tests/test_cli.py``.)"""
 
 from __future__ import annotations
 
@@ -95,3 +96,61 @@ def test_tool_turns_through_the_server(tmp_path):
     calls = [float(r["train/tools/call_frequency"]) for r in rows]
     assert len(calls) == 3 and sum(calls) > 0, calls  # the policy called the calculator, and the calls were answered
     assert all(float(r["train/tools/failure_frequency"]) <= 0.5 for r in rows)
+
+
+@pytest.mark.slow
+def test_sharded_policy_pushes_its_whole_weights(tmp_path):
+    """GRPO on two FSDP2 processes (``ModelParallelStrategy(data_parallel_size=2)``, tests/sharded_run.py)
+    sampled by a ``lit-align serve`` process: before each rollout, and once after the run from outside
+    any rollout, rank 0 broadcasts every tensor whole, equal to the policy's weights gathered from the
+    shards; the server then samples with the trainer's final weights (its log-probs are theirs, not
+    those of the weights it started with)."""
+    import torch
+
+    from lit_align.models.builtin import builtin_model, builtin_tokenizer
+    from lit_align.rollout.engines import SamplingParams
+    from lit_align.rollout.server_engine import ServerEngine
+
+    port = free_port()  # the trainers start beside the server (they wait for it): the two start-ups overlap
+    env = {**ENV, "OMP_NUM_THREADS": "1", "LIT_ALIGN_TEST_SERVER": f"http://127.0.0.1:{port}",
+           "LIT_ALIGN_TEST_GROUP_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sharded_run.py")), "grpo_server", "2", str(tmp_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        server, url = launch(["--model", "builtin:tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"],
+                             env=ENV, timeout=120)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert health(url)["weights_version"] == 3  # before each of the two rollouts and after the run, once (rank 0)
+        run = torch.load(tmp_path / "grpo_server.pt")
+        assert run["world_size"] == 2 and run["sharded"] and len(run["losses"]) == 2
+        assert len(run["pushes"]) == len(run["states"]) == 3
+        names = {name for name, _ in builtin_model("builtin:tiny").named_parameters()}
+        for pushed, state in zip(run["pushes"], run["states"]):
+            assert pushed.keys() == names  # every parameter, at its full shape: gathered from the shards
+            for name, tensor in pushed.items():
+                assert torch.equal(tensor, state[name]), name
+        for before, after in zip(run["pushes"], run["pushes"][1:]):  # a training step apart
+            assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+        tok = builtin_tokenizer()
+        ids = torch.tensor([tok("12+7=", add_special_tokens=False)["input_ids"]])
+        engine = ServerEngine(base_url=url, tokenizer=tok, group_port=free_port(), connection_timeout=30.0)
+        policy, start = builtin_model("builtin:tiny"), builtin_model("builtin:tiny")
+        policy.load_state_dict(run["states"][-1])
+        gens = engine.generate(policy, ids, torch.ones_like(ids), SamplingParams(max_completion_length=8, num_generations=4))
+
+        def logps(model):
+            seqs = torch.cat([gens.prompt_ids, gens.completion_ids], 1)
+            with torch.no_grad():
+                logits = model(input_ids=seqs).logits[:, ids.size(1) - 1 : -1].float()
+            return logits.log_softmax(-1).gather(-1, gens.completion_ids[..., None])[..., 0] * gens.completion_mask
+
+        torch.testing.assert_close(gens.sampling_logps, logps(policy), atol=1e-4, rtol=1e-4)
+        assert (gens.sampling_logps - logps(start)).abs().max() > 1e-2
+    finally:
+        proc.kill()
+        if server is not None:
+            server.kill()
+            server.wait(timeout=30)

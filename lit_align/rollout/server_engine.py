@@ -199,21 +199,24 @@ class ServerEngine(TokenizerEngine):
     @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:
         """Push the policy's weights (LoRA merged in) from global rank 0; every rank then waits at a
-        barrier, so none samples stale weights."""
+        barrier, so none samples stale weights. Every rank calls it: an FSDP2-sharded policy is gathered
+        whole first (a collective; free inside a rollout, which has gathered it already)."""
         from torch import distributed as dist
 
         from lit_align.models.reference import is_peft_model
+        from lit_align.ops.sharding import full_parameters
 
         self._ready(model)
-        if _global_rank() == 0:
-            merged = is_peft_model(model)
-            if merged:
-                model.merge_adapter()
-            try:
-                self._push([(name, p.detach()) for name, p in _vllm_named_parameters(model)])
-            finally:
+        with full_parameters(model):
+            if _global_rank() == 0:
+                merged = is_peft_model(model)
                 if merged:
-                    model.unmerge_adapter()
+                    model.merge_adapter()
+                try:
+                    self._push([(name, p.detach()) for name, p in _vllm_named_parameters(model)])
+                finally:
+                    if merged:
+                        model.unmerge_adapter()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
