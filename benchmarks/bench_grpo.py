@@ -218,10 +218,10 @@ def run_trl(args: argparse.Namespace, overrides: dict) -> dict:
 
 def run_lit(args: argparse.Namespace, overrides: dict) -> dict:
     import lightning as L
-    import torch
 
     from lit_align import GRPO, PromptOnlyDataModule
     from lit_align.methods.online import OnlineModule
+    from lit_align.optim import default_adamw
     from lit_align.rollout.engines import HFEngine
 
     clock, phases = StepClock(), Phases()
@@ -249,7 +249,7 @@ def run_lit(args: argparse.Namespace, overrides: dict) -> dict:
         loss_type="dapo",
         num_iterations=1,
         generation_kwargs={"min_new_tokens": args.max_completion_length},
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        optimizer=functools.partial(default_adamw, lr=args.lr),
         **{"beta": 0.0, **overrides},
     )
     data = PromptOnlyDataModule(args.data, batch_size=args.batch_size)
@@ -338,10 +338,10 @@ def run_trl_online_dpo(args: argparse.Namespace, overrides: dict) -> dict:
 
 def run_lit_online_dpo(args: argparse.Namespace, overrides: dict) -> dict:
     import lightning as L
-    import torch
 
     from lit_align import OnlineDPO, PromptOnlyDataModule
     from lit_align.methods.online_preference import OnlinePreferenceModule
+    from lit_align.optim import default_adamw
     from lit_align.rollout.engines import HFEngine
 
     clock, phases = StepClock(), Phases()
@@ -367,7 +367,7 @@ def run_lit_online_dpo(args: argparse.Namespace, overrides: dict) -> dict:
         beta=0.1,
         loss_type="sigmoid",
         generation_kwargs={"min_new_tokens": args.max_completion_length},
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        optimizer=functools.partial(default_adamw, lr=args.lr),
         **overrides,
     )
     trainer = L.Trainer(

@@ -128,9 +128,9 @@ def run_trl(args, overrides: dict) -> StepClock:
 
 def run_lit(args, overrides: dict) -> StepClock:
     import lightning as L
-    import torch
 
     from lit_align import DPO, KTO, PreferenceDataModule, RewardModel, UnpairedPreferenceDataModule
+    from lit_align.optim import default_adamw
 
     clock = StepClock()
     e = args.batch_size
@@ -143,7 +143,7 @@ def run_lit(args, overrides: dict) -> StepClock:
             rows = (batch.sequence_ids >= 0) & (batch.sequence_ids < (e if args.method == "kto" else 2 * e))
             clock.step_end(int(rows.sum()))  # KTO: the rows' tokens, as TRL counts them
 
-    optimizer = functools.partial(torch.optim.AdamW, lr=LR[args.method], weight_decay=0.0)
+    optimizer = functools.partial(default_adamw, lr=LR[args.method])  # lit-align's default optimizer
     module_cls, data_cls, model = {
         "dpo": (DPO, PreferenceDataModule, args.model_dir),
         "kto": (KTO, UnpairedPreferenceDataModule, args.model_dir),

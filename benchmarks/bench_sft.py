@@ -177,9 +177,9 @@ def run_trl(args: argparse.Namespace, overrides: dict) -> dict:
 
 def run_lit(args: argparse.Namespace, overrides: dict) -> dict:
     import lightning as L
-    import torch
 
     from lit_align import SFT, PromptCompletionDataModule
+    from lit_align.optim import default_adamw
 
     clock, prof = StepClock(), _profiler(args)
 
@@ -198,7 +198,7 @@ def run_lit(args: argparse.Namespace, overrides: dict) -> dict:
 
     module = SFT(
         args.model,
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
+        optimizer=functools.partial(default_adamw, lr=args.lr),
         **overrides.get("module", {}),
     )
     data = PromptCompletionDataModule(
@@ -288,9 +288,9 @@ def run_trl_gkd(args: argparse.Namespace, overrides: dict) -> dict:
 
 def run_lit_gkd(args: argparse.Namespace, overrides: dict) -> dict:
     import lightning as L
-    import torch
 
     from lit_align import GKD, LanguageModelingDataModule
+    from lit_align.optim import default_adamw
 
     clock = StepClock()
 
@@ -304,7 +304,7 @@ def run_lit_gkd(args: argparse.Namespace, overrides: dict) -> dict:
     rows = Path(args.data).with_name("messages.jsonl")
     write_jsonl(_messages(read_jsonl(args.data)), rows)
     module = GKD(args.model, teacher_model_name_or_path=args.model_dir, lmbda=0.0, beta=0.5,
-                 optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0))
+                 optimizer=functools.partial(default_adamw, lr=args.lr))
     data = LanguageModelingDataModule(str(rows), batch_size=args.batch_size, max_length=args.max_length)
     trainer = L.Trainer(
         max_steps=args.warmup + args.steps, accelerator="cpu", devices=1, precision="32-true", gradient_clip_val=1.0,

@@ -28,7 +28,7 @@ from lit_align.models.loading import (
     load_tokenizer,
     tokenizer_pad_id,
 )
-from lit_align.optim import LinearWarmupDecay
+from lit_align.optim import LinearWarmupDecay, default_adamw
 
 
 class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
@@ -96,7 +96,8 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
                 saying where; ``skip`` drops that optimizer step (no update from the batch, on every
                 device) with a warning, counted in ``train/skipped_steps``. A reward function or a data
                 value that is not finite is a bug and always an error.
-            optimizer: Optimizer factory; default AdamW at the method's TRL learning rate, no weight decay.
+            optimizer: Optimizer factory; default AdamW at the method's TRL learning rate, no weight decay,
+                fused where torch has the kernel (TRL's ``adamw_torch_fused``; ``lit_align.optim.default_adamw``).
             lr_scheduler: Scheduler factory, stepped every optimizer step; default constant.
                 ``lit_align.optim.LinearWarmupDecay`` is TRL's default linear decay.
         """
@@ -197,7 +198,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        make = self.optimizer or functools.partial(torch.optim.AdamW, lr=self.default_lr, weight_decay=0.0)
+        make = self.optimizer or functools.partial(default_adamw, lr=self.default_lr)
         optimizer = make(params)
         if self.lr_scheduler is None:
             return optimizer
