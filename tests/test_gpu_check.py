@@ -24,7 +24,7 @@ HAVE_TRL = importlib.util.find_spec("trl") is not None
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu_check.json"
-    configs = ["lit", "trl_fast", "trl_default"] if HAVE_TRL else ["lit"]
+    configs = ["lit", "trl_fast"] if HAVE_TRL else ["lit"]  # trl_default only adds TRL's own checkpointing flag
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("OUT", None)
     proc = subprocess.run(
@@ -45,7 +45,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert "skipped" not in s, (method, config, s)
         assert s["steps_per_s"] > 0 and s["tokens_per_s"] > 0
         assert 0 < s["mfu"] < 1, (method, config, s["mfu"])
-        assert s["gradient_checkpointing"] == (config == "trl_default")
+        assert s["gradient_checkpointing"] is False
     # Same rows on both sides: the token counts agree to within the EOS of a row.
     w = result["workload"]
     sft_tokens = w["batch_size"] * (w["prompt_len"] + 17 + w["completion_len"] + 2)
