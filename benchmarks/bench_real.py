@@ -110,6 +110,7 @@ def prepare_model(model_dir: Path) -> dict:
         "hidden": c.hidden_size,
         "attn_width": c.num_attention_heads * head_dim,
         "vocab": c.vocab_size,
+        "mlp_width": c.intermediate_size,
         "p_body": c.num_hidden_layers * (attn + mlp),
         "p_head": c.vocab_size * c.hidden_size,
         "tied": bool(c.tie_word_embeddings),
@@ -292,10 +293,8 @@ def child_main(args: argparse.Namespace) -> int:
     ctx.cuda = False
     state: dict = {}
     if ctx.profile:
-        ctx.lit_callbacks, ctx.trl_callbacks = [], []
         lit_cb, trl_cb = profile_callbacks(state, ctx.warmup, ctx.steps[ctx.method])
-        (ctx.lit_callbacks if gpu_check.CONFIGS[ctx.config][0] == "lit" else ctx.trl_callbacks).append(
-            lit_cb if gpu_check.CONFIGS[ctx.config][0] == "lit" else trl_cb)
+        ctx.lit_callbacks, ctx.trl_callbacks = [lit_cb], [trl_cb]  # each runner adds its own framework's
     before = peak_flops(ctx.threads)["flops"]  # this CPU's speed drifts (a shared host): the peak at each run
     result = gpu_check.run_one(ctx.method, ctx.config, ctx)
     result.extra["peak_flops"] = [before, peak_flops(ctx.threads)["flops"]]
@@ -414,9 +413,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args.model_dir = str(Path(args.model_dir or Path(tempfile.gettempdir()) / "lit_align_bench_smollm2").resolve())
     args.model = prepare_model(Path(args.model_dir))
-    from transformers import AutoConfig
-
-    args.model["mlp_width"] = AutoConfig.from_pretrained(args.model_dir).intermediate_size
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     peak = peak_flops(args.threads)
     print(f"bench_real: {args.model['name']}, {(args.model['p_body'] + args.model['p_head']) / 1e6:.1f}M params in "
