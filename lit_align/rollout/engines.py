@@ -261,8 +261,13 @@ class HFEngine(TokenizerEngine):
             top_k=sampling.top_k, min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty,
             eos_token_id=eos, pad_token_id=self.pad_token_id, **sampling.generation_kwargs,
         )
-        batching = ContinuousBatchingConfig(**{"return_logprobs": True, **self.continuous_batching})
         prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask) for _ in range(n)]
+        sizes = {}
+        if prompt_ids.device.type == "cpu":  # transformers sizes its paged cache from free memory and zeroes it on
+            # every call (~40 s on CPU): size it for this batch instead, unless the config says otherwise
+            tokens = sum(len(p) for p in prompts) + len(prompts) * sampling.max_completion_length
+            sizes = {"max_batch_tokens": tokens, "num_blocks": -(-tokens // 256) + len(prompts), "page_size": 256}
+        batching = ContinuousBatchingConfig(**{"return_logprobs": True, **sizes, **self.continuous_batching})
         out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching, progress_bar=False)
         rows = [out[f"req_{i}"] for i in range(len(prompts))]  # request ids follow the inputs' order
         ids = right_pad([list(r.generated_tokens) for r in rows], self.pad_token_id, device=prompt_ids.device)
