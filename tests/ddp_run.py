@@ -46,6 +46,7 @@ from lit_align.models.builtin import builtin_tokenizer  # noqa: E402
 METHODS = {
     "sft": (SFT, PromptCompletionDataModule),
     "sft_stream": (SFT, LanguageModelingDataModule),  # a shuffled stream, each rank reading every other row
+    "sft_vlm": (SFT, PromptCompletionDataModule),  # builtin:tiny-vlm on builtin:shapes: each rank collates its rows' pixels
     "dpo": (DPO, PreferenceDataModule),
     "kto": (KTO, UnpairedPreferenceDataModule),
     "bco": (BCO, UnpairedPreferenceDataModule),
@@ -119,6 +120,8 @@ def build(method: str, devices: int, out: str, methods: dict = METHODS, offline:
     elif method == "gkd_sampled":  # every batch sampled in training_step: half the student's, half the teacher's (seq_kd)
         module = module_cls(teacher_model_name_or_path=os.environ["LIT_ALIGN_TEST_TEACHER"], lmbda=0.5, seq_kd=True,
                             max_new_tokens=12, optimizer=optimizer)
+    elif method == "sft_vlm":
+        module, dataset = module_cls("builtin:tiny-vlm", optimizer=optimizer), "builtin:shapes?size=32"
     else:
         module = module_cls(optimizer=optimizer, **(offline or {}).get(method, {}))
     if method == "sft_stream":

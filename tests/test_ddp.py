@@ -17,7 +17,7 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-METHODS = ["sft", "sft_stream", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo", "grpo_tools"]
+METHODS = ["sft", "sft_stream", "sft_vlm", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo", "grpo_tools"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,8 @@ def test_ddp_two_processes_match_one(method, runs):
         for name, value in metrics.items():
             assert two["metrics"][step][name] == pytest.approx(value, abs=1e-5, rel=1e-5), name
     for name, w in one["weights"].items():
+        if "vision_tower" in name and name.endswith("k_proj.bias"):
+            continue  # softmax ignores a key bias: its gradient is rounding noise, which Adam scales up to a full step
         torch.testing.assert_close(torch.tensor(two["weights"][name]), torch.tensor(w), atol=1e-5, rtol=1e-4, msg=name)
 
 
@@ -73,4 +75,6 @@ def test_ddp_one_generation_per_optimizer_step_matches_one_process(runs):
     pairs = [sum(r["losses"][i : i + 2]) for r in (one, two) for i in (0, 2)]
     torch.testing.assert_close(torch.tensor(pairs[2:]), torch.tensor(pairs[:2]), atol=1e-5, rtol=1e-5)
     for name, w in one["weights"].items():
+        if "vision_tower" in name and name.endswith("k_proj.bias"):
+            continue  # softmax ignores a key bias: its gradient is rounding noise, which Adam scales up to a full step
         torch.testing.assert_close(torch.tensor(two["weights"][name]), torch.tensor(w), atol=1e-5, rtol=1e-4, msg=name)

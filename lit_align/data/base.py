@@ -32,6 +32,7 @@ from lit_align.data.sources import (
 )
 from lit_align.data.streaming import StreamLoader
 from lit_align.data.tokenize import truncate
+from lit_align.data.vision import IMAGE_COLUMNS, ImageTokens, load_image, row_images, structured_row
 from lit_align.models.loading import tokenizer_pad_id
 from lit_align.ops.packing import collate_examples, pack_bfd
 
@@ -60,6 +61,7 @@ class DataRequirements:
     assistant_masks: bool = False  # SFT's assistant_only_loss: mark assistant tokens, with or without {% generation %}
     drop_overlong: bool = False  # RewardModel: a row with a sequence over max_length is dropped, not truncated (TRL)
     tool_schemas: str | None = None  # JSON tool schemas every conversational prompt is rendered with (a row's own win)
+    processor: Any = field(default=None, compare=False, repr=False)  # a vision-language policy's processor (None: text)
 
 
 class AlignDataModule(L.LightningDataModule, ABC):
@@ -174,6 +176,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
         self.padding_value = padding_value
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.processor: Any = None  # a vision-language model's processor, when the rows have images
+        self.image_tokens: ImageTokens | None = None
         self.requirements = DataRequirements()
         self.datasets: dict[str, datasets.Dataset] = {}
         self.num_dropped: dict[str, int] = {}
@@ -185,7 +189,10 @@ class AlignDataModule(L.LightningDataModule, ABC):
     ) -> AlignDataModule:
         """Use ``tokenizer`` and/or the method's ``requirements`` (returns self, so
         ``data = Module(...).connect(tok)`` reads well). A fit connects the requirements of the
-        module it trains (``data_requirements()``) when it sets the data up."""
+        module it trains (``data_requirements()``) when it sets the data up. A vision-language model's
+        processor may stand for the tokenizer: the rows' images are then read too."""
+        if tokenizer is not None and getattr(tokenizer, "image_processor", None) is not None:
+            self.processor, tokenizer = tokenizer, tokenizer.tokenizer
         if tokenizer is not None:
             self.tokenizer = tokenizer
         if requirements is not None:
@@ -205,9 +212,32 @@ class AlignDataModule(L.LightningDataModule, ABC):
             )
         if name == self.requirements.tokenizer_name_or_path and self.requirements.tokenizer is not None:
             self.tokenizer = self.requirements.tokenizer  # the module's: its model_init_kwargs, chat template and EOS
+            self.processor = self.requirements.processor
         else:
-            self.tokenizer = load_tokenizer(name)
+            from lit_align.models.loading import load_processor
+
+            self.tokenizer, self.processor = load_tokenizer(name), load_processor(name)
         return self.tokenizer
+
+    def _image_tokens(self, label: str) -> ImageTokens:
+        """How the policy's processor turns this split's images into tokens; an error for a text-only model."""
+        if self.processor is None and self.requirements.processor is not None and self.tokenizer is self.requirements.tokenizer:
+            self.processor = self.requirements.processor
+        if self.processor is None:
+            name = self.tokenizer_name_or_path or self.requirements.tokenizer_name_or_path or "the model"
+            raise DataFormatError(
+                f"{label}: the rows have images ({'/'.join(IMAGE_COLUMNS)} column) but {name} is a text-only model "
+                "(its tokenizer has no image processor); train a vision-language model (builtin:tiny-vlm, or a model "
+                "whose config has a vision_config), or drop the image column"
+            )
+        if self.packing or self.padding_free:
+            raise DataFormatError(
+                f"{label}: packing and padding_free are not supported with images (a packed row would mix the image "
+                "features of several rows); set packing: false and padding_free: false"
+            )
+        if self.image_tokens is None or self.image_tokens.processor is not self.processor:
+            self.image_tokens = ImageTokens(self.processor)
+        return self.image_tokens
 
     # -- preparation -------------------------------------------------------------------------
     def module_options(self) -> tuple:
@@ -270,7 +300,8 @@ class AlignDataModule(L.LightningDataModule, ABC):
         if len(ds) == 0:
             raise DataFormatError(
                 f"{label}: every row was dropped because its prompt alone is at least max_length="
-                f"{self.max_length} tokens; raise max_length or shorten the prompts"
+                f"{self.max_length} tokens{' or the cut would split an image' if self.image_tokens else ''}; "
+                "raise max_length or shorten the prompts"
             )
         return ds
 
@@ -283,7 +314,12 @@ class AlignDataModule(L.LightningDataModule, ABC):
         columns = TOKEN_ID_COLUMNS if tokenized else self.columns
         check_columns(ds, columns, label, type(self).__name__)
         keep = self.keep_columns(ds)
-        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized)
+        vision = not tokenized and any(c in names for c in IMAGE_COLUMNS)
+        if vision:
+            self._image_tokens(label)
+            keep |= {c for c in IMAGE_COLUMNS if c in names}
+        fn = functools.partial(self._tokenize_checked, tokenizer=tokenizer, label=label, columns=columns, tokenized=tokenized,
+                               vision=vision)
         in_memory = isinstance(ds, datasets.Dataset)
         # The rows are tokenized in memory and never read back from a cache, so a fresh fingerprint is as
         # good as datasets' own, which would pickle this DataModule and its tokenizer (seconds per map).
@@ -294,23 +330,35 @@ class AlignDataModule(L.LightningDataModule, ABC):
         ds = ds.filter(lambda k: k, input_columns="keep", **({"keep_in_memory": True} if in_memory else {}))
         return ds.remove_columns("keep")
 
-    def _tokenize_checked(self, row: dict, index: int, tokenizer, label: str, columns: list[Column], tokenized: bool) -> dict:
+    def _tokenize_checked(self, row: dict, index: int, tokenizer, label: str, columns: list[Column], tokenized: bool,
+                          vision: bool = False) -> dict:
         check_row(row, index, columns, label)
+        counts = None
         if tokenized:
             sequences, extras = [token_id_sequence(row, index, label)], {}
         else:
+            if vision:
+                where = f"{label}: row {index}"
+                images = [load_image(v, f"{where}, image {k}") for k, v in enumerate(row_images(row))]
+                counts = [self.image_tokens.count(image) for image in images]
+                row = structured_row(row, len(images), where)
             self.check_row_values(row, index, label)
             if self.requirements.tool_schemas and not row.get("tools"):
                 row = {**row, "tools": self.requirements.tool_schemas}
             if self.chat_template_kwargs:
                 row = {**row, "chat_template_kwargs": {**self.chat_template_kwargs, **(row.get("chat_template_kwargs") or {})}}
             sequences, extras = self.tokenize_row(row, tokenizer)
+            if counts is not None:
+                sequences, extras = self.image_tokens.expand_row(sequences, extras, counts, where)
         sequences = [self.truncate(seq) for seq in sequences]
+        keep = all(self.usable(seq) for seq in sequences)
+        if counts:  # a sequence cut inside or before an image would misplace its features: the row is dropped
+            keep = keep and all(self.image_tokens.whole(seq, counts) for seq in sequences)
         return {
             **{k: [seq[k] for seq in sequences] for k in sequences[0]},
             **extras,
             "length": sum(len(seq["input_ids"]) for seq in sequences),
-            "keep": all(self.usable(seq) for seq in sequences),
+            "keep": keep,
         }
 
     def packs(self, split: str) -> bool:
@@ -373,7 +421,10 @@ class AlignDataModule(L.LightningDataModule, ABC):
         return "packed" if self.packs(split) else "padded"
 
     def collate(self, items: list[dict], split: str = "train") -> Any:
-        return collate_examples(items, self.pad_token_id, self.layout_for(split), self.max_length, self.pad_to_multiple_of)
+        batch = collate_examples(items, self.pad_token_id, self.layout_for(split), self.max_length, self.pad_to_multiple_of)
+        if self.image_tokens is not None and any(row_images(it) for it in items):
+            batch.vision = self.image_tokens.batch_inputs(batch.input_ids, sequence_images(items, batch.num_sequences))
+        return batch
 
     @property
     def pad_token_id(self) -> int:
@@ -421,6 +472,14 @@ class AlignDataModule(L.LightningDataModule, ABC):
 
     def predict_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
+
+
+def sequence_images(items: list[dict], num_sequences: int) -> list:
+    """The images of every sequence of a collated batch, in sequence order (sequence ``s`` of
+    ``E`` examples belongs to example ``s % E``: each sequence of a pair, or a KL pair, holds its
+    example's prompt and so its images)."""
+    images = [[load_image(v, f"batch row {i}") for v in row_images(it)] for i, it in enumerate(items)]
+    return [image for s in range(num_sequences) for image in images[s % len(items)]]
 
 
 TOKEN_ID_COLUMNS = [

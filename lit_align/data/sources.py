@@ -87,10 +87,15 @@ def _load_source(name_or_path, split, fmt, name, data_dir, data_files, streaming
 
     if is_builtin(name_or_path):
         from lit_align.data.arithmetic import arithmetic_dataset
+        from lit_align.data.shapes import shapes_dataset
 
         if hub_args:
             raise DataFormatError(f"{name_or_path} is generated, not read: {sorted(hub_args)} apply to Hub datasets and directories")
-        return arithmetic_dataset(name_or_path, fmt, split)
+        task = name_or_path.removeprefix("builtin:").partition("?")[0]
+        tasks = {"arithmetic": arithmetic_dataset, "shapes": shapes_dataset}
+        if task not in tasks:
+            raise ValueError(f"unknown builtin task {task!r} in {name_or_path!r}; known tasks: {', '.join(tasks)}")
+        return tasks[task](name_or_path, fmt, split)
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() in FILE_BUILDERS:
         if hub_args:
@@ -125,7 +130,7 @@ def _load_source(name_or_path, split, fmt, name, data_dir, data_files, streaming
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:  # offline, typo, or private
         raise DataFormatError(
             f"could not load dataset {name_or_path!r} (split {split!r}) from the Hugging Face Hub: {err}. "
-            "Expected a Hub id, a local directory, a .jsonl/.json/.parquet/.csv file, or builtin:arithmetic"
+            "Expected a Hub id, a local directory, a .jsonl/.json/.parquet/.csv file, builtin:arithmetic or builtin:shapes"
         ) from err
 
 

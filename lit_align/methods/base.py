@@ -25,6 +25,7 @@ from lit_align.models.loading import (
     customise_tokenizer,
     fit_model_to_tokenizer,
     load_causal_lm,
+    load_processor,
     load_tokenizer,
     tokenizer_pad_id,
 )
@@ -125,6 +126,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
+        self._processor: Any = False  # not loaded yet (None: a text-only model)
         self.num_tokens_seen = 0
         self.strict_loading = not self.frozen_submodules  # checkpoints hold no frozen weights
         self.sharded_submodules: list[str] = []  # the FSDP2-sharded children (configure_model under ModelParallelStrategy)
@@ -134,8 +136,22 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         if self.model is None:  # Lightning may call it more than once
             self.model = self.build_policy()
             self.build_other_models()
+        if self.processor is not None:
+            self.allow_unused_vision_parameters()
         if self.device_mesh is not None and not self.sharded_submodules:  # ModelParallelStrategy: FSDP2
             self.shard(self.device_mesh)
+
+    def allow_unused_vision_parameters(self) -> None:
+        """A VLM reads its vision tower's features at one layer (LLaVA: ``vision_feature_layer``), so the
+        layers and norm past it get no gradient, and a batch without images leaves the whole tower out.
+        DDP then needs ``find_unused_parameters``, which the Hugging Face Trainer turns on by default for
+        such models; under Lightning's DDP strategy this does the same, unless the strategy says otherwise.
+        Called before the strategy wraps the model."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 
     def shard(self, mesh) -> None:
         """Shard the policy and the other models over ``mesh`` with FSDP2 (``lit_align.ops.sharding``):
@@ -179,6 +195,15 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
             self._tokenizer = customise_tokenizer(tokenizer, self.chat_template_path, self.eos_token, self.pad_token)
         return self._tokenizer
 
+    @property
+    def processor(self) -> Any:
+        """A vision-language policy's processor (its image processor and tokenizer), None for a text model."""
+        if self._processor is False:
+            self._processor = load_processor(self.model_name_or_path, **self.model_init.tokenizer_kwargs)
+            if self._processor is not None:
+                self._processor.tokenizer = self.tokenizer  # one tokenizer: customised, shared with the data
+        return self._processor
+
     def fit_to_tokenizer(self, model: torch.nn.Module) -> torch.nn.Module:
         """A model loaded from the policy's path, fitted to a customised tokenizer (new tokens, EOS)."""
         if self.chat_template_path or self.eos_token or self.pad_token:
@@ -193,7 +218,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
     def data_requirements(self) -> DataRequirements:
         """What this method asks of its data; a lit-align DataModule receives it when a fit sets it up."""
         return DataRequirements(tokenizer_name_or_path=self.model_name_or_path, tokenizer=self.tokenizer,
-                                add_bos_to_prompt=self.add_bos_to_prompt)
+                                add_bos_to_prompt=self.add_bos_to_prompt, processor=self.processor)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -21,9 +21,10 @@ from lit_align.ops.sharding import full_state_dict, is_sharded
 
 def save_hf_model(model: torch.nn.Module, tokenizer, dirpath: str | os.PathLike, merge_lora: bool = True,
                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save ``model`` (a transformers model, or a PEFT model) and ``tokenizer`` to ``dirpath``;
-    ``state_dict``: the weights to write instead of the model's own (an FSDP2-sharded model's,
-    gathered whole by :func:`~lit_align.ops.sharding.full_state_dict`)."""
+    """Save ``model`` (a transformers model, or a PEFT model) and ``tokenizer`` (or a vision-language
+    model's processor: its tokenizer and image processor) to ``dirpath``; ``state_dict``: the weights to
+    write instead of the model's own (an FSDP2-sharded model's, gathered whole by
+    :func:`~lit_align.ops.sharding.full_state_dict`)."""
     path = Path(dirpath)
     path.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload") and merge_lora:
@@ -56,7 +57,9 @@ class SaveHFModel(L.Callback):
             check_writable(self._dirpath(trainer), "SaveHFModel's dirpath")
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule, what: str, state_dict=None) -> None:
-        self.saved_to = save_hf_model(pl_module.model, pl_module.tokenizer, self._dirpath(trainer), self.merge_lora, state_dict)
+        processor = getattr(pl_module, "processor", None)  # a VLM's: saved with its tokenizer
+        self.saved_to = save_hf_model(pl_module.model, processor or pl_module.tokenizer, self._dirpath(trainer), self.merge_lora,
+                                      state_dict)
         rank_zero_info(f"{what} {self.saved_to}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

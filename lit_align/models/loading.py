@@ -12,6 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_align.models.builtin import builtin_model, builtin_tokenizer, is_builtin
+from lit_align.models.vlm import (
+    is_builtin_vlm,
+    is_vision_config,
+    tiny_vlm,
+    tiny_vlm_processor,
+    tiny_vlm_tokenizer,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -137,12 +144,37 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; pad falls back to EOS, as in TRL."""
     if is_builtin(name_or_path):
         _check_builtin_kwargs(name_or_path, kwargs)
-        return builtin_tokenizer(name_or_path)
+        return tiny_vlm_tokenizer() if is_builtin_vlm(name_or_path) else builtin_tokenizer(name_or_path)
     _check_local(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    processor = load_processor(name_or_path, **kwargs)
+    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if processor is not None and not tokenizer.chat_template and processor.chat_template:
+        tokenizer.chat_template = processor.chat_template  # a VLM's template often lives on its processor only
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_processor(name_or_path: str, **kwargs: Any) -> Any:
+    """A vision-language model's processor (``AutoProcessor``: its image processor and tokenizer), or
+    None for a text-only model. A model is a VLM when its config has a ``vision_config``."""
+    if is_builtin(name_or_path):
+        _check_builtin_kwargs(name_or_path, kwargs)
+        return tiny_vlm_processor() if is_builtin_vlm(name_or_path) else None
+    _check_local(name_or_path)
+    from transformers import AutoConfig, AutoProcessor
+
+    config_kwargs = {k: v for k, v in kwargs.items() if k != "gguf_file"}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    except (OSError, ValueError):  # a tokenizer-only directory, or a GGUF file's config: text
+        return None
+    if not is_vision_config(config):
+        return None
+    processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
 
 
 def customise_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template_path: str | None = None,
@@ -202,18 +234,32 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """A causal LM from ``builtin:<name>``, a local directory or the Hub (float32 by default, as TRL)."""
+    """A causal LM from ``builtin:<name>``, a local directory or the Hub (float32 by default, as TRL);
+    a vision-language model (``builtin:tiny-vlm``, a config with a ``vision_config``) through
+    ``AutoModelForImageTextToText``."""
     torch_dtype = resolve_dtype(dtype)
     if is_builtin(name_or_path):
         _check_builtin_kwargs(name_or_path, kwargs)
-        model = builtin_model(name_or_path, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
+        dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
+        model = tiny_vlm(dtype) if is_builtin_vlm(name_or_path) else builtin_model(name_or_path, dtype=dtype)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         return model
     _check_local(name_or_path)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **pretrained_kwargs(kwargs))
+    auto = AutoModelForCausalLM
+    if not kwargs.get("gguf_file"):
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        config_kwargs = {k: v for k, v in kwargs.items() if k in TOKENIZER_KWARGS}
+        if is_vision_config(AutoConfig.from_pretrained(name_or_path, **config_kwargs)):
+            auto = AutoModelForImageTextToText
+    return auto.from_pretrained(name_or_path, dtype=torch_dtype, **pretrained_kwargs(kwargs))
+
+
+# The vision tower and projector of the VLM families transformers ships (LLaVA, Gemma 3, Qwen2-VL, Idefics3, ...).
+VISION_MODULES = r".*\b(vision_tower|vision_model|visual|multi_modal_projector|connector)\b.*"
 
 
 def apply_peft(model: PreTrainedModel, peft: Any, task_type: str = "CAUSAL_LM") -> Any:
@@ -226,7 +272,9 @@ def apply_peft(model: PreTrainedModel, peft: Any, task_type: str = "CAUSAL_LM") 
     IA3, ...); or a ``peft`` config object. Classifiers (``SEQ_CLS``, ``TOKEN_CLS``) train their
     fresh ``score`` head in full, as TRL advises. Adapters on the LM head are refused (the chunked
     log-prob op reads its weight directly), and so are prompt-learning methods (their virtual
-    tokens live in ``PeftModel.forward``, which lit-align's forward does not call).
+    tokens live in ``PeftModel.forward``, which lit-align's forward does not call). On a vision-language
+    model the default adapters go on the language model only (``exclude_modules`` the vision tower and
+    projector); give ``target_modules`` or ``exclude_modules`` to adapt the vision tower too.
     """
     import peft as peft_lib
 
@@ -241,6 +289,8 @@ def apply_peft(model: PreTrainedModel, peft: Any, task_type: str = "CAUSAL_LM") 
             settings = dict(spec.get("init_args") or {})
         else:
             cls, settings = peft_lib.LoraConfig, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", **spec}
+            if is_vision_config(model.config) and "target_modules" not in spec and "exclude_modules" not in spec:
+                settings["exclude_modules"] = VISION_MODULES  # the language model only, unless told otherwise
         settings.setdefault("task_type", task_type)
         if task_type != "CAUSAL_LM" and "modules_to_save" in getattr(cls, "__dataclass_fields__", {}):
             settings.setdefault("modules_to_save", ["score"])

@@ -27,9 +27,28 @@ def target_mask(batch: SequenceBatch, token_mask: Tensor) -> Tensor:
 def decoder_hidden(model: nn.Module, batch: SequenceBatch) -> Tensor:
     """Final hidden states ``(R, T, H)``, with no attention mask in every layout: right padding
     needs only the causal mask, and packed rows get a block-diagonal one from the restarting
-    position ids (transformers builds it only without a mask and with ``use_cache=False``)."""
+    position ids (transformers builds it only without a mask and with ``use_cache=False``).
+
+    A batch with images goes through a vision-language model's backbone (vision tower, projector,
+    language model), without position ids: its rows are padded, never packed, so the model's own
+    positions are the same, and models with multimodal rotary positions (Qwen2-VL) derive theirs."""
+    if batch.vision:
+        return multimodal_backbone(model)(input_ids=batch.input_ids, **vision_inputs(model, batch), use_cache=False).last_hidden_state
     out = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     return out.last_hidden_state
+
+
+def multimodal_backbone(model: nn.Module) -> nn.Module:
+    """A VLM's ``model`` (``LlavaModel``, ``Qwen2VLModel``, ...): image features merged into the text,
+    final hidden states out, no LM head. A PEFT wrapper is looked through."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def vision_inputs(model: nn.Module, batch: SequenceBatch) -> dict[str, Tensor]:
+    """The batch's image inputs, floating ones in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.vision.items()}
 
 
 def lm_head_params(model: nn.Module) -> dict:

@@ -47,6 +47,7 @@ class SequenceBatch:
     labels: Tensor | None = None  # (E,) per-example labels (unpaired preference: desirable or not)
     margin: Tensor | None = None  # (E,) per-pair margins (reward model)
     ref_logps: Tensor | None = None  # (S,) precomputed reference log-probs, when the data carries them
+    vision: dict[str, Tensor] | None = None  # a VLM's image inputs: pixel_values (every image of every row, in row order), grids
     num_sequences: int = 0
     num_examples: int = 0
 

@@ -6,6 +6,7 @@ from lit_align.rewards.judges import OpenAIPairwiseJudge, PairwiseJudge, RewardJ
 from lit_align.rewards.length import LengthPenalty, SoftOverlongPunishment
 from lit_align.rewards.model import RewardModelScorer
 from lit_align.rewards.registry import compute_rewards, load_reward_func, reward_name
+from lit_align.rewards.shapes import shapes_reward
 
 __all__ = [
     "LengthPenalty",
@@ -20,4 +21,5 @@ __all__ = [
     "gsm8k_reward",
     "load_reward_func",
     "reward_name",
+    "shapes_reward",
 ]
