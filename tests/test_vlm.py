@@ -194,6 +194,13 @@ def test_images_for_a_text_only_model_are_refused(tmp_path) -> None:
         data.setup("fit")
 
 
+def test_prompt_only_rows_with_images_are_refused_until_online_methods_generate_from_them(tmp_path) -> None:
+    from lit_align import PromptOnlyDataModule
+
+    with pytest.raises(DataFormatError, match="prompts with images are not supported yet"):
+        _data(PromptOnlyDataModule, shapes_rows("prompt_only", size=4), tmp_path)
+
+
 def test_unreadable_and_missing_images_name_the_row(tmp_path) -> None:
     rows = shapes_rows("prompt_completion", size=3)
     rows[2] = {**rows[2], "images": [str(tmp_path / "nowhere.png")]}

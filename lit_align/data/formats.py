@@ -359,6 +359,13 @@ class PromptOnlyDataModule(AlignDataModule):
     def keep_columns(self, ds: datasets.Dataset) -> set[str]:
         return set(ds.column_names)
 
+    def _image_tokens(self, label: str):
+        raise DataFormatError(
+            f"{label}: prompts with images are not supported yet: lit-align's online methods (GRPO, RLOO, PPO, "
+            "OnlineDPO, NashMD, XPO) do not generate from images; drop the image column, or train on images offline "
+            "(SFT, DPO, KTO)"
+        )
+
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         ids = render_prompt(tokenizer, row["prompt"], row)
         return [{"input_ids": ids, "completion_mask": [0] * len(ids)}], {}
