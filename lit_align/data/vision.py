@@ -113,6 +113,7 @@ class ImageTokens:
     token: str = field(init=False)
     token_id: int = field(init=False)
     token_type_keys: tuple[str, ...] = field(init=False)
+    _counts: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         token = getattr(self.processor, "image_token", None)
@@ -127,9 +128,12 @@ class ImageTokens:
         self.token_type_keys = tuple(k for k in ("token_type_ids", "mm_token_type_ids") if k in probe)
 
     def count(self, image) -> int:
-        """Tokens the processor gives ``image``."""
-        ids = self.processor(text=[self.token], images=[[image]], add_special_tokens=False)["input_ids"][0]
-        return sum(1 for t in ids if t == self.token_id)
+        """Tokens the processor gives ``image``: a function of its size (fixed for LLaVA, the resized
+        grid for Qwen2-VL, the tiling for LLaVA-NeXT), asked of the processor once per size."""
+        if image.size not in self._counts:
+            ids = self.processor(text=[self.token], images=[[image]], add_special_tokens=False)["input_ids"][0]
+            self._counts[image.size] = sum(1 for t in ids if t == self.token_id)
+        return self._counts[image.size]
 
     def expand(self, seq: dict[str, list[int]], counts: list[int], where: str) -> dict[str, list[int]]:
         """``seq`` with its ``k``-th image token repeated ``counts[k]`` times; the copies are never
