@@ -1,9 +1,9 @@
-"""Regenerate the shipped warm starts: ``builtin:tiny-sft`` and ``builtin:tiny-tools``.
+"""Regenerate the shipped warm starts: ``builtin:tiny-sft``, ``builtin:tiny-tools`` and ``builtin:tiny-vlm-sft``.
 
 ``python -m lit_align.tiny_sft [--model builtin:tiny-tools]`` runs the model's recipe
 (``models/assets/<name>.yaml``) through ``lit-align fit`` (one torch thread, in a temporary
 directory) and writes the trained weights to ``models/assets/<name>.safetensors`` (float32, about
-0.5 MB). The config of the model is ``builtin:tiny``'s, so only the weights are stored.
+0.5 MB). The config of the model is ``builtin:tiny``'s (``builtin:tiny-vlm``'s), so only the weights are stored.
 
 Training on another CPU gives other weights of the same quality (floating-point reduction order
 differs between kernels); shipping the file makes every machine start the online methods from the
@@ -17,7 +17,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from lit_align.models.builtin import ASSETS, BUILTIN_WEIGHTS
+from lit_align.models.builtin import ASSETS
+from lit_align.models.builtin import BUILTIN_WEIGHTS as TEXT_WEIGHTS
+from lit_align.models.vlm import VLM_WEIGHTS
+
+BUILTIN_WEIGHTS = {**TEXT_WEIGHTS, **VLM_WEIGHTS}
 
 RECIPE = ASSETS / "tiny-sft.yaml"  # builtin:tiny-sft's
 WEIGHTS = BUILTIN_WEIGHTS["builtin:tiny-sft"]
@@ -37,6 +41,7 @@ def regenerate(out: Path = WEIGHTS, overrides: list[str] = (), name: str = "buil
     from safetensors.torch import load_file, save_file
 
     from lit_align.cli import build_cli
+    from lit_align.models.loading import load_causal_lm
 
     path = recipe(name)
     torch.set_num_threads(1)
@@ -47,8 +52,10 @@ def regenerate(out: Path = WEIGHTS, overrides: list[str] = (), name: str = "buil
             build_cli(["fit", f"--config={path}", "--trainer.enable_progress_bar=false", *overrides])
         finally:
             os.chdir(cwd)
-        # Each recipe's SaveHFModel writes to runs/<recipe name>/hf_model.
-        state = load_file(str(Path(tmp) / "runs" / path.stem / "hf_model/model.safetensors"))
+        # Each recipe's SaveHFModel writes to runs/<recipe name>/hf_model. A VLM is read back through
+        # transformers, whose checkpoints name its weights otherwise than its modules do.
+        saved = Path(tmp) / "runs" / path.stem / "hf_model"
+        state = load_causal_lm(str(saved)).state_dict() if name in VLM_WEIGHTS else load_file(str(saved / "model.safetensors"))
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"recipe": path.name})
     out.chmod(0o644)
     return out

@@ -23,11 +23,15 @@ from PIL import Image
 
 from lit_align import (
     DPO,
+    GRPO,
     KTO,
     SFT,
     LanguageModelingDataModule,
+    OnlineDPO,
     PreferenceDataModule,
     PromptCompletionDataModule,
+    PromptOnlyDataModule,
+    RolloutCallback,
     UnpairedPreferenceDataModule,
 )
 from lit_align.data.shapes import shapes_rows
@@ -184,6 +188,74 @@ def test_images_from_paths_bytes_or_pil(source: str, tmp_path) -> None:
     assert torch.equal(batch.vision["pixel_values"], tiny_vlm_processor().image_processor([image], return_tensors="pt")["pixel_values"])
 
 
+# --------------------------------------------------------------------------- online: generating from images
+
+
+def _prompts(tmp_path, size: int = 8):
+    data = PromptOnlyDataModule("builtin:shapes?size=8", batch_size=size, eval_split="test", eval_batch_size=size)
+    data.connect(tiny_vlm_processor())
+    data.setup("fit")
+    return next(iter(data.val_dataloader()))
+
+
+def test_the_engine_reads_each_prompts_pixels(tmp_path) -> None:
+    """builtin:tiny-vlm-sft answers greedily with the colour of the image it is given: its own prompt's, and
+    another prompt's when the pixels are rolled by one (so the answers follow the pixels, not the text)."""
+    from lit_align.rewards.shapes import shapes_reward
+    from lit_align.rollout.engines import HFEngine, SamplingParams
+
+    batch, model, tok = _prompts(tmp_path), load_causal_lm("builtin:tiny-vlm-sft"), load_tokenizer("builtin:tiny-vlm-sft")
+    greedy = SamplingParams(max_completion_length=8, temperature=0.0, num_generations=2)
+    engine = HFEngine(tok)
+    for shift in (0, 1):
+        rows = batch.vision_rows[shift:] + batch.vision_rows[:shift]
+        gens = engine.generate(model, batch.prompt_ids, batch.prompt_mask, greedy, vision_rows=rows)
+        answers = batch.extras["answer"][shift:] + batch.extras["answer"][:shift]
+        texts = tok.batch_decode(gens.completion_ids, skip_special_tokens=True)
+        assert shapes_reward(None, texts, [a for a in answers for _ in range(2)]) == [1.0] * 16, texts
+        assert len(gens.vision_rows) == 16 and gens.vision_rows[2] is rows[1]  # each completion keeps its prompt's
+    picked = gens.select(torch.tensor([3, 0])).cat(gens.select(torch.tensor([5])), tok.pad_token_id)
+    assert [r is gens.vision_rows[i] for r, i in zip(picked.vision_rows, (3, 0, 5))] == [True] * 3
+
+
+def test_the_image_token_is_never_sampled(tmp_path) -> None:
+    from lit_align.rollout.engines import HFEngine, SamplingParams
+
+    batch, model = _prompts(tmp_path), load_causal_lm("builtin:tiny-vlm")
+    token_id = model.config.image_token_id
+    model.lm_head.register_forward_hook(lambda m, i, out: out.index_add(-1, torch.tensor([token_id]),
+                                                                        torch.full((*out.shape[:-1], 1), 50.0)))
+    gens = HFEngine(load_tokenizer(MODEL), seed=0).generate(model, batch.prompt_ids, batch.prompt_mask,
+                                                            SamplingParams(max_completion_length=4, num_generations=2),
+                                                            vision_rows=batch.vision_rows)
+    assert not (gens.completion_ids == token_id).any()
+
+
+def test_grpo_trains_on_images_and_rewards_get_them() -> None:
+    seen: dict = {}
+
+    def reward(prompts, completions, answer, images, **kwargs):
+        from lit_align.rewards.shapes import shapes_reward
+
+        seen.update(images=images, answer=answer)
+        return shapes_reward(prompts, completions, answer)
+
+    module = GRPO("builtin:tiny-vlm-sft", reward_funcs=[reward], num_generations=4, max_completion_length=8, beta=0.04)
+    data = PromptOnlyDataModule("builtin:shapes?size=16", batch_size=16)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[RolloutCallback()]).fit(module, data)
+    assert len(seen["images"]) == 16 and isinstance(seen["images"][0][0], Image.Image)  # each completion's row's images
+    assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
+    assert 0.0 < float(module.trainer.callback_metrics["train/reward"]) <= 1.0
+
+
+def test_methods_that_do_not_generate_from_images_say_so(tmp_path) -> None:
+    module = OnlineDPO("builtin:tiny-vlm-sft", reward_funcs=["shapes_reward"], max_new_tokens=4)
+    module.configure_model()
+    with pytest.raises(ValueError, match="OnlineDPO does not generate from images yet"):
+        module.make_rollout(_prompts(tmp_path), "train")
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -192,13 +264,6 @@ def test_images_for_a_text_only_model_are_refused(tmp_path) -> None:
     data.connect(load_tokenizer("builtin:tiny"))
     with pytest.raises(DataFormatError, match="rows have images .* text-only model"):
         data.setup("fit")
-
-
-def test_prompt_only_rows_with_images_are_refused_until_online_methods_generate_from_them(tmp_path) -> None:
-    from lit_align import PromptOnlyDataModule
-
-    with pytest.raises(DataFormatError, match="prompts with images are not supported yet"):
-        _data(PromptOnlyDataModule, shapes_rows("prompt_only", size=4), tmp_path)
 
 
 def test_unreadable_and_missing_images_name_the_row(tmp_path) -> None:

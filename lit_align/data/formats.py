@@ -22,6 +22,7 @@ from lit_align.data.tokenize import (
     tokenize_steps,
     tokenize_text,
 )
+from lit_align.data.vision import load_image, row_images
 from lit_align.imports import import_object
 from lit_align.ops.packing import left_pad
 
@@ -359,13 +360,6 @@ class PromptOnlyDataModule(AlignDataModule):
     def keep_columns(self, ds: datasets.Dataset) -> set[str]:
         return set(ds.column_names)
 
-    def _image_tokens(self, label: str):
-        raise DataFormatError(
-            f"{label}: prompts with images are not supported yet: lit-align's online methods (GRPO, RLOO, PPO, "
-            "OnlineDPO, NashMD, XPO) do not generate from images; drop the image column, or train on images offline "
-            "(SFT, DPO, KTO)"
-        )
-
     def tokenize_row(self, row: dict, tokenizer) -> TokenizedRow:
         ids = render_prompt(tokenizer, row["prompt"], row)
         return [{"input_ids": ids, "completion_mask": [0] * len(ids)}], {}
@@ -378,7 +372,11 @@ class PromptOnlyDataModule(AlignDataModule):
         return self.max_length is None or len(seq["input_ids"]) < self.max_length
 
     def collate(self, items: list[dict], split: str = "train") -> PromptBatch:
-        return collate_prompts(items, self.pad_token_id, self.pad_to_multiple_of)
+        batch = collate_prompts(items, self.pad_token_id, self.pad_to_multiple_of)
+        if self.image_tokens is not None and any(row_images(it) for it in items):  # each prompt's pixels, for generation
+            batch.vision_rows = [self.image_tokens.pixels([load_image(v, f"batch row {i}") for v in row_images(it)])
+                                 for i, it in enumerate(items)]
+        return batch
 
     def loader_batch_size(self, train: bool) -> int:
         """``batch_size`` counts completions, as TRL's ``per_device_train_batch_size`` does: a
@@ -409,6 +407,7 @@ class PromptBatch:
     prompts: list  # the raw prompts (strings or message lists)
     extras: dict[str, list] = field(default_factory=dict)  # extra columns, for reward functions
     rollout: Any = None  # set by the rollout callback before training_step (a lit_align.rollout.Rollout)
+    vision_rows: list[dict[str, torch.Tensor]] | None = None  # a VLM's image inputs of each prompt (its pixels, grids)
 
     def __len__(self) -> int:
         return len(self.prompts)

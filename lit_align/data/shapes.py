@@ -56,6 +56,7 @@ OPTIONS: dict[str, type] = {
     "question": str,
     "max_count": int,
     "test_size": int,
+    "noise": float,
 }
 _TEST_BUCKETS = 8  # 1 in 8 images (by hash) belongs to the test split
 _MAX_TRIES = 10_000  # rejection-sampling guard (placements, and test membership)
@@ -158,12 +159,15 @@ def shapes_rows(
     image_size: int = 32,
     question: str = "colour",
     max_count: int = 3,
+    noise: float = 0.0,
 ) -> list[dict]:
     """``size`` rows of the shapes task in TRL format ``fmt`` (every one of :data:`FORMATS` but ``stepwise``).
 
     Each row has an ``images`` column (a list with one PIL image). ``preference`` rows reject another
     palette colour, or another count in ``1..max(max_count, 2)``; ``unpaired_preference`` labels are
     half True; ``prompt_only`` rows carry the right ``answer`` string, which reward functions receive.
+    ``noise``: that fraction of the demonstrations (``language_modeling``, ``prompt_completion``) gives a
+    wrong answer, as ``builtin:arithmetic``'s slips (the warm start ``builtin:tiny-vlm-sft`` learns from them).
     """
     if fmt == "stepwise":
         raise ValueError("builtin:shapes has no stepwise format: its answers are one word, with no steps to label; "
@@ -174,6 +178,8 @@ def shapes_rows(
         raise ValueError(f"unknown split {split!r} for builtin:shapes; valid splits: {', '.join(SPLITS)}")
     if question not in QUESTIONS:
         raise ValueError(f"option 'question' must be one of {', '.join(QUESTIONS)}, got {question!r}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"option 'noise' must be in [0, 1], got {noise}")
     if size < 0 or image_size < MIN_IMAGE_SIZE or not 1 <= max_count <= MAX_COUNT:
         raise ValueError(f"need size >= 0, image_size >= {MIN_IMAGE_SIZE}, 1 <= max_count <= {MAX_COUNT}; "
                          f"got {size=}, {image_size=}, {max_count=}")
@@ -192,14 +198,16 @@ def shapes_rows(
     def assistant(text: str) -> list[dict]:
         return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
+    noisy = random.Random(f"shapes-noise/{split}/{seed}/{question}")
     rows = []
     for (_, colour, positions), ok in zip(specs, correct):
         good = colour if question == "colour" else str(len(positions))
         prompt, images = user(QUESTIONS[question]), [render(colour, positions, image_size)]
+        shown = wrong(good) if noise and noisy.random() < noise else good  # a demonstration's answer
         if fmt == "language_modeling":
-            row = {"messages": prompt + assistant(good)}
+            row = {"messages": prompt + assistant(shown)}
         elif fmt == "prompt_completion":
-            row = {"prompt": prompt, "completion": assistant(good)}
+            row = {"prompt": prompt, "completion": assistant(shown)}
         elif fmt == "preference":
             row = {"prompt": prompt, "chosen": assistant(good), "rejected": assistant(wrong(good))}
         elif fmt == "unpaired_preference":

@@ -173,8 +173,9 @@ class ImageTokens:
     def batch_inputs(self, input_ids: Tensor, images: list) -> dict[str, Tensor]:
         """A batch's vision inputs: the pixels of ``images`` (every image of every row, in row
         order) and the per-token types the model wants."""
-        out = self.pixels(images) if images else {}
-        for key in self.token_type_keys:
-            out[key] = (input_ids == self.token_id).long()
-        return out
+        return self.with_token_types(input_ids, self.pixels(images) if images else {})
+
+    def with_token_types(self, input_ids: Tensor, pixels: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``pixels`` and the per-token types the model wants (1 on image tokens) for ``input_ids``."""
+        return {**pixels, **{key: (input_ids == self.token_id).long() for key in self.token_type_keys}}
 

@@ -204,6 +204,15 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
                 self._processor.tokenizer = self.tokenizer  # one tokenizer: customised, shared with the data
         return self._processor
 
+    @functools.cached_property
+    def image_tokens(self) -> Any:
+        """How the processor turns images into tokens (:class:`lit_align.data.vision.ImageTokens`); VLMs only."""
+        from lit_align.data.vision import ImageTokens
+
+        if self.processor is None:
+            raise ValueError(f"{self.model_name_or_path} is a text-only model: it reads no images")
+        return ImageTokens(self.processor)
+
     def fit_to_tokenizer(self, model: torch.nn.Module) -> torch.nn.Module:
         """A model loaded from the policy's path, fitted to a customised tokenizer (new tokens, EOS)."""
         if self.chat_template_path or self.eos_token or self.pad_token:

@@ -41,7 +41,9 @@ class DynamicSampling:
             if not flat.any():
                 break
             sub = PromptBatch(batch.prompt_ids[flat], batch.prompt_mask[flat], [p for p, f in zip(batch.prompts, flat.tolist()) if f],
-                              {k: [v for v, f in zip(vals, flat.tolist()) if f] for k, vals in batch.extras.items()})
+                              {k: [v for v, f in zip(vals, flat.tolist()) if f] for k, vals in batch.extras.items()},
+                              vision_rows=None if batch.vision_rows is None else
+                              [v for v, f in zip(batch.vision_rows, flat.tolist()) if f])
             new = self.sample_batch(sub)
             new_completions, new_rewards = self.score(sub, new)
             useful = ~self.flat_groups(new_rewards)

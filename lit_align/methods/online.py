@@ -27,6 +27,7 @@ from lit_align.methods.reference import WithReference
 from lit_align.methods.sampling import Sampling
 from lit_align.methods.scoring import Scoring
 from lit_align.ops.completions import completion_batch, completion_logprobs
+from lit_align.ops.forward import join_vision
 from lit_align.ops.packing import SequenceBatch
 from lit_align.rewards.registry import load_reward_func
 from lit_align.rollout.callback import RolloutCallback
@@ -36,6 +37,7 @@ from lit_align.rollout.types import Advantages, Rollout
 
 
 class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
+    images_in_rollouts: ClassVar[bool] = True  # see generates_from_images
     """Base of the methods that learn from their own samples (not used directly)."""
 
     disable_dropout_default: ClassVar[bool] = False
@@ -250,6 +252,9 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         """Sample, score and prepare the loss inputs of one prompt batch (called by the callback)."""
         if not self.can_score:
             raise ValueError(f"{type(self).__name__} needs reward_funcs (or a reward model) to score completions")
+        if batch.vision_rows is not None and not self.generates_from_images:
+            raise ValueError(f"{type(self).__name__} does not generate from images yet (GRPO and RLOO do); drop the "
+                             "image column, or train on images with GRPO, RLOO, SFT, DPO or KTO")
         self.check_prompt_budget(batch)
         gens = self.sample_batch(batch)
         completions, rewards = self.score(batch, gens)
@@ -257,7 +262,7 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
 
     def sample_batch(self, batch: PromptBatch) -> Generations:
         """The completions of one prompt batch (the pair methods sample a second source too)."""
-        return self.sample(self.model, batch.prompt_ids, batch.prompt_mask)
+        return self.sample(self.model, batch.prompt_ids, batch.prompt_mask, vision_rows=batch.vision_rows)
 
     def build_rollout(self, batch: PromptBatch, gens: Generations, completions: list, rewards: Tensor, stage: str) -> Rollout:
         """The part every online method shares, computed once, without gradients: sequences, the loss
@@ -307,7 +312,17 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         return self.token_logps(self.model, rollout.sequences, rollout.generations)[0]
 
     def sequences(self, gens: Generations) -> SequenceBatch:
-        return completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)
+        batch = completion_batch(gens.prompt_ids, gens.prompt_mask, gens.completion_ids, gens.completion_mask, self.pad_token_id)
+        if gens.vision_rows is not None:  # each row's prompt images, for the policy's and the reference's forward
+            batch.vision = self.image_tokens.with_token_types(batch.input_ids, join_vision(gens.vision_rows))
+        return batch
+
+    @property
+    def generates_from_images(self) -> bool:
+        """Whether this method's rollouts sample a vision-language model from prompts with images: the
+        methods that sample the policy alone, in one turn (GRPO, RLOO); not yet the pair methods, PPO's
+        value model, or tool and environment turns."""
+        return self.images_in_rollouts and getattr(self, "toolbox", None) is None
 
     def loss_mask(self, gens: Generations) -> Tensor:
         mask = gens.model_mask.float()  # tool results (multi-turn rollouts) never count

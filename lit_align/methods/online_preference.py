@@ -48,6 +48,8 @@ class OnlinePreferenceModule(ToolUse, OnlineModule):
     for the second).
     """
 
+    images_in_rollouts = False  # prompts with images: not yet (generates_from_images)
+
     default_lr = 5e-7
     samples_reference: ClassVar[bool] = False  # NashMD and XPO draw the second sample from (a mixture with) the reference
     disable_dropout_default: ClassVar[bool] = True

@@ -57,6 +57,8 @@ class PPO(ToolUse, ManualSteps, OnlineModule):
     """Proximal Policy Optimization with a critic, a frozen reference and a reward model or functions
     (and tools or environments: multi-turn rollouts, see the module docstring)."""
 
+    images_in_rollouts = False  # prompts with images: not yet (generates_from_images)
+
     default_lr = 3e-6
     kl_weight_name = "kl_coef"
 

@@ -35,7 +35,7 @@ class Sampling:
 
     def sample(
         self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, policy: bool = True,
-        sampling: SamplingParams | None = None,
+        sampling: SamplingParams | None = None, vision_rows: list | None = None,
     ) -> Generations:
         """Completions of ``model`` for left-padded prompts through the module's engine
         (``sampling.num_generations`` per prompt, consecutive). ``policy=False`` when ``model`` is
@@ -47,7 +47,12 @@ class Sampling:
                 f"its engine {type(self.engine).__name__} samples the policy only; use an engine that samples "
                 "any model (HFEngine, use_vllm=False)"
             )
-        return self.engine.generate(model, prompt_ids, prompt_mask, sampling or self.sampling)
+        if vision_rows is None:
+            return self.engine.generate(model, prompt_ids, prompt_mask, sampling or self.sampling)
+        if not getattr(self.engine, "samples_images", False):
+            raise ValueError(f"the prompts have images, which {type(self.engine).__name__} does not take; sample a "
+                             "vision-language model with HFEngine (use_vllm=False)")
+        return self.engine.generate(model, prompt_ids, prompt_mask, sampling or self.sampling, vision_rows=vision_rows)
 
     def check_prompt_budget(self, batch: PromptBatch) -> None:
         """A prompt and ``max_completion_length`` new tokens must fit the model's context."""

@@ -184,7 +184,7 @@ def builtin_model(name: str = "builtin:tiny", dtype: torch.dtype = torch.float32
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     if name in BUILTIN_WEIGHTS:
-        model.load_state_dict(_shipped_weights(name), strict=True)
+        model.load_state_dict(shipped_weights(name), strict=True)
     model.to(dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None
@@ -193,10 +193,11 @@ def builtin_model(name: str = "builtin:tiny", dtype: torch.dtype = torch.float32
     return model.eval()
 
 
-def _shipped_weights(name: str) -> dict[str, torch.Tensor]:
+def shipped_weights(name: str, path: Path | None = None) -> dict[str, torch.Tensor]:
+    """The shipped weights of builtin model ``name`` (from ``path``, default its ``BUILTIN_WEIGHTS`` file)."""
     from safetensors.torch import load_file
 
-    path = BUILTIN_WEIGHTS[name]
+    path = path or BUILTIN_WEIGHTS[name]
     if not path.is_file():
         raise FileNotFoundError(
             f"{name} needs its shipped weights {path}, which are missing from this installation; "

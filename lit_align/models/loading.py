@@ -241,7 +241,7 @@ def load_causal_lm(
     if is_builtin(name_or_path):
         _check_builtin_kwargs(name_or_path, kwargs)
         dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
-        model = tiny_vlm(dtype) if is_builtin_vlm(name_or_path) else builtin_model(name_or_path, dtype=dtype)
+        model = tiny_vlm(dtype, name_or_path) if is_builtin_vlm(name_or_path) else builtin_model(name_or_path, dtype=dtype)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         return model

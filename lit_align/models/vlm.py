@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lit_align.models.builtin import BUILTIN_MODELS, builtin_model, builtin_tokenizer
+from lit_align.models.builtin import ASSETS, BUILTIN_MODELS, builtin_model, builtin_tokenizer, shipped_weights
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 32
@@ -54,7 +54,11 @@ VLM_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-VLM_MODELS = ("builtin:tiny-vlm",)
+VLM_MODELS = ("builtin:tiny-vlm", "builtin:tiny-vlm-sft")
+# builtin:tiny-vlm fine-tuned on builtin:shapes demonstrations of which half name a wrong colour
+# (assets/tiny-vlm-sft.yaml; python -m lit_align.tiny_sft --model builtin:tiny-vlm-sft): the warm
+# start of configs/grpo_vlm.yaml, which names a colour and samples the right one about half the time.
+VLM_WEIGHTS = {"builtin:tiny-vlm-sft": ASSETS / "tiny-vlm-sft.safetensors"}
 
 
 def is_builtin_vlm(name: str) -> bool:
@@ -106,9 +110,10 @@ def tiny_vlm_config() -> LlavaConfig:
     return config
 
 
-def tiny_vlm(dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+def tiny_vlm(dtype: torch.dtype = torch.float32, name: str = "builtin:tiny-vlm") -> LlavaForConditionalGeneration:
     """builtin:tiny-vlm, identical on every call, in eval mode: the vision tower and projector from seed 0,
-    the language model builtin:tiny-sft's. The global RNG state is left untouched."""
+    the language model builtin:tiny-sft's; or ``builtin:tiny-vlm-sft`` with its shipped weights. The
+    global RNG state is left untouched."""
     config = tiny_vlm_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -120,6 +125,8 @@ def tiny_vlm(dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneratio
     language = builtin_model("builtin:tiny-sft")
     model.model.language_model.load_state_dict(language.model.state_dict(), strict=True)
     model.lm_head.load_state_dict(language.lm_head.state_dict(), strict=True)
+    if name in VLM_WEIGHTS:
+        model.load_state_dict(shipped_weights(name, VLM_WEIGHTS[name]), strict=True)
     model.to(dtype)
     text = config.text_config
     model.generation_config = GenerationConfig(eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id, bos_token_id=None)

@@ -51,6 +51,8 @@ def select_sequences(batch: SequenceBatch, index: Tensor) -> SequenceBatch:
     ``0..len(index)-1``: a mini-batch without collating its tokens again."""
     if batch.num_sequences != batch.input_ids.size(0):
         raise ValueError("select_sequences needs the padded layout (one sequence per row)")
+    if batch.vision is not None:
+        raise ValueError("select_sequences cannot split a batch's image inputs: rebuild the sequences of the rows instead")
     width = int((batch.sequence_ids[index] >= 0).sum(1).max())  # right padding: drop columns no row uses
     rows = {k: v[index, :width] for k, v in batch.to_dict().items() if isinstance(v, Tensor) and v.dim() == 2}
     ids = rows["sequence_ids"]

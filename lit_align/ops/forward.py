@@ -8,6 +8,7 @@ of the step, and never builds ``[B, T, V]`` logits.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lit_align.ops.logprobs import TokenStats, selected_logprobs
@@ -47,8 +48,18 @@ def multimodal_backbone(model: nn.Module) -> nn.Module:
 
 def vision_inputs(model: nn.Module, batch: SequenceBatch) -> dict[str, Tensor]:
     """The batch's image inputs, floating ones in the model's dtype."""
+    return in_model_dtype(model, batch.vision)
+
+
+def in_model_dtype(model: nn.Module, vision: dict[str, Tensor]) -> dict[str, Tensor]:
     dtype = next(model.parameters()).dtype
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.vision.items()}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in vision.items()}
+
+
+def join_vision(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The image inputs of several rows as one batch's: each key's tensors joined along the first
+    dimension (images for LLaVA's pixels, patches for Qwen2-VL's, grids), in row order."""
+    return {k: torch.cat([row[k] for row in rows if k in row]) for k in rows[0]} if rows else {}
 
 
 def lm_head_params(model: nn.Module) -> dict:

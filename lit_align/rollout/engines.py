@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.models.loading import tokenizer_pad_id
+from lit_align.ops.forward import in_model_dtype, join_vision
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Generations:
     is_truncated: Tensor  # (N,) bool: no EOS within max_completion_length
     sampling_logps: Tensor | None = None  # (N, C) engine log-probs of the sampled tokens, after its processors
     tool_mask: Tensor | None = None  # (N, C) long: 1 where the model wrote the token, 0 on tool results (multi-turn)
+    vision_rows: list[dict[str, Tensor]] | None = None  # a VLM's image inputs of each row's prompt (its pixels, grids)
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -72,7 +74,9 @@ class Generations:
     def select(self, index: Tensor) -> Generations:
         """The rows at ``index``, every field (sampling log-probs included)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Generations(**{name: None if v is None else v[index] for name, v in values.items()})
+        rows = index.tolist()
+        return Generations(**{name: None if v is None else [v[i] for i in rows] if isinstance(v, list) else v[index]
+                              for name, v in values.items()})
 
     def cat(self, other: Generations, pad_token_id: int) -> Generations:
         """These rows, then ``other``'s (completions right-padded to the wider of the two)."""
@@ -83,6 +87,8 @@ class Generations:
             a, b = getattr(self, name), getattr(other, name)
             if a is None or b is None:
                 return None
+            if isinstance(a, list):
+                return a + b
             if name in pads:
                 a, b = (torch.nn.functional.pad(t, (0, width - t.size(1)), value=pads[name]) for t in (a, b))
             return torch.cat([a, b])
@@ -184,6 +190,13 @@ class TokenizerEngine:
         return tokenizer_pad_id(self.tokenizer)
 
 
+def image_token_id(model: nn.Module) -> int:
+    """The token a vision-language model's prompts hold its images' features at (never one to sample)."""
+    config = model.config
+    token = getattr(config, "image_token_id", None)
+    return token if token is not None else config.image_token_index
+
+
 class HFEngine(TokenizerEngine):
     """Sampling from the policy itself with its KV cache: every completion of every prompt in one batch.
 
@@ -201,6 +214,7 @@ class HFEngine(TokenizerEngine):
 
     LEAN_KWARGS = frozenset({"min_new_tokens"})
     samples_any_model = True  # the policy, a reference, a mixture of both: any causal LM
+    samples_images = True  # a vision-language model's prompts with their pixels (generate's vision_rows)
 
     def __init__(self, tokenizer: Any = None, use_generate: bool = False, seed: int | None = None,
                  continuous_batching: dict[str, Any] | None = None) -> None:
@@ -211,27 +225,37 @@ class HFEngine(TokenizerEngine):
         self.seed = seed
 
 
-    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Generations:
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams,
+                 vision_rows: list[dict[str, Tensor]] | None = None) -> Generations:
+        """``vision_rows``: a VLM's image inputs of each prompt (its images' pixels), which the prefill reads."""
         n = sampling.num_generations
         eos = eos_ids(self.tokenizer, model)
         with generation_mode(model):
             if self.continuous_batching is not None:
+                if vision_rows is not None:
+                    raise ValueError("transformers' continuous batching does not take images; leave "
+                                     "use_transformers_continuous_batching off to sample a vision-language model")
                 completions, logps = self._generate_batch(model, prompt_ids, prompt_mask, sampling, eos)
             elif self.use_generate or set(sampling.generation_kwargs) - self.LEAN_KWARGS:
-                completions, logps = self._hf_generate(model, prompt_ids, prompt_mask, sampling, eos)
+                vision = None if vision_rows is None else in_model_dtype(model, join_vision([r for r in vision_rows for _ in range(n)]))
+                completions, logps = self._hf_generate(model, prompt_ids, prompt_mask, sampling, eos, vision)
             else:
-                completions, logps = self._decode(model, prompt_ids, prompt_mask, sampling, eos)
+                vision = None if vision_rows is None else in_model_dtype(model, join_vision(vision_rows))
+                completions, logps = self._decode(model, prompt_ids, prompt_mask, sampling, eos, vision)
         cmask, truncated = completion_mask(completions, eos)
         completions = completions.masked_fill(cmask == 0, self.pad_token_id)
+        rows = None if vision_rows is None else [row for row in vision_rows for _ in range(n)]
         return Generations(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), completions, cmask,
-                           truncated, logps.masked_fill(cmask == 0, 0.0))
+                           truncated, logps.masked_fill(cmask == 0, 0.0), vision_rows=rows)
 
-    def _hf_generate(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int]) -> Tensor:
+    def _hf_generate(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int],
+                     vision: dict[str, Tensor] | None = None) -> Tensor:
         n = sampling.num_generations
         ids, mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
+            **({} if vision is None else {**vision, "suppress_tokens": [image_token_id(model)]}),
             max_new_tokens=sampling.max_completion_length,
             do_sample=sampling.temperature > 0,
             temperature=sampling.temperature if sampling.temperature > 0 else None,
@@ -277,7 +301,8 @@ class HFEngine(TokenizerEngine):
                 logps[i, : len(r.logprobs)] = torch.tensor(r.logprobs[: ids.size(1)], dtype=torch.float32)
         return ids, logps.to(prompt_ids.device)
 
-    def _decode(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int]) -> tuple[Tensor, Tensor]:
+    def _decode(self, model, prompt_ids, prompt_mask, sampling: SamplingParams, eos: list[int],
+                vision: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         from transformers import DynamicCache
 
         from lit_align.ops.sampling import process_logits, sample_probs
@@ -289,7 +314,7 @@ class HFEngine(TokenizerEngine):
         cache_arg = decoder_cache_argument(model)
         positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{cache_arg: cache})
+                    logits_to_keep=1, **{cache_arg: cache}, **(vision or {}))  # images enter at the prefill only
         cache.batch_repeat_interleave(n)  # prefill each prompt once, then copy its cache per sample
         logits = out.logits[:, -1].repeat_interleave(n, 0)
         rows, width, steps = logits.size(0), prompt_mask.size(1), sampling.max_completion_length
@@ -306,12 +331,19 @@ class HFEngine(TokenizerEngine):
         is_eos = torch.zeros(logits.size(-1), dtype=torch.bool, device=device)
         is_eos[eos_t[eos_t < logits.size(-1)]] = True
         min_new = int(sampling.generation_kwargs.get("min_new_tokens", 0) or 0)
+        never = None
+        if vision is not None:  # a sampled image token would have no pixels behind it in the training forward
+            never = torch.zeros_like(is_eos)
+            never[image_token_id(model)] = True
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         for step in range(steps):
+            banned = is_eos if step < min_new else None
+            if never is not None:
+                banned = never if banned is None else banned | never
             scores = process_logits(
                 logits, history, temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
                 top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-                repetition_penalty=sampling.repetition_penalty, banned=is_eos if step < min_new else None,
+                repetition_penalty=sampling.repetition_penalty, banned=banned,
             )
             probs = scores.softmax(-1)  # drawn from; the drawn token's log-prob is read off it (never 0)
             token = scores.argmax(-1) if sampling.temperature == 0 else sample_probs(probs, self.generator)
