@@ -91,8 +91,9 @@ def test_formats_columns_and_answers(question):
             (image,) = row["images"]
             assert isinstance(image, Image.Image) and image.size == (32, 32) and image.mode == "RGB"
             prompt = row["messages"][:1] if fmt == "language_modeling" else row["prompt"]
-            assert prompt[0]["role"] == "user" and prompt[0]["content"][0] == {"type": "image"}
-            assert prompt[0]["content"][1]["type"] == "text"
+            # the question, then the image: the image tokens sit next to the answer they decide
+            assert prompt[0]["role"] == "user" and prompt[0]["content"][1] == {"type": "image"}
+            assert prompt[0]["content"][0]["type"] == "text"
         if fmt == "preference":
             assert all(_answer(r["chosen"]) != _answer(r["rejected"]) for r in rows)
             truth = [r["answer"] for r in shapes_rows("prompt_only", size=40, seed=1, question=question)]
@@ -148,8 +149,8 @@ def test_load_source_dataset_and_round_trip(tmp_path):
     (image,) = row["images"]
     assert isinstance(image, Image.Image) and image.size == (32, 32)
     # Feature inference gives the image part the text part's keys: {"type": "image", "text": None}.
-    assert row["prompt"][0]["content"] == [{"type": "image", "text": None},
-                                           {"type": "text", "text": "What colour are the squares?"}]
+    assert row["prompt"][0]["content"] == [{"type": "text", "text": "What colour are the squares?"},
+                                           {"type": "image", "text": None}]
     assert row["completion"] == [{"role": "assistant", "content": [{"type": "text", "text": row["completion"][0]["content"][0]["text"]}]}]
     rows = shapes_rows("prompt_completion", size=20)
     assert [_pixels(r) for r in ds] == [_pixels(r) for r in rows]
@@ -184,3 +185,14 @@ def test_options_and_errors():
         load_source("builtin:circles", "train", "prompt_only")
     # builtin:arithmetic is dispatched as before.
     assert load_source("builtin:arithmetic?size=4", "train", "prompt_only").column_names == ["prompt", "answer"]
+
+
+def test_noise_makes_that_share_of_demonstrations_wrong():
+    clean, noisy = shapes_rows("prompt_completion", size=400), shapes_rows("prompt_completion", size=400, noise=0.3)
+    assert shapes_rows("prompt_completion", size=400, noise=0.0) == clean  # noise 0 draws nothing: rows as before
+    text = lambda row: row["completion"][0]["content"][0]["text"]  # noqa: E731
+    wrong = sum(text(a) != text(b) for a, b in zip(clean, noisy)) / len(clean)
+    assert 0.22 < wrong < 0.38
+    assert [r["prompt"] for r in clean] == [r["prompt"] for r in noisy]
+    with pytest.raises(ValueError, match="option 'noise' must be in"):
+        shapes_rows("prompt_completion", size=4, noise=1.5)

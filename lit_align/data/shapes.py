@@ -12,7 +12,7 @@ is one of::
 Rows are conversational only, in TRL's vision layout: an ``images`` column holding a list with one
 PIL image, and message contents as lists of parts, the image as a placeholder part::
 
-    prompt     = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour are the squares?"}]}]
+    prompt     = [{"role": "user", "content": [{"type": "text", "text": "What colour are the squares?"}, {"type": "image"}]}]
     completion = [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
 
 Once in a ``datasets.Dataset``, inference gives every content part the union of the keys, so the
