@@ -37,8 +37,9 @@ from lit_align.rollout.types import Advantages, Rollout
 
 
 class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
-    images_in_rollouts: ClassVar[bool] = True  # see generates_from_images
     """Base of the methods that learn from their own samples (not used directly)."""
+
+    images_in_rollouts: ClassVar[bool] = True  # see generates_from_images
 
     disable_dropout_default: ClassVar[bool] = False
     kl_weight_name: ClassVar[str] = "beta"  # the argument that weighs the KL to the reference (PPO: kl_coef)

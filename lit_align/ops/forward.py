@@ -34,7 +34,7 @@ def decoder_hidden(model: nn.Module, batch: SequenceBatch) -> Tensor:
     language model), without position ids: its rows are padded, never packed, so the model's own
     positions are the same, and models with multimodal rotary positions (Qwen2-VL) derive theirs."""
     if batch.vision:
-        return multimodal_backbone(model)(input_ids=batch.input_ids, **vision_inputs(model, batch), use_cache=False).last_hidden_state
+        return multimodal_backbone(model)(input_ids=batch.input_ids, **in_model_dtype(model, batch.vision), use_cache=False).last_hidden_state
     out = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     return out.last_hidden_state
 
@@ -46,12 +46,8 @@ def multimodal_backbone(model: nn.Module) -> nn.Module:
     return base.model
 
 
-def vision_inputs(model: nn.Module, batch: SequenceBatch) -> dict[str, Tensor]:
-    """The batch's image inputs, floating ones in the model's dtype."""
-    return in_model_dtype(model, batch.vision)
-
-
 def in_model_dtype(model: nn.Module, vision: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Image inputs with their floating tensors (pixels) in the model's dtype; grids and types as they are."""
     dtype = next(model.parameters()).dtype
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in vision.items()}
 

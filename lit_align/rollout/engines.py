@@ -230,6 +230,7 @@ class HFEngine(TokenizerEngine):
         """``vision_rows``: a VLM's image inputs of each prompt (its images' pixels), which the prefill reads."""
         n = sampling.num_generations
         eos = eos_ids(self.tokenizer, model)
+        rows = None if vision_rows is None else [row for row in vision_rows for _ in range(n)]  # each completion's prompt's
         with generation_mode(model):
             if self.continuous_batching is not None:
                 if vision_rows is not None:
@@ -237,14 +238,13 @@ class HFEngine(TokenizerEngine):
                                      "use_transformers_continuous_batching off to sample a vision-language model")
                 completions, logps = self._generate_batch(model, prompt_ids, prompt_mask, sampling, eos)
             elif self.use_generate or set(sampling.generation_kwargs) - self.LEAN_KWARGS:
-                vision = None if vision_rows is None else in_model_dtype(model, join_vision([r for r in vision_rows for _ in range(n)]))
+                vision = None if rows is None else in_model_dtype(model, join_vision(rows))
                 completions, logps = self._hf_generate(model, prompt_ids, prompt_mask, sampling, eos, vision)
             else:
                 vision = None if vision_rows is None else in_model_dtype(model, join_vision(vision_rows))
                 completions, logps = self._decode(model, prompt_ids, prompt_mask, sampling, eos, vision)
         cmask, truncated = completion_mask(completions, eos)
         completions = completions.masked_fill(cmask == 0, self.pad_token_id)
-        rows = None if vision_rows is None else [row for row in vision_rows for _ in range(n)]
         return Generations(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), completions, cmask,
                            truncated, logps.masked_fill(cmask == 0, 0.0), vision_rows=rows)
 
