@@ -85,7 +85,9 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "trl_fast": ("trl", "TRL, gradient_checkpointing=False", {"gradient_checkpointing": False}),
     "trl_default": ("trl", "TRL defaults (gradient checkpointing on)", {}),
     "lit_gc": ("lit", "lit-align, gradient_checkpointing=True", {"gradient_checkpointing": True}),
+    "lit_shared": ("lit", "lit-align, shared_prompt_forward=True (GRPO only)", {"shared_prompt_forward": True}),
 }
+ONLY = {"lit_shared": ("grpo",)}  # configurations that apply to some methods only
 DEFAULT_CONFIGS = ["lit", "trl_fast", "trl_default"]
 LR = {"sft": 2e-5, "dpo": 1e-6, "grpo": 1e-6}  # TRL's defaults
 STEPS = {"sft": 10, "dpo": 10, "grpo": 5}  # timed steps when --steps is not given (a GRPO step generates)
@@ -232,6 +234,7 @@ def run_lit(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
             num_iterations=1,
             beta=0.0,
             generation_kwargs={"min_new_tokens": w.grpo_completion_len},
+            shared_prompt_forward=overrides.get("shared_prompt_forward", False),
             **common,
         )
         data = PromptOnlyDataModule(ctx.data["grpo"], batch_size=w.grpo_prompts * w.grpo_generations)
@@ -593,7 +596,7 @@ def plan(args: argparse.Namespace, have_trl: bool) -> list[tuple[str, str, str |
     checkpointing for every method first, then the other configurations (cut first by --budget-s)."""
     first = [c for c in args.configs if c in ("lit", "trl_fast")]
     rest = [c for c in args.configs if c not in first]
-    runs = [(m, c) for m in args.methods for c in first] + [(m, c) for c in rest for m in args.methods]
+    runs = [(m, c) for m in args.methods for c in first] + [(m, c) for c in rest for m in args.methods if m in ONLY.get(c, METHODS)]
     return [(m, c, None if have_trl or CONFIGS[c][0] == "lit" else "skipped: trl is not installed") for m, c in runs]
 
 
@@ -732,7 +735,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default 2; dry run 1)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
-                   help="lit, trl_fast, trl_default, lit_gc (default: lit trl_fast trl_default)")
+                   help="lit, trl_fast, trl_default, lit_gc, lit_shared (default: lit trl_fast trl_default)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="start no further run after this many seconds (0: no limit); runs not started are listed")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",

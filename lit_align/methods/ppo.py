@@ -229,7 +229,9 @@ class PPO(ToolUse, ManualSteps, OnlineModule):
         self.log_metrics({**metrics, **r.metrics}, "train", n)
 
     def minibatch_loss(self, r: Rollout, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logps, entropy, values = self.policy_and_values(r.generations.select(idx), select_sequences(r.sequences, idx), with_entropy=True)
+        gens = r.generations.select(idx)
+        seqs = self.sequences(gens) if self.shared_prompt_forward else select_sequences(r.sequences, idx)
+        logps, entropy, values = self.policy_and_values(gens, seqs, with_entropy=True)
         mask = r.loss_mask[idx]
         tokens = self.global_sum(mask.sum()) / self.world_size  # token means over all devices' mini-batches
         pg_loss, pstats = ppo_policy_loss(logps, r.old_logps[idx], r.advantages[idx], mask, self.cliprange, tokens)

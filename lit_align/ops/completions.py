@@ -46,6 +46,50 @@ def completion_batch(
     )
 
 
+def shared_prompt_batch(
+    prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor, pad_token_id: int
+) -> SequenceBatch:
+    """The completions of one prompt in one row, the prompt once: ``[prompt, c_1, ..., c_G, pad..]``.
+
+    A run of consecutive rows with the same prompt (a rollout's group) becomes one row; completion ``j``
+    takes the positions ``P..P+len(c_j)-1`` that it has after the prompt, and attends to the prompt and
+    to itself only (:func:`lit_align.ops.packing.shared_prompt_attention`), so every completion token sees what it sees in
+    :func:`completion_batch`. The forward runs over ``P + sum len(c_j)`` tokens a group instead of
+    ``G (P + len(c_j))``: the prompt's share of the step is paid once. The prompt's tokens carry the
+    group's first sequence id (:attr:`SequenceBatch.num_tokens` counts them once) and are marked in
+    ``shared_prompt``. Sequence ``i`` is row ``i`` of the inputs, as in :func:`completion_batch`.
+    """
+    prompts = [[t for t, m in zip(p, pm) if m] for p, pm in zip(prompt_ids.tolist(), prompt_mask.tolist())]
+    completions = [[t for t, m in zip(c, cm) if m] for c, cm in zip(completion_ids.tolist(), completion_mask.tolist())]
+    if not all(prompts):
+        raise ValueError("the shared-prompt layout needs a prompt in every row: a rollout row has none "
+                         "(set shared_prompt_forward: false)")
+    groups: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if groups and prompts[groups[-1][0]] == prompt:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    rows = []
+    for group in groups:
+        prompt = prompts[group[0]]
+        row = {"input_ids": list(prompt), "position_ids": list(range(len(prompt))),
+               "sequence_ids": [group[0]] * len(prompt), "completion_mask": [0] * len(prompt), "shared_prompt": [1] * len(prompt)}
+        for i in group:
+            n = len(completions[i])
+            for key, values in (("input_ids", completions[i]), ("position_ids", range(len(prompt), len(prompt) + n)),
+                                ("sequence_ids", [i] * n), ("completion_mask", [1] * n), ("shared_prompt", [0] * n)):
+                row[key].extend(values)
+        rows.append(row)
+    width = max(len(row["input_ids"]) for row in rows)
+    pad = {"input_ids": pad_token_id, "position_ids": 0, "sequence_ids": -1, "completion_mask": 0, "shared_prompt": 0}
+    device = completion_ids.device
+    tensors = {k: torch.tensor([row[k] + [v] * (width - len(row[k])) for row in rows], device=device) for k, v in pad.items()}
+    for k in ("completion_mask", "shared_prompt"):
+        tensors[k] = tensors[k].bool()
+    return SequenceBatch(**tensors, num_sequences=len(prompts), num_examples=len(prompts))
+
+
 def select_sequences(batch: SequenceBatch, index: Tensor) -> SequenceBatch:
     """The sequences ``index`` of a padded :func:`completion_batch` (one sequence per row), renumbered
     ``0..len(index)-1``: a mini-batch without collating its tokens again."""
@@ -60,10 +104,22 @@ def select_sequences(batch: SequenceBatch, index: Tensor) -> SequenceBatch:
     return SequenceBatch(**rows, num_sequences=len(index), num_examples=len(index))
 
 
-def _targets(batch: SequenceBatch) -> Tensor:
-    """Positions ``t`` whose next token is a completion token of the same sequence: ``(R, T-1)``."""
-    same = batch.sequence_ids[:, 1:] == batch.sequence_ids[:, :-1]
-    return batch.completion_mask[:, 1:] & same
+def target_positions(batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+    """The completion tokens scored and the positions whose hidden states predict them: flat indices
+    into ``(R * T)``, ``(n,)`` each, the targets in row-major order.
+
+    A target's predictor is the token before it in the same sequence; in the shared-prompt layout the
+    first token of every completion is predicted by its row's last prompt token."""
+    seq = batch.sequence_ids
+    flat = torch.arange(seq.numel(), device=seq.device).view_as(seq)
+    same = torch.zeros_like(batch.completion_mask)
+    same[:, 1:] = seq[:, 1:] == seq[:, :-1]
+    if batch.shared_prompt is None:
+        targets = batch.completion_mask & same
+        return flat[targets] - 1, flat[targets]
+    targets = batch.completion_mask & (seq >= 0)
+    last_prompt = flat[:, :1] + batch.shared_prompt.sum(1, keepdim=True) - 1  # (R, 1): prompts start their rows
+    return torch.where(same, flat - 1, last_prompt)[targets], flat[targets]
 
 
 def scatter_to_completions(values: Tensor, sequence_index: Tensor, completion_mask: Tensor) -> Tensor:
@@ -76,9 +132,9 @@ def scatter_to_completions(values: Tensor, sequence_index: Tensor, completion_ma
 def completion_hidden(model: nn.Module, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
     """Hidden states of the positions that predict completion tokens ``(n, H)``, their labels
     ``(n,)`` and sequence index ``(n,)``."""
-    mask = _targets(batch)
-    hidden = decoder_hidden(model, batch)[:, :-1][mask]
-    return hidden, batch.input_ids[:, 1:][mask], batch.sequence_ids[:, 1:][mask]
+    source, target = target_positions(batch)
+    hidden = decoder_hidden(model, batch).flatten(0, 1)[source]
+    return hidden, batch.input_ids.flatten()[target], batch.sequence_ids.flatten()[target]
 
 
 def completion_logprobs(

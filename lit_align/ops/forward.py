@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.ops.logprobs import TokenStats, selected_logprobs
-from lit_align.ops.packing import SequenceBatch
+from lit_align.ops.packing import SequenceBatch, shared_prompt_attention
 
 
 def target_mask(batch: SequenceBatch, token_mask: Tensor) -> Tensor:
@@ -35,8 +35,22 @@ def decoder_hidden(model: nn.Module, batch: SequenceBatch) -> Tensor:
     positions are the same, and models with multimodal rotary positions (Qwen2-VL) derive theirs."""
     if batch.vision:
         return multimodal_backbone(model)(input_ids=batch.input_ids, **in_model_dtype(model, batch.vision), use_cache=False).last_hidden_state
-    out = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    mask = None if batch.shared_prompt is None else attention_mask_for(model, shared_prompt_attention(batch))
+    out = model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False)
     return out.last_hidden_state
+
+
+def attention_mask_for(model: nn.Module, sees: Tensor) -> Tensor:
+    """A ``(R, 1, T, T)`` bool mask (True: attend) in the form the model's attention takes as given:
+    bool for ``sdpa`` and ``flex_attention``, additive in the model's dtype for ``eager``."""
+    implementation = model.config._attn_implementation
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+    if implementation not in ("sdpa", "flex_attention"):
+        raise ValueError(f"an explicit attention mask (shared_prompt_forward) needs attn_implementation sdpa or eager, "
+                         f"not {implementation!r}")
+    return sees
 
 
 def multimodal_backbone(model: nn.Module) -> nn.Module:

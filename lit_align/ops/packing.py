@@ -10,7 +10,10 @@ Every batch is a set of *sequences* laid out in *rows*:
   transformers builds a block-diagonal causal mask (it only does so when the forward
   gets no attention mask and no cache: pass ``use_cache=False``);
 - padding-free: every sequence of the batch in a single row (the packed layout with
-  one bin), meant for variable-length flash attention.
+  one bin), meant for variable-length flash attention;
+- shared prompt (rollouts only, :func:`lit_align.ops.completions.shared_prompt_batch`): one row
+  per group of completions of one prompt, the prompt once and then each completion, with an
+  explicit attention mask (each completion sees the prompt and itself).
 
 ``sequence_ids`` says which sequence each token belongs to (-1 on padding), so
 per-sequence sums (DPO's log-probs of chosen and rejected) read the same in all three.
@@ -48,6 +51,7 @@ class SequenceBatch:
     margin: Tensor | None = None  # (E,) per-pair margins (reward model)
     ref_logps: Tensor | None = None  # (S,) precomputed reference log-probs, when the data carries them
     vision: dict[str, Tensor] | None = None  # a VLM's image inputs: pixel_values (every image of every row, in row order), grids
+    shared_prompt: Tensor | None = None  # (R, T) bool: a prompt every sequence of its row continues (ops.completions.shared_prompt_batch)
     num_sequences: int = 0
     num_examples: int = 0
 
@@ -58,6 +62,18 @@ class SequenceBatch:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def shared_prompt_attention(batch: SequenceBatch) -> Tensor:
+    """Who attends to whom in the shared-prompt layout (:func:`lit_align.ops.completions.shared_prompt_batch`):
+    ``(R, 1, T, T)`` bool, True where query ``i`` sees key ``j``: ``j <= i`` in the same sequence or in the
+    row's prompt; padding sees itself only."""
+    seq, shared = batch.sequence_ids, batch.shared_prompt
+    width = seq.size(1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=seq.device).tril()
+    real = seq >= 0
+    sees = ((seq[:, :, None] == seq[:, None, :]) | shared[:, None, :]) & real[:, :, None] & real[:, None, :] & causal
+    return (sees | torch.eye(width, dtype=torch.bool, device=seq.device))[:, None]
 
 
 def split_sequence(seq: dict[str, list[int]], capacity: int) -> list[dict[str, list[int]]]:
