@@ -7,7 +7,7 @@ its own BPE tokenizer and chat template, and both frameworks load that directory
 (a user turn, an assistant turn, SmolLM2's chat template with its default system turn) made of words
 that are one token each, so every row of a run has exactly the token length asked for.
 
-The runs, the step clock and the configurations (``lit``, ``lit_gc``, ``trl_fast``, ``trl_default``) are
+The runs, the step clock and the configurations (``lit``, ``lit_gc``, ``lit_shared``, ``trl_fast``, ``trl_default``) are
 ``gpu_check.py``'s, on the CPU in fp32, each configuration in its own process (its peak RSS is its own).
 
 Model FLOPs count the work the loss needs, the same for both frameworks (P_body: the decoder's matmul
@@ -55,7 +55,7 @@ from common import _fmt, emit, markdown_table, offline_env, run_child, set_threa
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METHODS = ("sft", "dpo", "grpo")
-DEFAULT_CONFIGS = ["lit", "trl_fast"]
+DEFAULT_CONFIGS = ["lit", "trl_fast", "lit_shared"]  # lit_shared: GRPO only
 CURVE_CONFIGS = ["lit", "lit_gc", "trl_fast", "trl_default"]
 
 

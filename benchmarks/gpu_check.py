@@ -35,7 +35,8 @@ on completion tokens only and its generation prefills each prompt once: work the
 
 Configurations per method (``--configs``): ``lit`` (lit-align defaults), ``trl_fast`` (TRL,
 ``gradient_checkpointing=False``), ``trl_default`` (TRL's defaults: gradient checkpointing on),
-``lit_gc`` (lit-align with ``gradient_checkpointing=True``). Runs share one process by default (no
+``lit_gc`` (lit-align with ``gradient_checkpointing=True``), ``lit_shared`` (GRPO only: lit-align with
+``shared_prompt_forward=True``, each prompt once per group in the update's forward). Runs share one process by default (no
 import or start-up repeated); ``--isolate`` runs each in its own process (``common.run_child``).
 """
 
@@ -88,7 +89,7 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "lit_shared": ("lit", "lit-align, shared_prompt_forward=True (GRPO only)", {"shared_prompt_forward": True}),
 }
 ONLY = {"lit_shared": ("grpo",)}  # configurations that apply to some methods only
-DEFAULT_CONFIGS = ["lit", "trl_fast", "trl_default"]
+DEFAULT_CONFIGS = ["lit", "trl_fast", "trl_default", "lit_shared"]
 LR = {"sft": 2e-5, "dpo": 1e-6, "grpo": 1e-6}  # TRL's defaults
 STEPS = {"sft": 10, "dpo": 10, "grpo": 5}  # timed steps when --steps is not given (a GRPO step generates)
 FLOPS_PER_PARAM_TOKEN = {"sft": 6, "dpo": 8, "grpo": 8}  # see the module docstring
@@ -735,7 +736,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default 2; dry run 1)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
-                   help="lit, trl_fast, trl_default, lit_gc, lit_shared (default: lit trl_fast trl_default)")
+                   help="lit, trl_fast, trl_default, lit_gc, lit_shared (default: lit trl_fast trl_default lit_shared)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="start no further run after this many seconds (0: no limit); runs not started are listed")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",

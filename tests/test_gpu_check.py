@@ -24,7 +24,7 @@ HAVE_TRL = importlib.util.find_spec("trl") is not None
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu_check.json"
-    configs = ["lit", "trl_fast"] if HAVE_TRL else ["lit"]  # trl_default only adds TRL's own checkpointing flag
+    configs = ["lit", "trl_fast", "lit_shared"] if HAVE_TRL else ["lit", "lit_shared"]  # trl_default only adds TRL's own checkpointing flag
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("OUT", None)
     proc = subprocess.run(
@@ -40,7 +40,7 @@ def test_gpu_check_dry_run(tmp_path):
     model = result["model"]
     assert model["tied_embeddings"] and model["flop_params"] == model["params"]
     rows = {(s["method"], s["config"]): s for s in result["summary"]}
-    assert set(rows) == {(m, c) for m in ("sft", "dpo", "grpo") for c in configs}
+    assert set(rows) == {(m, c) for m in ("sft", "dpo", "grpo") for c in configs if c != "lit_shared"} | {("grpo", "lit_shared")}
     for (method, config), s in rows.items():
         assert "skipped" not in s, (method, config, s)
         assert s["steps_per_s"] > 0 and s["tokens_per_s"] > 0
@@ -51,7 +51,7 @@ def test_gpu_check_dry_run(tmp_path):
     sft_tokens = w["batch_size"] * (w["prompt_len"] + 17 + w["completion_len"] + 2)
     assert rows[("sft", "lit")]["tokens_per_step"] == sft_tokens
     grpo_tokens = w["grpo_prompts"] * w["grpo_generations"] * (w["grpo_prompt_len"] + 17 + w["grpo_completion_len"])
-    assert rows[("grpo", "lit")]["tokens_per_step"] == grpo_tokens
+    assert rows[("grpo", "lit")]["tokens_per_step"] == rows[("grpo", "lit_shared")]["tokens_per_step"] == grpo_tokens
     if HAVE_TRL:
         for method in ("sft", "dpo", "grpo"):
             lit, trl = rows[(method, "lit")]["tokens_per_step"], rows[(method, "trl_fast")]["tokens_per_step"]
