@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -27,6 +28,7 @@ from lit_align import (
     KTO,
     SFT,
     LanguageModelingDataModule,
+    NashMD,
     OnlineDPO,
     PreferenceDataModule,
     PromptCompletionDataModule,
@@ -249,10 +251,41 @@ def test_grpo_trains_on_images_and_rewards_get_them() -> None:
     assert 0.0 < float(module.trainer.callback_metrics["train/reward"]) <= 1.0
 
 
-def test_methods_that_do_not_generate_from_images_say_so(tmp_path) -> None:
-    module = OnlineDPO("builtin:tiny-vlm-sft", reward_funcs=["shapes_reward"], max_new_tokens=4)
+def test_online_dpo_samples_pairs_from_images(tmp_path) -> None:
+    """Both samples of a pair come from their prompt's pixels, and the policy's and the reference's forward
+    read them: with the pixels of one pair swapped for another's, the pair's log-probs change."""
+    from lit_align.rollout.engines import HFEngine
+
+    module = OnlineDPO("builtin:tiny-vlm-sft", reward_funcs=["shapes_reward"], max_new_tokens=4, temperature=1.0)
     module.configure_model()
-    with pytest.raises(ValueError, match="OnlineDPO does not generate from images yet"):
+    module.engine = HFEngine(module.tokenizer, seed=0)
+    batch = _prompts(tmp_path)
+    rollout = module.make_rollout(batch, "train")
+    E = len(batch)
+    rows = rollout.generations.vision_rows
+    assert len(rows) == 2 * E and all(rows[i] is batch.vision_rows[i] and rows[E + i] is batch.vision_rows[i] for i in range(E))
+    assert rollout.sequences.vision["pixel_values"].shape[0] == 2 * E
+    logps = module.token_logps(module.model, rollout.sequences, rollout.generations)[0]
+    swapped = replace(rollout.generations, vision_rows=[rows[1], rows[0], *rows[2:]])
+    other = module.token_logps(module.model, module.sequences(swapped), swapped)[0]
+    changed = (logps - other).abs().sum(1) > 1e-4
+    assert changed[:2].all() and not changed[2:].any()
+    assert rollout.ref_logps is not None and torch.isfinite(rollout.ref_logps).all()
+
+
+def test_online_dpo_trains_on_images() -> None:
+    module = OnlineDPO("builtin:tiny-vlm-sft", reward_funcs=["shapes_reward"], max_new_tokens=4, temperature=1.0)
+    data = PromptOnlyDataModule("builtin:shapes?size=16", batch_size=8)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[RolloutCallback()]).fit(module, data)
+    metrics = module.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and 0.0 <= float(metrics["train/objective/scores"]) <= 1.0
+
+
+def test_methods_that_do_not_generate_from_images_say_so(tmp_path) -> None:
+    module = NashMD("builtin:tiny-vlm-sft", reward_funcs=["shapes_reward"], max_new_tokens=4)
+    module.configure_model()
+    with pytest.raises(ValueError, match="NashMD does not generate from images yet"):
         module.make_rollout(_prompts(tmp_path), "train")
 
 
@@ -298,7 +331,7 @@ def test_a_row_cut_inside_its_image_is_dropped(tmp_path) -> None:
 def _trl(trainer_cls, config_cls, model_dir: str, rows: list[dict], out_dir, max_steps: int = 1, **kw):
     args = config_cls(
         output_dir=str(out_dir), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1, train_sampling_strategy="sequential", learning_rate=LR,
+        gradient_accumulation_steps=1, train_sampling_strategy="sequential", learning_rate=kw.pop("learning_rate", LR),
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, max_grad_norm=1.0, max_steps=max_steps, logging_steps=1, save_strategy="no",
         disable_tqdm=True, seed=0, **kw,
@@ -393,3 +426,32 @@ def test_three_sft_adamw_steps_match_trl(model_dir: str, tmp_path) -> None:
         torch.testing.assert_close(w, theirs[name], atol=1e-4, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     moved = max((ours[n] - w).abs().max().item() for n, w in tiny_vlm().state_dict().items())
     assert moved > 2e-3
+
+
+def test_three_dpo_steps_match_trl(model_dir: str, tmp_path) -> None:
+    """DPO on images over three optimizer steps: each step's loss, and every weight after them, as TRL's
+    (the reference is the starting weights on both sides, so the first loss is log 2 and the others move).
+    Plain SGD on both sides: the projector's last layer starts at zero, so the vision tower's first
+    gradients are rounding noise around zero, which Adam (dividing by the gradient's own size) would turn
+    into steps of the learning rate on either side."""
+    from trl import DPOConfig, DPOTrainer
+
+    steps, lr = 3, 5.0
+    rows = shapes_rows("preference", size=steps * BATCH)
+    trainer = _trl(DPOTrainer, DPOConfig, model_dir, rows, tmp_path / "trl", max_steps=steps, optim="sgd", learning_rate=lr)
+    losses: list[float] = []
+    compute = trainer.compute_loss
+    trainer.compute_loss = lambda *a, **k: (lambda loss: losses.append(float(loss.detach())) or loss)(compute(*a, **k))
+    trainer.train()
+    module = DPO(MODEL, optimizer=lambda p: torch.optim.SGD(p, lr=lr))
+    record = _StepLosses()
+    L.Trainer(max_steps=steps, accelerator="cpu", devices=1, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[record]
+              ).fit(module, _data(PreferenceDataModule, rows, tmp_path))
+    assert record.losses == pytest.approx(losses, abs=1e-5)
+    assert abs(losses[-1] - losses[0]) > 1e-2
+    ours, theirs = module.model.state_dict(), trainer.model.state_dict()
+    for name, w in ours.items():
+        torch.testing.assert_close(w, theirs[name], atol=1e-4, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    moved = {n: (ours[n] - w).abs().max().item() for n, w in tiny_vlm().state_dict().items()}
+    assert max(moved.values()) > 1e-3 and max(v for n, v in moved.items() if "vision_tower" in n) > 1e-6

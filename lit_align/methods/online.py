@@ -262,8 +262,9 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
         if not self.can_score:
             raise ValueError(f"{type(self).__name__} needs reward_funcs (or a reward model) to score completions")
         if batch.vision_rows is not None and not self.generates_from_images:
-            raise ValueError(f"{type(self).__name__} does not generate from images yet (GRPO and RLOO do); drop the "
-                             "image column, or train on images with GRPO, RLOO, SFT, DPO or KTO")
+            raise ValueError(f"{type(self).__name__} does not generate from images yet (GRPO, RLOO and OnlineDPO do, "
+                             "without tools or environments); drop the image column, or train on images with GRPO, "
+                             "RLOO, OnlineDPO, SFT, DPO or KTO")
         self.check_prompt_budget(batch)
         gens = self.sample_batch(batch)
         completions, rewards = self.score(batch, gens)
@@ -335,9 +336,9 @@ class OnlineModule(WithReference, Scoring, Sampling, AlignModule):
     @property
     def generates_from_images(self) -> bool:
         """Whether this method's rollouts sample a vision-language model from prompts with images: the
-        methods that sample the policy alone, in one turn (GRPO, RLOO); not yet the pair methods, PPO's
-        value model, or tool and environment turns."""
-        return self.images_in_rollouts and getattr(self, "toolbox", None) is None
+        methods that sample the policy alone, in one turn (GRPO, RLOO, OnlineDPO); not yet NashMD's
+        mixture, XPO's reference, PPO's value model, or tool and environment turns."""
+        return self.images_in_rollouts and getattr(self, "toolbox", None) is None  # environments bring a toolbox
 
     def loss_mask(self, gens: Generations) -> Tensor:
         mask = gens.model_mask.float()  # tool results (multi-turn rollouts) never count

@@ -16,7 +16,10 @@ from lit_align.rollout.types import Rollout
 
 
 class OnlineDPO(OnlinePreferenceModule):
-    """Online DPO on prompt-only data with a pairwise judge or reward functions."""
+    """Online DPO on prompt-only data with a pairwise judge or reward functions; a vision-language model
+    samples both completions of a pair from its prompt's images (TRL's OnlineDPO with a VLM)."""
+
+    images_in_rollouts = True
 
     # Both samples of a pair are the policy's: the base's second_sampler (None), one call per prompt batch.
 

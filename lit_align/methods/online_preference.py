@@ -48,7 +48,7 @@ class OnlinePreferenceModule(ToolUse, OnlineModule):
     for the second).
     """
 
-    images_in_rollouts = False  # prompts with images: not yet (generates_from_images)
+    images_in_rollouts = False  # prompts with images: OnlineDPO only (generates_from_images)
 
     default_lr = 5e-7
     samples_reference: ClassVar[bool] = False  # NashMD and XPO draw the second sample from (a mixture with) the reference
@@ -127,7 +127,8 @@ class OnlinePreferenceModule(ToolUse, OnlineModule):
         if self.environments is not None:
             gens = self.environment_turn(batch, [(policy, 1), (other, 1)])
         elif other is policy:  # two samples per prompt in one call (rows 2i, 2i+1), reordered as E first then E second
-            gens = policy(ids, mask, replace(self.sampling, num_generations=2))
+            gens = self.sample(self.model, ids, mask, sampling=replace(self.sampling, num_generations=2),
+                               vision_rows=batch.vision_rows)  # each pair keeps its prompt's pixels through the reorder
             gens = gens.select(torch.cat([torch.arange(0, len(gens), 2), torch.arange(1, len(gens), 2)]).to(ids.device))
         else:
             gens = policy(ids, mask, self.sampling).cat(other(ids, mask, self.sampling), self.pad_token_id)
