@@ -104,6 +104,18 @@ def test_lora_adapts_the_language_model_unless_told_otherwise() -> None:
     assert any(".vision_tower." in n for n in everything) and any(".multi_modal_projector." in n for n in everything)
 
 
+def test_the_processor_is_loaded_once_and_holds_the_modules_tokenizer(model_dir: str, monkeypatch) -> None:
+    import lit_align.methods.base as base
+
+    calls = []
+    load = base.load_processor
+    monkeypatch.setattr(base, "load_processor", lambda *a, **k: calls.append(a) or load(*a, **k))
+    monkeypatch.setattr(base, "load_tokenizer", lambda *a, **k: pytest.fail("a VLM's tokenizer comes from its processor"))
+    module = SFT(model_dir, eos_token="<|im_end|>")
+    assert module.processor.tokenizer is module.tokenizer and module.tokenizer.eos_token == "<|im_end|>"
+    assert module.tokenizer.chat_template and len(calls) == 1
+
+
 def test_the_export_holds_the_processor(tmp_path) -> None:
     save_hf_model(tiny_vlm(), tiny_vlm_processor(), tmp_path)
     assert (tmp_path / "processor_config.json").is_file() or (tmp_path / "preprocessor_config.json").is_file()

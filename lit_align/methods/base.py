@@ -27,6 +27,7 @@ from lit_align.models.loading import (
     load_causal_lm,
     load_processor,
     load_tokenizer,
+    processor_tokenizer,
     tokenizer_pad_id,
 )
 from lit_align.optim import LinearWarmupDecay, default_adamw
@@ -191,17 +192,26 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            tokenizer = load_tokenizer(self.model_name_or_path, **self.model_init.tokenizer_kwargs)
+            processor = self.loaded_processor()  # a VLM's tokenizer is its processor's: loaded once
+            tokenizer = (processor_tokenizer(processor) if processor is not None
+                         else load_tokenizer(self.model_name_or_path, **self.model_init.tokenizer_kwargs))
             self._tokenizer = customise_tokenizer(tokenizer, self.chat_template_path, self.eos_token, self.pad_token)
+            if processor is not None:
+                processor.tokenizer = self._tokenizer  # one tokenizer: customised, shared with the data
         return self._tokenizer
 
     @property
     def processor(self) -> Any:
         """A vision-language policy's processor (its image processor and tokenizer), None for a text model."""
+        processor = self.loaded_processor()
+        if processor is not None:
+            self.tokenizer  # noqa: B018 -- the processor holds the customised tokenizer
+        return processor
+
+    def loaded_processor(self) -> Any:
+        """The policy's processor as loaded (None for a text model), loaded once."""
         if self._processor is False:
             self._processor = load_processor(self.model_name_or_path, **self.model_init.tokenizer_kwargs)
-            if self._processor is not None:
-                self._processor.tokenizer = self.tokenizer  # one tokenizer: customised, shared with the data
         return self._processor
 
     @functools.cached_property

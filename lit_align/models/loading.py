@@ -147,9 +147,20 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
         return tiny_vlm_tokenizer() if is_builtin_vlm(name_or_path) else builtin_tokenizer(name_or_path)
     _check_local(name_or_path)
     processor = load_processor(name_or_path, **kwargs)
-    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    if processor is not None and not tokenizer.chat_template and processor.chat_template:
-        tokenizer.chat_template = processor.chat_template  # a VLM's template often lives on its processor only
+    if processor is not None:
+        return processor_tokenizer(processor)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def processor_tokenizer(processor: Any) -> PreTrainedTokenizerBase:
+    """A vision-language model's tokenizer, from its loaded processor: with the processor's chat template
+    when it has none of its own (a VLM's template often lives on the processor only); pad falls back to EOS."""
+    tokenizer = processor.tokenizer
+    if not tokenizer.chat_template and getattr(processor, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
