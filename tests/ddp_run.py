@@ -54,7 +54,7 @@ METHODS = {
     "rloo": (RLOO, PromptOnlyDataModule),
     "ppo": (PPO, PromptOnlyDataModule),
     "grpo_sampled": (GRPO, PromptOnlyDataModule),
-    "grpo_spg": (GRPO, PromptOnlyDataModule),  # steps_per_generation=2 (accumulate_grad_batches=2)
+    "grpo_spg": (GRPO, PromptOnlyDataModule),  # steps_per_generation=2 (accumulate_grad_batches=2), shared_prompt_forward
     "grpo_tools": (GRPO, PromptOnlyDataModule),  # multi-turn rollouts with a tool
     "gkd": (GKD, PromptCompletionDataModule),
     "online_dpo": (OnlineDPO, PromptOnlyDataModule),
@@ -72,7 +72,7 @@ ONLINE = {
     "rloo": {"num_generations": 4, "beta": 0.05, "normalize_advantages": True},
     "ppo": {"num_ppo_epochs": 2, "kl_estimator": "k3", "whiten_rewards": True},
     "grpo_sampled": {"num_generations": 4, "beta": 0.04},
-    "grpo_spg": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo"},
+    "grpo_spg": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo", "shared_prompt_forward": True},
     "grpo_tools": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo", "tools": [add]},
     "online_dpo": {"beta": 0.1, "missing_eos_penalty": 1.0},
     "nash_md": {"beta": 0.1, "mixture_coef": 0.5},

@@ -69,7 +69,8 @@ def test_ddp_sampled_generation_finishes_when_ranks_decode_different_lengths(run
 def test_ddp_one_generation_per_optimizer_step_matches_one_process(runs):
     """steps_per_generation=2 (from accumulate_grad_batches=2): each rank shuffles and slices its own
     rows, so a micro-batch's loss differs from one process's, but each optimizer step sees the same
-    generation batch with dapo's global token count: the per-step sums and the weights are equal."""
+    generation batch with dapo's global token count: the per-step sums and the weights are equal. The
+    forward shares the prompt of a slice's same-prompt rows, wherever the shuffle put them (shared_prompt_forward)."""
     one, two = result(runs, 1, "grpo_spg"), result(runs, 2, "grpo_spg")
     assert len(one["losses"]) == len(two["losses"]) == 4  # two optimizer steps of two micro-batches
     pairs = [sum(r["losses"][i : i + 2]) for r in (one, two) for i in (0, 2)]

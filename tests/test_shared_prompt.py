@@ -52,6 +52,10 @@ def test_the_layout_by_hand():
         [1, 1, 0, 0, 1, 0],  # the second completion sees the prompt and itself, not the first completion
         [0, 0, 0, 0, 0, 1],  # padding sees itself only
     ]
+    shuffled_rows = shared_prompt_batch(prompt_ids[[0, 2, 1]], prompt_mask[[0, 2, 1]], completion_ids[[0, 2, 1]],
+                                        completion_mask[[0, 2, 1]], PAD)
+    assert shuffled_rows.input_ids.tolist() == [[5, 6, 10, 11, 12, PAD], [7, 8, 9, 13, 14, 15]]
+    assert shuffled_rows.sequence_ids.tolist() == [[0, 0, 0, 0, 2, -1], [1, 1, 1, 1, 1, 1]]
     source, target = target_positions(batch)
     # 10 from 6 (the prompt's last token), 11 from 10, 12 from 6 again; row 2: 13 from 9, 14, 15
     assert target.tolist() == [2, 3, 4, 9, 10, 11] and source.tolist() == [1, 2, 1, 8, 9, 10]
@@ -77,9 +81,16 @@ def reference_positions(batch):
     return source, target
 
 
+def shuffled(rollout, seed: int = 0):
+    """The rows in a random order, as a rollout sliced across training steps serves them."""
+    order = torch.randperm(len(rollout[0]), generator=torch.Generator().manual_seed(seed))
+    return tuple(t[order] for t in rollout)
+
+
 @pytest.mark.parametrize("shared", [False, True])
-def test_target_positions_match_a_loop(shared):
-    rollout = grouped_rollout(3)
+@pytest.mark.parametrize("order", ["grouped", "shuffled"])
+def test_target_positions_match_a_loop(shared, order):
+    rollout = grouped_rollout(3) if order == "grouped" else shuffled(grouped_rollout(3))
     batch = (shared_prompt_batch if shared else completion_batch)(*rollout, PAD)
     source, target = target_positions(batch)
     assert (source.tolist(), target.tolist()) == reference_positions(batch)
@@ -87,10 +98,11 @@ def test_target_positions_match_a_loop(shared):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_log_probs_entropies_and_gradients_equal_one_row_per_completion(attn, temperature):
+@pytest.mark.parametrize("order", ["grouped", "shuffled"])
+def test_log_probs_entropies_and_gradients_equal_one_row_per_completion(attn, temperature, order):
     model = builtin_model("builtin:tiny")
     model.config._attn_implementation = attn
-    rollout = grouped_rollout(5)
+    rollout = grouped_rollout(5) if order == "grouped" else shuffled(grouped_rollout(5))
     cmask = rollout[3]
     outs = []
     for batch in (completion_batch(*rollout, PAD), shared_prompt_batch(*rollout, PAD)):
@@ -103,7 +115,8 @@ def test_log_probs_entropies_and_gradients_equal_one_row_per_completion(attn, te
     assert_close(eb, ea, atol=1e-5, rtol=1e-5)
     for k in ga:
         assert_close(gb[k], ga[k], atol=1e-5, rtol=1e-4, msg=k)
-    assert shared_prompt_batch(*rollout, PAD).input_ids.numel() < completion_batch(*rollout, PAD).input_ids.numel()
+    shared = shared_prompt_batch(*rollout, PAD)
+    assert shared.input_ids.size(0) == 3 and shared.input_ids.numel() < completion_batch(*rollout, PAD).input_ids.numel()
 
 
 def sgd(lr: float):

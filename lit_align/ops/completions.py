@@ -51,7 +51,8 @@ def shared_prompt_batch(
 ) -> SequenceBatch:
     """The completions of one prompt in one row, the prompt once: ``[prompt, c_1, ..., c_G, pad..]``.
 
-    A run of consecutive rows with the same prompt (a rollout's group) becomes one row; completion ``j``
+    The rows with the same prompt (a rollout's group, wherever a shuffle put its rows) become one row,
+    in order of the prompt's first row; completion ``j``
     takes the positions ``P..P+len(c_j)-1`` that it has after the prompt, and attends to the prompt and
     to itself only (:func:`lit_align.ops.packing.shared_prompt_attention`), so every completion token sees what it sees in
     :func:`completion_batch`. The forward runs over ``P + sum len(c_j)`` tokens a group instead of
@@ -64,12 +65,10 @@ def shared_prompt_batch(
     if not all(prompts):
         raise ValueError("the shared-prompt layout needs a prompt in every row: a rollout row has none "
                          "(set shared_prompt_forward: false)")
-    groups: list[list[int]] = []
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, prompt in enumerate(prompts):
-        if groups and prompts[groups[-1][0]] == prompt:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    groups = list(by_prompt.values())  # in order of first appearance
     rows = []
     for group in groups:
         prompt = prompts[group[0]]
