@@ -55,7 +55,7 @@ VLM_CHAT_TEMPLATE = (
 )
 
 VLM_MODELS = ("builtin:tiny-vlm", "builtin:tiny-vlm-sft")
-# builtin:tiny-vlm fine-tuned on builtin:shapes demonstrations of which half name a wrong colour
+# builtin:tiny-vlm fine-tuned on builtin:shapes demonstrations of which 30% name a wrong colour
 # (assets/tiny-vlm-sft.yaml; python -m lit_align.tiny_sft --model builtin:tiny-vlm-sft): the warm
 # start of configs/grpo_vlm.yaml, which names a colour and samples the right one about half the time.
 VLM_WEIGHTS = {"builtin:tiny-vlm-sft": ASSETS / "tiny-vlm-sft.safetensors"}

@@ -52,9 +52,9 @@ def shared_prompt_batch(
     """The completions of one prompt in one row, the prompt once: ``[prompt, c_1, ..., c_G, pad..]``.
 
     The rows with the same prompt (a rollout's group, wherever a shuffle put its rows) become one row,
-    in order of the prompt's first row; completion ``j``
-    takes the positions ``P..P+len(c_j)-1`` that it has after the prompt, and attends to the prompt and
-    to itself only (:func:`lit_align.ops.packing.shared_prompt_attention`), so every completion token sees what it sees in
+    in order of the prompt's first row; completion ``j`` takes the positions ``P..P+len(c_j)-1`` that it
+    has after the prompt, and attends to the prompt and to itself only
+    (:func:`lit_align.ops.packing.shared_prompt_attention`), so every completion token sees what it sees in
     :func:`completion_batch`. The forward runs over ``P + sum len(c_j)`` tokens a group instead of
     ``G (P + len(c_j))``: the prompt's share of the step is paid once. The prompt's tokens carry the
     group's first sequence id (:attr:`SequenceBatch.num_tokens` counts them once) and are marked in
@@ -114,8 +114,8 @@ def target_positions(batch: SequenceBatch) -> tuple[Tensor, Tensor]:
     same = torch.zeros_like(batch.completion_mask)
     same[:, 1:] = seq[:, 1:] == seq[:, :-1]
     if batch.shared_prompt is None:
-        targets = batch.completion_mask & same
-        return flat[targets] - 1, flat[targets]
+        target = flat[batch.completion_mask & same]
+        return target - 1, target
     targets = batch.completion_mask & (seq >= 0)
     last_prompt = flat[:, :1] + batch.shared_prompt.sum(1, keepdim=True) - 1  # (R, 1): prompts start their rows
     return torch.where(same, flat - 1, last_prompt)[targets], flat[targets]

@@ -335,11 +335,10 @@ class HFEngine(TokenizerEngine):
         if vision is not None:  # a sampled image token would have no pixels behind it in the training forward
             never = torch.zeros_like(is_eos)
             never[image_token_id(model)] = True
+        early = is_eos if never is None else is_eos | never  # banned before min_new_tokens; `never` after
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         for step in range(steps):
-            banned = is_eos if step < min_new else None
-            if never is not None:
-                banned = never if banned is None else banned | never
+            banned = early if step < min_new else never
             scores = process_logits(
                 logits, history, temperature=sampling.temperature if sampling.temperature > 0 else 1.0,
                 top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
