@@ -19,6 +19,7 @@ from lit_align.data.base import DataRequirements
 from lit_align.methods.distributed import Distributed
 from lit_align.methods.moe import RouterAuxLoss
 from lit_align.methods.safeguards import Safeguards
+from lit_align.models.compile import compile_layers
 from lit_align.models.loading import (
     ModelInit,
     apply_peft,
@@ -55,6 +56,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         pad_token: str | None = None,
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
+        torch_compile: bool = False,
         activation_offloading: bool = False,
         router_aux_loss_coef: float | None = None,
         disable_dropout: bool | None = None,
@@ -87,6 +89,9 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
                 ``{class_path: peft.IA3Config, init_args: {...}}`` (LoHa, LoKr, IA3, ...), or None to train
                 every weight. The policy with its adapters off is the reference where one is needed.
             gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
+            torch_compile: Compile each transformer layer of the policy with ``torch.compile`` (TRL's field;
+                regional, ``lit_align.models.compile``): fused elementwise ops, fewer activations kept.
+                The first steps pay the compilation; generation runs the layers eagerly.
             activation_offloading: Keep the activations saved for backward in CPU memory (pinned on
                 CUDA) instead of the accelerator's, as TRL's; the step's math is unchanged.
             router_aux_loss_coef: Weight of a Mixture-of-Experts model's load-balancing loss added to
@@ -114,6 +119,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         self.attn_implementation = self.model_init.attn_implementation
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
+        self.torch_compile = torch_compile
         self.activation_offloading = activation_offloading
         self.router_aux_loss_coef = router_aux_loss_coef
         self.disable_dropout = self.disable_dropout_default if disable_dropout is None else disable_dropout
@@ -141,6 +147,8 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
             self.allow_unused_vision_parameters()
         if self.device_mesh is not None and not self.sharded_submodules:  # ModelParallelStrategy: FSDP2
             self.shard(self.device_mesh)
+        if self.torch_compile:  # after sharding, as FSDP2 asks; compiling twice only compiles again
+            compile_layers(self.model)
 
     def allow_unused_vision_parameters(self) -> None:
         """A VLM reads its vision tower's features at one layer (LLaVA: ``vision_feature_layer``), so the

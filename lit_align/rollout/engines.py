@@ -160,14 +160,15 @@ def right_pad(rows: list[list[int]], pad_token_id: int, width: int | None = None
 def generation_mode(model: nn.Module) -> Iterator[None]:
     """No gradient checkpointing (it would disable the KV cache) for the duration of a generate call,
     and an FSDP2-sharded model's weights gathered whole (``lit_align.ops.sharding.full_parameters``:
-    a no-op inside a rollout, which gathers them for all of its generate calls)."""
+    a no-op inside a rollout, which gathers them for all of its generate calls). Layers compiled for
+    training (``torch_compile``) run eagerly here: a KV cache and one-token steps would recompile them."""
     from lit_align.ops.sharding import full_parameters
 
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     if checkpointing:
         model.gradient_checkpointing_disable()
     try:
-        with torch.no_grad(), full_parameters(model):
+        with torch.no_grad(), full_parameters(model), torch.compiler.set_stance("force_eager"):
             yield
     finally:
         if checkpointing:
