@@ -29,12 +29,14 @@ by a third within minutes, so one peak for the whole benchmark would misstate th
     python benchmarks/bench_real.py --methods sft --configs lit trl_fast --steps 3
     python benchmarks/bench_real.py --curve 256 512 1024 2048     # SFT peak memory over the row length
     python benchmarks/bench_real.py --methods sft --configs lit --profile   # where lit-align's step goes
+    python benchmarks/bench_real.py --ceiling                     # SFT's MFU if only matmuls and attention took time
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib.util
 import json
 import os
@@ -396,6 +398,68 @@ def curve(args, payload, workdir, tokenizer) -> None:
     print(markdown_table(["row tokens", "config", "peak RSS (GB)", "added by training (GB)", "s/step"], rows))
 
 
+def best_time(fn, reps: int = 5) -> float:
+    """The fastest of ``reps`` calls after one warm-up (seconds): the kernel's speed, not the host's noise."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def ceiling(args, payload, workdir, tokenizer) -> None:
+    """The SFT step's MFU if it were only its matmuls and attention, each at the speed this CPU gives its
+    shapes in isolation (forward and both backward products of every linear layer, the LM head over the
+    scored tokens, causal sdpa forward and backward), with every other op free."""
+    import torch
+    import torch.nn.functional as F
+
+    m, w = args.model, workload(args)
+    _, lengths = write_rows(tokenizer, w, 1, workdir)
+    n, c = lengths["sft"]["n"], lengths["sft"]["c"]
+    T, S = w.batch_size * n, w.batch_size * c  # tokens through the decoder, scored tokens through the head
+    cfg = json.loads((Path(args.model_dir) / "config.json").read_text())
+    h, heads, kv, dh = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], m["attn_width"] // cfg["num_attention_heads"]
+    linears = {"q, o": [(h, heads * dh), (heads * dh, h)], "k, v": [(h, kv * dh)] * 2,
+               "gate, up, down": [(h, m["mlp_width"])] * 2 + [(m["mlp_width"], h)]}
+    rows, total, flops_total = [], 0.0, 0.0
+
+    def products(name: str, tokens: int, shapes: list, repeat: int) -> None:
+        nonlocal total, flops_total
+        for k, o in shapes:
+            x, wt, dy = torch.randn(tokens, k), torch.randn(o, k), torch.randn(tokens, o)
+            for what, a, b in (("forward", x, wt.T), ("grad input", dy, wt), ("grad weight", dy.T, x)):
+                t, f = best_time(functools.partial(torch.mm, a, b)), 2 * tokens * k * o
+                rows.append([name, what, f"[{tokens}x{k}]x[{k}x{o}]" if what == "forward" else "", f"{f / t / 1e9:.0f}", f"{repeat * t:.3f}"])
+                total, flops_total = total + repeat * t, flops_total + repeat * f
+
+    for name, shapes in linears.items():
+        products(name, T, shapes, m["layers"])
+    products("LM head", S, [(h, m["vocab"])], 1)
+    q = torch.randn(w.batch_size, heads, n, dh, requires_grad=True)
+    k_, v_ = (torch.randn(w.batch_size, kv, n, dh, requires_grad=True) for _ in range(2))
+    out = F.scaled_dot_product_attention(q, k_, v_, is_causal=True, enable_gqa=True)
+    grad = torch.randn_like(out)
+    t_fwd = best_time(lambda: F.scaled_dot_product_attention(q, k_, v_, is_causal=True, enable_gqa=True))
+    t_bwd = best_time(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k_, v_, is_causal=True, enable_gqa=True),
+                                                  (q, k_, v_), grad)) - t_fwd
+    attn_f = 2 * w.batch_size * n * n * heads * dh  # causal forward: QK^T and PV over half the square
+    rows.append(["attention", "sdpa forward", f"{w.batch_size}x{heads}x{n}x{dh}", f"{attn_f / t_fwd / 1e9:.0f}", f"{m['layers'] * t_fwd:.3f}"])
+    rows.append(["attention", "sdpa backward", "", f"{2 * attn_f / t_bwd / 1e9:.0f}", f"{m['layers'] * t_bwd:.3f}"])
+    total += m["layers"] * (t_fwd + t_bwd)
+    step = step_flops("sft", m, lengths["sft"], w)
+    peak = (payload["peak"]["flops"] + peak_flops(args.threads)["flops"]) / 2
+    ceiling_mfu = step / total / peak
+    print(markdown_table(["layer", "product", "shape", "GFLOP/s", "s per step"], rows))
+    print(f"\nSFT, {w.batch_size} rows of {n} tokens ({c} scored): {step / 1e12:.2f} TFLOP per step; the matmuls and "
+          f"attention alone take {total:.2f} s ({flops_total / total / 1e9:.0f} GFLOP/s over the linear layers' and head's "
+          f"{flops_total / 1e12:.2f} TFLOP with attention's time); matmul peak {peak / 1e9:.0f} GFLOP/s: "
+          f"ceiling MFU {100 * ceiling_mfu:.1f}% with every other op free")
+    payload["ceiling"] = {"rows": rows, "seconds": total, "step_flops": step, "peak": peak, "mfu": ceiling_mfu}
+
+
 def dump(args, payload) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2))
@@ -422,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                "args": {k: v for k, v in vars(args).items() if k not in ("model", "child")}, "summary": [], "curve": []}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
-        if args.curve:
+        if args.ceiling:
+            ceiling(args, payload, Path(tmp), tokenizer)
+        elif args.curve:
             curve(args, payload, Path(tmp), tokenizer)
         else:
             speed(args, payload, Path(tmp), tokenizer)
@@ -449,6 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpo-completion-len", type=int, default=64)
     p.add_argument("--curve", type=int, nargs="+", help="SFT memory over these row lengths (tokens), batch --batch-size")
     p.add_argument("--profile", action="store_true", help="torch.profiler over the timed steps: where the step goes")
+    p.add_argument("--ceiling", action="store_true", help="SFT's MFU if only its matmuls and attention took time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", help="where the de-quantised model is kept (default: $TMPDIR/lit_align_bench_smollm2)")
     p.add_argument("--json", help="write every number here")

@@ -153,7 +153,8 @@ def migration_page() -> str:
         "`output_dir` -> `--trainer.default_root_dir`; `seed` -> `--seed_everything`; `report_to: wandb` -> "
         "`--trainer.logger WandbLogger`; `per_device_train_batch_size` -> the DataModule's `batch_size`; "
         "`learning_rate` / `lr_scheduler_type` / `warmup_steps` -> the module's `optimizer` and `lr_scheduler` "
-        "(`lit_align.LinearWarmupDecay`); `gradient_checkpointing` -> the module's `gradient_checkpointing`.",
+        "(`lit_align.LinearWarmupDecay`); `gradient_checkpointing` -> the module's `gradient_checkpointing`; "
+        "`torch_compile` -> the module's `torch_compile` (each transformer layer compiled on its own).",
         "",
     ]
     for config, rows in tables.items():

@@ -1,0 +1,92 @@
+"""``torch_compile``: each transformer layer of the policy compiled on its own.
+
+It must change nothing but the cost: the eager loss, gradients and checkpoint keys, whatever the batch
+layout, and generation run eagerly (a KV cache and one-token steps would recompile every layer).
+"""
+
+import zlib
+
+import lightning as L
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.testing import assert_close
+
+from lit_align import GRPO, SFT, PromptOnlyDataModule
+from lit_align.models.compile import compile_layers
+from lit_align.rollout.engines import generation_mode
+from tests.test_online import DATA, fit
+from tests.test_sft import batch_of
+
+
+def loss_and_grads(module, batch):
+    module.zero_grad(set_to_none=True)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_compiled_layers_give_the_eager_loss_gradients_and_checkpoint(tokenizer):
+    eager, compiled = SFT(), SFT(torch_compile=True)
+    eager.configure_model()
+    compiled.configure_model()
+    compiled.model.load_state_dict(eager.model.state_dict())
+    layers = [m for m in compiled.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(layers) == compiled.model.config.num_hidden_layers
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load either way
+    counters.clear()
+    for layout in ("padded", "padding_free"):  # a new shape and a new mask: recompiled, still equal
+        batch = batch_of(tokenizer, layout)
+        loss, grads = loss_and_grads(compiled, batch)
+        want_loss, want = loss_and_grads(eager, batch)
+        assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == want.keys()
+        for name in want:
+            assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert counters["stats"]["unique_graphs"] > 0  # the layers did run compiled
+
+
+def test_generation_runs_the_compiled_layers_eagerly():
+    module = SFT(torch_compile=True)
+    module.configure_model()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    counters.clear()
+    with generation_mode(module.model):
+        out = module.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert counters["stats"]["unique_graphs"] == 0
+    eager = SFT()
+    eager.configure_model()
+    with torch.no_grad():
+        want = eager.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    assert out.tolist() == want.tolist()
+
+
+def checksum_reward(completions, **kwargs) -> list[float]:
+    """Varied within a group (the untrained model is never right on arithmetic): advantages not zero."""
+    return [zlib.crc32(str(c).encode()) % 1000 / 1000 for c in completions]
+
+
+def test_grpo_with_compiled_layers_samples_and_learns_as_eager():
+    """The same seed gives the same rollouts (generation is eager) and the same update (to rounding).
+    SGD: Adam would turn the rounding noise of the first step's zero KL gradient into steps of its lr."""
+    runs = []
+    for torch_compile in (False, True):
+        L.seed_everything(0, verbose=False)
+        module = GRPO(reward_funcs=[checksum_reward], num_generations=4, max_completion_length=8, beta=0.04,
+                      optimizer=lambda params: torch.optim.SGD(params, lr=1.0), torch_compile=torch_compile)
+        _, record = fit(module, PromptOnlyDataModule(DATA, batch_size=8), steps=2)
+        runs.append((record.metrics, module.model.state_dict()))
+    (eager_metrics, eager_state), (metrics, state) = runs
+    for got, want in zip(metrics, eager_metrics, strict=True):
+        assert got["train/completions/mean_length"] == want["train/completions/mean_length"]
+        assert got["train/reward"] == want["train/reward"]
+        for key in ("train/loss", "train/kl", "train/entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert eager_metrics[-1]["train/kl"] > 1e-4  # the first step moved the policy
+    for name, value in eager_state.items():
+        assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_model_without_transformer_layers_is_refused():
+    with pytest.raises(ValueError, match="Linear has no transformer layers to compile.*torch_compile: false"):
+        compile_layers(torch.nn.Linear(2, 2))
