@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.testing import assert_close
 
-from lit_align import GRPO, SFT, PromptOnlyDataModule
+from lit_align import DPO, GRPO, SFT, PreferenceDataModule, PromptOnlyDataModule
 from lit_align.models.compile import compile_layers
 from lit_align.rollout.engines import generation_mode
 from tests.test_online import DATA, fit
@@ -83,6 +83,24 @@ def test_grpo_with_compiled_layers_samples_and_learns_as_eager():
         for key in ("train/loss", "train/kl", "train/entropy"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     assert eager_metrics[-1]["train/kl"] > 1e-4  # the first step moved the policy
+    for name, value in eager_state.items():
+        assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dpo_compiles_its_reference_too_and_trains_as_eager():
+    runs = []
+    for torch_compile in (False, True):
+        L.seed_everything(0, verbose=False)
+        module = DPO(optimizer=lambda params: torch.optim.SGD(params, lr=1.0), torch_compile=torch_compile)
+        _, record = fit(module, PreferenceDataModule("builtin:arithmetic?size=16", batch_size=8, seed=3), steps=2)
+        compiled = [m for m in module.ref_model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert len(compiled) == (module.ref_model.config.num_hidden_layers if torch_compile else 0)
+        runs.append((record.metrics, module.model.state_dict()))
+    (eager_metrics, eager_state), (metrics, state) = runs
+    for got, want in zip(metrics, eager_metrics, strict=True):
+        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert eager_metrics[-1]["train/rewards/margins"] != 0.0  # the first step moved the policy
     for name, value in eager_state.items():
         assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=name)
 

@@ -89,8 +89,9 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
                 ``{class_path: peft.IA3Config, init_args: {...}}`` (LoHa, LoKr, IA3, ...), or None to train
                 every weight. The policy with its adapters off is the reference where one is needed.
             gradient_checkpointing: Recompute activations in backward (less memory, about 30% slower).
-            torch_compile: Compile each transformer layer of the policy with ``torch.compile`` (TRL's field;
-                regional, ``lit_align.models.compile``): fused elementwise ops, fewer activations kept.
+            torch_compile: Compile each transformer layer of the policy, and of a frozen reference or teacher,
+                with ``torch.compile`` (TRL's field; regional, ``lit_align.models.compile``): fused elementwise
+                ops, fewer activations kept.
                 The first steps pay the compilation; generation runs the layers eagerly.
             activation_offloading: Keep the activations saved for backward in CPU memory (pinned on
                 CUDA) instead of the accelerator's, as TRL's; the step's math is unchanged.
@@ -148,7 +149,9 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         if self.device_mesh is not None and not self.sharded_submodules:  # ModelParallelStrategy: FSDP2
             self.shard(self.device_mesh)
         if self.torch_compile:  # after sharding, as FSDP2 asks; compiling twice only compiles again
-            compile_layers(self.model)
+            for model in (self.model, *(getattr(self, name, None) for name in self.frozen_submodules)):
+                if model is not None:  # the reference or teacher too: its forward is part of the step
+                    compile_layers(model)
 
     def allow_unused_vision_parameters(self) -> None:
         """A VLM reads its vision tower's features at one layer (LLaVA: ``vision_feature_layer``), so the
