@@ -353,7 +353,7 @@ def speed(args, payload, workdir, tokenizer) -> None:
           f"{w.grpo_completion_len}; {args.warmup} warm-up + {args.steps} timed steps", flush=True)
     for method in args.methods:
         flops = step_flops(method, args.model, lengths[method], w)
-        for config in args.configs:
+        for config in [c for c in args.configs if method in gpu_check.ONLY.get(c, METHODS)]:
             print(f"{method} {config} ...", flush=True)
             r = run(method, config, w, args, paths, args.steps, profile=args.profile)
             s = summarize(r, method, flops, payload["peak"]["flops"])

@@ -37,7 +37,8 @@ Configurations per method (``--configs``): ``lit`` (lit-align defaults), ``trl_f
 ``gradient_checkpointing=False``), ``trl_default`` (TRL's defaults: gradient checkpointing on),
 ``lit_gc`` (lit-align with ``gradient_checkpointing=True``), ``lit_shared`` (GRPO only: lit-align with
 ``shared_prompt_forward=True``, each prompt once per group in the update's forward), ``lit_compile``
-(lit-align with ``torch_compile=True``: each decoder layer compiled), ``trl_compile`` (TRL with
+(lit-align with ``torch_compile=True``: each decoder layer compiled), ``lit_shared_compile`` (GRPO only:
+both), ``trl_compile`` (TRL with
 ``torch_compile=True``, the whole model compiled, and ``gradient_checkpointing=False``). Runs share one process by default (no
 import or start-up repeated); ``--isolate`` runs each in its own process (``common.run_child``).
 """
@@ -90,10 +91,12 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "lit_gc": ("lit", "lit-align, gradient_checkpointing=True", {"gradient_checkpointing": True}),
     "lit_shared": ("lit", "lit-align, shared_prompt_forward=True (GRPO only)", {"shared_prompt_forward": True}),
     "lit_compile": ("lit", "lit-align, torch_compile=True (each decoder layer compiled)", {"torch_compile": True}),
+    "lit_shared_compile": ("lit", "lit-align, shared_prompt_forward=True and torch_compile=True (GRPO only)",
+                           {"shared_prompt_forward": True, "torch_compile": True}),
     "trl_compile": ("trl", "TRL, torch_compile=True, gradient_checkpointing=False",
                     {"torch_compile": True, "gradient_checkpointing": False}),
 }
-ONLY = {"lit_shared": ("grpo",)}  # configurations that apply to some methods only
+ONLY = {"lit_shared": ("grpo",), "lit_shared_compile": ("grpo",)}  # configurations that apply to some methods only
 DEFAULT_CONFIGS = ["lit", "trl_fast", "trl_default", "lit_shared"]
 LR = {"sft": 2e-5, "dpo": 1e-6, "grpo": 1e-6}  # TRL's defaults
 STEPS = {"sft": 10, "dpo": 10, "grpo": 5}  # timed steps when --steps is not given (a GRPO step generates)
@@ -742,7 +745,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default 2; dry run 1)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS),
-                   help="lit, trl_fast, trl_default, lit_gc, lit_shared, lit_compile, trl_compile (default: lit trl_fast trl_default lit_shared)")
+                   help="lit, trl_fast, trl_default, lit_gc, lit_shared, lit_compile, lit_shared_compile, trl_compile (default: lit trl_fast trl_default lit_shared)")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="start no further run after this many seconds (0: no limit); runs not started are listed")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
