@@ -1,5 +1,7 @@
 """DPO, CPO/SimPO and ORPO modules: reference options, layouts, checkpoints, learning, bad input."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from lit_align import CPO, DPO, ORPO, PreferenceDataModule
 from lit_align.models.reference import mix_into
 from lit_align.ops.packing import collate_examples
+from tests.test_online import fit
 
 
 def adamw(lr=3e-3):
@@ -187,3 +190,20 @@ def test_generate_during_eval_logs_the_policys_completions(tmp_path):
     with pytest.warns(UserWarning, match="generate_during_eval logs its completions to W&B, and the Trainer has no WandbLogger"):
         L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, limit_val_batches=0).fit(CPO(generate_during_eval=True), data)
+
+
+@pytest.mark.parametrize("extra_eval", [False, True])
+def test_the_frozen_reference_in_eval_mode_is_not_warned_about(extra_eval):
+    """Lightning warns about modules in eval mode as training starts; the reference is frozen on purpose,
+    so only a module of the policy left in eval mode (here by a callback) is worth the warning."""
+
+    class EvalNorm(L.Callback):
+        def on_fit_start(self, trainer, module):
+            module.model.get_decoder().norm.eval()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(DPO(), PreferenceDataModule("builtin:arithmetic?size=8", batch_size=4), steps=1,
+            callbacks=[EvalNorm()] if extra_eval else [])
+    warned = [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+    assert len(warned) == int(extra_eval), warned

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -152,6 +153,16 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
             for model in (self.model, *(getattr(self, name, None) for name in self.frozen_submodules)):
                 if model is not None:  # the reference or teacher too: its forward is part of the step
                     compile_layers(model)
+
+    def on_fit_start(self) -> None:
+        """Lightning warns when modules are in eval mode as training starts; a frozen reference, teacher or
+        reward model is in eval mode on purpose. The warning is silenced for exactly that count (one more
+        eval module anywhere, and it shows)."""
+        super().on_fit_start()
+        frozen = [getattr(self, name, None) for name in self.frozen_submodules]
+        in_eval = sum(not m.training for model in frozen if isinstance(model, torch.nn.Module) for m in model.modules())
+        if in_eval and in_eval == sum(not m.training for m in self.modules()):
+            warnings.filterwarnings("ignore", message=rf"Found {in_eval} module\(s\) in eval mode at the start of training")
 
     def allow_unused_vision_parameters(self) -> None:
         """A VLM reads its vision tower's features at one layer (LLaVA: ``vision_feature_layer``), so the
