@@ -194,6 +194,8 @@ def categorize(event, vocab: int, mlp: int) -> str:
         chain.append(parent.name)
         parent = parent.cpu_parent
     name = event.name
+    if "cpp_fused" in name:
+        return "compiled kernels (fused norms, rotary, SwiGLU, residual)"
     dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
     if "optimizer step" in chain or name.startswith(("aten::_foreach_", "aten::_fused_adam")):
         return "optimizer and gradient clipping"
@@ -274,7 +276,7 @@ def profile_table(state: dict, model: dict, steps: int) -> dict:
         threads[event.thread] += event.self_cpu_time_total / 1e6
     main = threads.most_common(1)[0][0]  # the training loop's thread; others (autograd's, workers') are listed
     for event in state["prof"].events():
-        if event.thread != main or not event.name.startswith("aten::"):
+        if event.thread != main or not (event.name.startswith("aten::") or "cpp_fused" in event.name):
             continue  # annotations (record_function, autograd nodes) hold ops; their own time is Python
         where = categorize(event, model["vocab"], model["mlp_width"])
         shares[where] += event.self_cpu_time_total / 1e6
@@ -294,7 +296,10 @@ def child_main(args: argparse.Namespace) -> int:
     ctx.workload = gpu_check.Workload(**ctx.workload)
     ctx.cuda = False
     state: dict = {}
-    if ctx.profile:
+    if ctx.profile:  # inductor's own kernels (torch_compile) appear in the profile under their names
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True
         lit_cb, trl_cb = profile_callbacks(state, ctx.warmup, ctx.steps[ctx.method])
         ctx.lit_callbacks, ctx.trl_callbacks = [lit_cb], [trl_cb]  # each runner adds its own framework's
     before = peak_flops(ctx.threads)["flops"]  # this CPU's speed drifts (a shared host): the peak at each run

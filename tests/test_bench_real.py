@@ -49,3 +49,27 @@ def test_rows_have_the_asked_token_lengths(tmp_path):
         prompt = bench_real.render(tokenizer, row["prompt"], generation_prompt=True)
         full = bench_real.render(tokenizer, row["prompt"] + row["completion"])
         assert (len(full), len(full) - len(prompt)) == (lengths["sft"]["n"], lengths["sft"]["c"])
+
+
+def test_profile_places_by_op_name_ancestors_and_shapes():
+    """Where ``--profile`` puts an op's time: by its name (inductor's fused kernels, attention, the
+    optimizer), the ranges around it, and whether one of its inputs has the vocabulary's or the MLP's width."""
+    from types import SimpleNamespace
+
+    def event(name, shapes=(), parent=None):
+        return SimpleNamespace(name=name, input_shapes=[list(s) for s in shapes], cpu_parent=parent)
+
+    vocab, mlp = 49152, 1536
+    step = event("optimizer step")
+    cases = [
+        (event("graph_0_cpp_fused_add_mean_mul_pow_rsqrt_0"), "compiled kernels"),
+        (event("aten::_scaled_dot_product_flash_attention_for_cpu", [(4, 9, 288, 64)]), "attention (sdpa)"),
+        (event("aten::mul_", [(576,)], parent=step), "optimizer"),
+        (event("aten::mm", [(264, 576), (576, vocab)]), "LM head"),
+        (event("aten::mm", [(1152, 576), (576, mlp)]), "MLP matmuls"),
+        (event("aten::mm", [(1152, 576), (576, 576)]), "attention projections"),
+        (event("aten::silu", [(4, 288, mlp)]), "MLP elementwise"),
+        (event("aten::add", [(4, 288, 576)]), "other ops"),
+    ]
+    for e, place in cases:
+        assert bench_real.categorize(e, vocab, mlp).startswith(place), e.name
