@@ -4,6 +4,9 @@ It must change nothing but the cost: the eager loss, gradients and checkpoint ke
 layout, and generation run eagerly (a KV cache and one-token steps would recompile every layer).
 """
 
+import os
+import subprocess
+import sys
 import zlib
 
 import lightning as L
@@ -108,3 +111,37 @@ def test_dpo_compiles_its_reference_too_and_trains_as_eager():
 def test_a_model_without_transformer_layers_is_refused():
     with pytest.raises(ValueError, match="Linear has no transformer layers to compile.*torch_compile: false"):
         compile_layers(torch.nn.Linear(2, 2))
+
+
+CACHED_LAYER = """
+import torch
+from lit_align import SFT
+from lit_align.models.compile import compile_layers
+torch.manual_seed(0)
+module = SFT()
+module.configure_model()
+decoder = module.model.get_decoder()
+x = torch.randn(2, 7, module.model.config.hidden_size)
+rotary = decoder.rotary_emb(x, torch.arange(7)[None].expand(2, 7))
+want = decoder.layers[0](x, position_embeddings=rotary, attention_mask=None)
+compile_layers(module.model)
+got = decoder.layers[0](x, position_embeddings=rotary, attention_mask=None)
+torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+print("ok", torch._inductor.config.cpp.simdlen)
+"""
+
+
+def test_a_layer_compiled_at_one_vector_width_is_not_reloaded_at_another(tmp_path):
+    """Inductor's on-disk cache does not key on the vector width ``ATEN_CPU_CAPABILITY`` picks: AVX-512
+    code reloaded under ``avx2`` gave NaN (and the other way round, heap corruption). ``compile_layers``
+    writes the width into inductor's config, which the cache does key on. Two processes share one cache."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    widths = {isa.bit_width() for isa in valid_vec_isa_list()}
+    if not {256, 512} <= widths:
+        pytest.skip("needs a CPU with both AVX2 and AVX-512 (two vector widths to cross)")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    for capability, width in (("avx512", "512"), ("avx2", "256")):
+        proc = subprocess.run([sys.executable, "-c", CACHED_LAYER], env={**env, "ATEN_CPU_CAPABILITY": capability},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["ok", width], (capability, proc.stderr[-2000:])

@@ -23,9 +23,27 @@ def compile_layers(model: nn.Module) -> int:
     if not layers:
         raise ValueError(f"torch_compile: {type(model).__name__} has no transformer layers to compile (no "
                          "transformers GradientCheckpointingLayer); set torch_compile: false")
+    pin_vector_width()
     for layer in layers:
         layer.compile()
     # Layers of one model share their code: one frame, many guard sets (a new shape, no_grad for
     # validation, eval mode). Room for them, beyond torch's default of 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return len(layers)
+
+
+def pin_vector_width() -> None:
+    """Write the SIMD width inductor picks for this CPU into its config (unless set already).
+
+    Inductor picks its vector width (AVX-512, AVX2, none) from the CPU and ``ATEN_CPU_CAPABILITY``, but its
+    on-disk cache of compiled graphs (``/tmp/torchinductor_<user>``) does not key on that choice: a graph
+    cached by a run at one width and reloaded by a run at another is rebuilt with the new width's vector
+    type and the old width's loop step, which on torch 2.13 gave NaN losses (AVX-512 code run under
+    ``ATEN_CPU_CAPABILITY=avx2``) and heap corruption (the other way round). ``cpp.simdlen`` is part of
+    the cache key, and setting it to the width inductor picks anyway changes no kernel: it only keeps
+    each width's graphs apart (``tests/test_compile.py``)."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if config.cpp.simdlen is None:
+        config.cpp.simdlen = pick_vec_isa().bit_width()  # 0: no vector ISA, scalar code (as picked)
