@@ -49,6 +49,26 @@ def test_compiled_layers_give_the_eager_loss_gradients_and_checkpoint(tokenizer)
     assert counters["stats"]["unique_graphs"] > 0  # the layers did run compiled
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"gradient_checkpointing": True},
+    {"peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}, "gradient_checkpointing": True},
+], ids=["checkpointing", "lora_checkpointing"])
+def test_compiled_layers_compose_with_checkpointing_and_lora(tokenizer, kwargs):
+    """Compiled layers under activation checkpointing, with LoRA adapters inside: the eager loss and
+    gradients. (With ``lora_dropout`` > 0 the compiled dropout draws other masks than eager's.)"""
+    eager, compiled = SFT(**kwargs), SFT(torch_compile=True, **kwargs)
+    eager.configure_model()
+    compiled.configure_model()
+    compiled.model.load_state_dict(eager.model.state_dict())
+    batch = batch_of(tokenizer, "padded")
+    loss, grads = loss_and_grads(compiled, batch)
+    want_loss, want = loss_and_grads(eager, batch)
+    assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == want.keys() and len(want) > 0
+    for name in want:
+        assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_generation_runs_the_compiled_layers_eagerly():
     module = SFT(torch_compile=True)
     module.configure_model()
