@@ -56,6 +56,7 @@ METHODS = {
     "grpo_sampled": (GRPO, PromptOnlyDataModule),
     "grpo_spg": (GRPO, PromptOnlyDataModule),  # steps_per_generation=2 (accumulate_grad_batches=2), shared_prompt_forward
     "grpo_tools": (GRPO, PromptOnlyDataModule),  # multi-turn rollouts with a tool
+    "grpo_compile": (GRPO, PromptOnlyDataModule),  # torch_compile: the policy's and the reference's layers
     "gkd": (GKD, PromptCompletionDataModule),
     "online_dpo": (OnlineDPO, PromptOnlyDataModule),
     "nash_md": (NashMD, PromptOnlyDataModule),
@@ -74,6 +75,8 @@ ONLINE = {
     "grpo_sampled": {"num_generations": 4, "beta": 0.04},
     "grpo_spg": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo", "shared_prompt_forward": True},
     "grpo_tools": {"num_generations": 4, "beta": 0.04, "loss_type": "dapo", "tools": [add]},
+    "grpo_compile": {"num_generations": 4, "beta": 0.04, "scale_rewards": "batch", "loss_type": "dapo",
+                     "torch_compile": True},
     "online_dpo": {"beta": 0.1, "missing_eos_penalty": 1.0},
     "nash_md": {"beta": 0.1, "mixture_coef": 0.5},
     "xpo": {"beta": 0.1, "alpha": 0.1},

@@ -17,7 +17,7 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-METHODS = ["sft", "sft_stream", "sft_vlm", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo", "grpo_tools"]
+METHODS = ["sft", "sft_stream", "sft_vlm", "dpo", "kto", "bco", "grpo", "rloo", "ppo", "gkd", "online_dpo", "grpo_tools", "grpo_compile"]
 
 
 @pytest.fixture(scope="module")
