@@ -187,6 +187,9 @@ def peak_flops(threads: int) -> dict:
 # --------------------------------------------------------------------------- profiling
 
 
+INDUCTOR_KERNEL = "cpp_fused"  # in the name of every kernel inductor writes for a CPU (torch_compile)
+
+
 def categorize(event, vocab: int, mlp: int) -> str:
     """Where a profiled op's self time belongs (by name, ancestors and input shapes)."""
     chain, parent = [], event.cpu_parent
@@ -194,7 +197,7 @@ def categorize(event, vocab: int, mlp: int) -> str:
         chain.append(parent.name)
         parent = parent.cpu_parent
     name = event.name
-    if "cpp_fused" in name:
+    if INDUCTOR_KERNEL in name:
         return "compiled kernels (fused norms, rotary, SwiGLU, residual)"
     dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
     if "optimizer step" in chain or name.startswith(("aten::_foreach_", "aten::_fused_adam")):
@@ -276,7 +279,7 @@ def profile_table(state: dict, model: dict, steps: int) -> dict:
         threads[event.thread] += event.self_cpu_time_total / 1e6
     main = threads.most_common(1)[0][0]  # the training loop's thread; others (autograd's, workers') are listed
     for event in state["prof"].events():
-        if event.thread != main or not (event.name.startswith("aten::") or "cpp_fused" in event.name):
+        if event.thread != main or not (event.name.startswith("aten::") or INDUCTOR_KERNEL in event.name):
             continue  # annotations (record_function, autograd nodes) hold ops; their own time is Python
         where = categorize(event, model["vocab"], model["mlp_width"])
         shares[where] += event.self_cpu_time_total / 1e6
