@@ -1,5 +1,6 @@
 """lit-align: alignment for language models as PyTorch Lightning modules."""
 
+from lit_align.allocator import keep_freed_memory
 from lit_align.data.formats import (
     LanguageModelingDataModule,
     PreferenceDataModule,
@@ -52,5 +53,6 @@ __all__ = [
     "SaveHFModel",
     "StepwiseDataModule",
     "UnpairedPreferenceDataModule",
+    "keep_freed_memory",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 import lit_align  # noqa: F401  (registers every method and DataModule for short names)
+from lit_align.allocator import keep_freed_memory
 from lit_align.data.base import AlignDataModule
 from lit_align.methods.base import AlignModule
 
@@ -190,6 +191,7 @@ def main(args: ArgsType = None) -> None:
         from lit_align.rollout.server import serve_main
 
         return serve_main(list(argv[1:]))
+    keep_freed_memory()  # a step's freed buffers are reused by the next without page faults (lit_align/allocator.py)
     build_cli(args)
 
 
