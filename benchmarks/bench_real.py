@@ -21,9 +21,12 @@ are scored; A(n) = 2 n^2 H dh L, causal attention's forward):
 
 The LM head over prompt positions is not counted: the loss does not use it (TRL's CPU path computes it,
 lit-align's chunked head does not). MFU = those FLOPs / step time / the machine's matmul peak, measured
-in the same process just before and just after each run (the mean of the two; each the best of square
-fp32 matmuls of 1024 and 2048 at the benchmark's thread count): on a shared host the CPU's speed drifts
-by a third within minutes, so one peak for the whole benchmark would misstate the later runs.
+around every step: a half-second probe of 1024^3 fp32 products (the best of three means of ten, at the
+benchmark's thread count) runs before the first step and after each step, outside the steps' times, and
+each step is measured against the mean of the two probes around it. On a shared host the CPU's matmul
+speed swings between about 85 and 155 GFLOP/s within seconds, so a peak measured once per run (before
+and after it, kept in the JSON as ``peak_gflops_before_after_run``) made the same configuration read
+61% in one run and 87% in the next.
 
     python benchmarks/bench_real.py                               # SFT, DPO, GRPO: lit, trl_fast, trl_default
     python benchmarks/bench_real.py --methods sft --configs lit trl_fast --steps 3
@@ -184,6 +187,12 @@ def peak_flops(threads: int) -> dict:
     return {**best, "threads": threads}
 
 
+def probe_flops() -> float:
+    """The matmul speed right now (about half a second of 1024^3 fp32 products, the best of three means
+    of ten), taken before the first step and after every step, outside the steps' times."""
+    return gpu_check.peak_flops(False, "float32", size=1024, warmup=2, reps=10)["flops"]
+
+
 # --------------------------------------------------------------------------- profiling
 
 
@@ -305,6 +314,8 @@ def child_main(args: argparse.Namespace) -> int:
         torch._inductor.config.cpp.enable_kernel_profile = True
         lit_cb, trl_cb = profile_callbacks(state, ctx.warmup, ctx.steps[ctx.method])
         ctx.lit_callbacks, ctx.trl_callbacks = [lit_cb], [trl_cb]  # each runner adds its own framework's
+    if not ctx.profile:  # the matmul speed around every step (the profiler would count the probe's products)
+        ctx.probe = probe_flops
     before = peak_flops(ctx.threads)["flops"]  # this CPU's speed drifts (a shared host): the peak at each run
     result = gpu_check.run_one(ctx.method, ctx.config, ctx)
     result.extra["peak_flops"] = [before, peak_flops(ctx.threads)["flops"]]
@@ -322,9 +333,17 @@ def run(method: str, config: str, w, args: argparse.Namespace, paths: dict, step
 
 
 def summarize(result, method: str, flops: float, peak: float) -> dict:
-    """The timed steps' rates; MFU against the mean of the peaks measured just before and after this run."""
-    peak = statistics.mean(result.extra.get("peak_flops") or [peak])
+    """The timed steps' rates and MFU. Each step's peak is the mean of the two probes around it (the host's
+    speed swings by a third within seconds), so MFU = the timed steps' FLOPs / sum(step time x its peak);
+    without probes (``--profile``), the mean of the peaks measured just before and after the run."""
     times = result.step_times[result.warmup:]
+    run_peak = statistics.mean(result.extra.get("peak_flops") or [peak])
+    probes = result.extra.get("probes")
+    if probes:
+        around = [(a + b) / 2 for a, b in zip(probes, probes[1:])][result.warmup:]
+        peak = sum(t * p for t, p in zip(times, around, strict=True)) / sum(times)  # time-weighted
+    else:
+        around, peak = [run_peak] * len(times), run_peak
     tokens = result.step_tokens[result.warmup:]
     if method == "grpo":
         tokens = [c + p for c, p in zip(tokens, result.extra["prompt_tokens"][result.warmup:])]
@@ -338,12 +357,14 @@ def summarize(result, method: str, flops: float, peak: float) -> dict:
         "tokens_per_s": sum(tokens) / sum(times),
         "model_tflops_per_s": flops * len(times) / sum(times) / 1e12,
         "mfu": flops * len(times) / sum(times) / peak,
+        "mfu_per_step": [flops / t / p for t, p in zip(times, around)],
         "peak_mem_gb": None,
         "peak_rss_gb": result.peak_rss_gb,
         "rss_start_gb": result.rss_start_gb,
         "gradient_checkpointing": result.extra.get("gradient_checkpointing"),
         "other_cpus_busy": result.extra.get("other_cpus_busy"),
         "peak_gflops": peak / 1e9,
+        "peak_gflops_before_after_run": run_peak / 1e9,
     }
     if method == "grpo":
         gen = statistics.mean(result.extra["gen_s"][result.warmup:])
@@ -369,7 +390,8 @@ def speed(args, payload, workdir, tokenizer) -> None:
                 s["profile"] = r.extra["profile"]
             payload["summary"].append(s)
             print(f"    {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s, peak RSS {s['peak_rss_gb']:.2f} GB, "
-                  f"MFU {100 * s['mfu']:.1f}% of {s['peak_gflops']:.0f} GFLOP/s (other CPUs busy {s['other_cpus_busy']})", flush=True)
+                  f"MFU {100 * s['mfu']:.1f}% of {s['peak_gflops']:.0f} GFLOP/s (steps {100 * min(s['mfu_per_step']):.0f}-"
+                  f"{100 * max(s['mfu_per_step']):.0f}%; other CPUs busy {s['other_cpus_busy']})", flush=True)
             dump(args, payload)
     print()
     print(gpu_check.table(payload["summary"], cuda=False))

@@ -18,6 +18,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,9 +113,15 @@ class StepClock:
     tokens: list[int] = field(default_factory=list)  # real (non-padding) tokens per step
     _last: float | None = None
     rss_start_gb: float = 0.0
+    # Optional: a measurement run before the first step and after every step, outside the step's time
+    # (bench_real's matmul-speed probe: ``probes[i]`` and ``probes[i + 1]`` bracket step ``i``).
+    probe: Callable[[], float] | None = None
+    probes: list[float] = field(default_factory=list)
 
     def start(self) -> None:
         self.rss_start_gb = rss_gb()
+        if self.probe is not None:
+            self.probes.append(self.probe())
         self._last = time.perf_counter()
 
     def step_end(self, num_tokens: int) -> None:
@@ -123,6 +130,9 @@ class StepClock:
             raise RuntimeError("StepClock.start() was not called")
         self.times.append(now - self._last)
         self.tokens.append(int(num_tokens))
+        if self.probe is not None:
+            self.probes.append(self.probe())
+            now = time.perf_counter()
         self._last = now
 
 

@@ -194,13 +194,15 @@ def run_lit(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
         PreferenceDataModule,
         PromptCompletionDataModule,
         PromptOnlyDataModule,
+        keep_freed_memory,
     )
     from lit_align.methods.online import OnlineModule
     from lit_align.optim import default_adamw
     from lit_align.rollout.engines import HFEngine
 
+    keep_freed_memory()  # as the lit-align command does (lit_align/allocator.py); TRL keeps glibc's default
     w: Workload = ctx.workload
-    clock, phases = StepClock(), Phases()
+    clock, phases = StepClock(probe=getattr(ctx, "probe", None)), Phases()
 
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -281,7 +283,7 @@ def run_trl(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
 
     w: Workload = ctx.workload
-    clock, phases = StepClock(), Phases()
+    clock, phases = StepClock(probe=getattr(ctx, "probe", None)), Phases()
     stack = contextlib.ExitStack()
 
     class Clock(TrainerCallback):
@@ -404,6 +406,8 @@ def run_one(method: str, name: str, ctx: argparse.Namespace) -> Result:
     }
     if out["phases"] is not None:
         extra.update(out["phases"].per_step)
+    if clock.probes:
+        extra["probes"] = clock.probes
     out = None
     gc.collect()
     if ctx.cuda:

@@ -73,3 +73,42 @@ def test_profile_places_by_op_name_ancestors_and_shapes():
     ]
     for e, place in cases:
         assert bench_real.categorize(e, vocab, mlp).startswith(place), e.name
+
+
+def test_step_clock_probes_bracket_each_step_outside_its_time():
+    """A probe runs before the first step and after each one; its time is not in any step's."""
+    import time
+
+    from common import StepClock
+
+    calls = []
+
+    def probe():
+        calls.append(1)
+        time.sleep(0.05)
+        return float(len(calls))
+
+    clock = StepClock(probe=probe)
+    clock.start()
+    for _ in range(2):
+        time.sleep(0.01)
+        clock.step_end(5)
+    assert clock.probes == [1.0, 2.0, 3.0]
+    assert all(0.01 <= t < 0.045 for t in clock.times), clock.times  # the 50 ms probes are outside
+
+
+def test_mfu_weighs_each_step_by_the_probes_around_it():
+    """MFU = FLOPs / sum(step time x the mean of its two probes), warm-up steps left out."""
+    from common import Result
+
+    r = Result(name="lit", framework="lit", description="", steps=2, warmup=1, step_times=[9.0, 1.0, 3.0],
+               step_tokens=[4, 4, 4], rss_start_gb=0.0, peak_rss_gb=0.0,
+               extra={"probes": [50.0, 100.0, 60.0, 40.0], "peak_flops": [1000.0, 1000.0]})
+    s = bench_real.summarize(r, "sft", flops=80.0, peak=1.0)
+    # steps 1 and 2: peaks (100 + 60) / 2 = 80 and (60 + 40) / 2 = 50
+    assert s["mfu_per_step"] == pytest.approx([80 / 1 / 80, 80 / 3 / 50])
+    assert s["mfu"] == pytest.approx(2 * 80 / (1 * 80 + 3 * 50))
+    assert s["peak_gflops"] == pytest.approx((1 * 80 + 3 * 50) / 4 / 1e9)
+    assert s["peak_gflops_before_after_run"] == pytest.approx(1000 / 1e9)
+    del r.extra["probes"]  # --profile: no probes, the peaks before and after the run
+    assert bench_real.summarize(r, "sft", flops=80.0, peak=1.0)["mfu"] == pytest.approx(2 * 80 / 4 / 1000)
