@@ -33,17 +33,20 @@ and after it, kept in the JSON as ``peak_gflops_before_after_run``) made the sam
     python benchmarks/bench_real.py --curve 256 512 1024 2048     # SFT peak memory over the row length
     python benchmarks/bench_real.py --methods sft --configs lit --profile   # where lit-align's step goes
     python benchmarks/bench_real.py --ceiling                     # SFT's MFU if only matmuls and attention took time
+    python benchmarks/bench_real.py --allocator --configs lit_compile   # glibc's default malloc against freed memory kept
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import functools
 import importlib.util
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -193,6 +196,65 @@ def probe_flops() -> float:
     return gpu_check.peak_flops(False, "float32", size=1024, warmup=2, reps=10)["flops"]
 
 
+# --------------------------------------------------------------------------- the allocator
+
+
+def set_keep_freed_memory(keep: bool) -> None:
+    """glibc's ``malloc`` keeping freed memory (``lit_align.keep_freed_memory``) or back to its defaults
+    (a fresh ``mmap`` per large request, up to 65,536 of them; trim the heap past 128 KiB free)."""
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not (mallopt(-4, 0 if keep else 65536) == 1 and mallopt(-1, 2**31 - 1 if keep else 128 * 1024) == 1):
+        raise RuntimeError("glibc's mallopt refused the setting: --allocator needs Linux with glibc")
+
+
+def allocator_blocks(state: dict, block: int):
+    """A Lightning callback that runs the warm-up step with glibc's defaults, then alternates blocks of
+    ``block`` steps with and without freed memory kept, counting each step's minor page faults."""
+    import lightning as L
+
+    state["faults"], state["kept"] = [], []
+
+    class Blocks(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            keep = batch_idx > 0 and (batch_idx - 1) // block % 2 == 1
+            set_keep_freed_memory(keep)
+            state["kept"].append(keep)
+            state["f0"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - state["f0"])
+
+    return Blocks()
+
+
+def allocator(args, payload, workdir, tokenizer) -> None:
+    """SFT in one process, glibc's default allocator against freed memory kept, in alternating blocks of
+    4 steps (the first step of each block, which pays for the switch, is left out)."""
+    block, config = 4, args.configs[0]
+    if gpu_check.CONFIGS[config][0] != "lit":
+        raise SystemExit(f"--allocator runs a lit-align configuration, not {config}")
+    w = workload(args)
+    paths, lengths = write_rows(tokenizer, w, 1 + 4 * block, workdir)
+    flops = step_flops("sft", args.model, lengths["sft"], w)
+    print(f"sft {config}: allocator blocks of {block} steps ...", flush=True)
+    r = run("sft", config, w, args, paths, 4 * block, allocator_block=block, warmup=1)
+    probes = r.extra["probes"]
+    rows = []
+    for keep in (False, True):
+        steps = [i for i in range(1, len(r.step_times)) if r.extra["kept"][i] == keep and (i - 1) % block]
+        mfu = [flops / r.step_times[i] / ((probes[i] + probes[i + 1]) / 2) for i in steps]
+        rows.append({"allocator": "freed memory kept" if keep else "glibc default", "steps": len(steps),
+                     "s_per_step": statistics.mean(r.step_times[i] for i in steps),
+                     "faults_per_step": statistics.mean(r.extra["faults"][i] for i in steps),
+                     "mfu": statistics.mean(mfu), "mfu_range": [min(mfu), max(mfu)]})
+    payload["allocator"] = {"config": config, "rows": rows, "peak_rss_gb": r.peak_rss_gb}
+    print(markdown_table(["allocator", "steps", "s/step", "minor page faults/step", "MFU (per-step range)"],
+                         [[x["allocator"], str(x["steps"]), _fmt(x["s_per_step"], 2), _fmt(x["faults_per_step"], 0),
+                           f"{100 * x['mfu']:.1f}% ({100 * x['mfu_range'][0]:.0f}-{100 * x['mfu_range'][1]:.0f}%)"]
+                          for x in rows]))
+
+
 # --------------------------------------------------------------------------- profiling
 
 
@@ -316,19 +378,24 @@ def child_main(args: argparse.Namespace) -> int:
         ctx.lit_callbacks, ctx.trl_callbacks = [lit_cb], [trl_cb]  # each runner adds its own framework's
     if not ctx.profile:  # the matmul speed around every step (the profiler would count the probe's products)
         ctx.probe = probe_flops
+    if getattr(ctx, "allocator_block", None):
+        ctx.lit_callbacks = [allocator_blocks(state, ctx.allocator_block)]
     before = peak_flops(ctx.threads)["flops"]  # this CPU's speed drifts (a shared host): the peak at each run
     result = gpu_check.run_one(ctx.method, ctx.config, ctx)
     result.extra["peak_flops"] = [before, peak_flops(ctx.threads)["flops"]]
     if ctx.profile:
         result.extra["profile"] = profile_table(state, ctx.model, ctx.steps[ctx.method])
+    if "faults" in state:
+        result.extra["faults"], result.extra["kept"] = state["faults"], state["kept"]
     emit(result)
     return 0
 
 
-def run(method: str, config: str, w, args: argparse.Namespace, paths: dict, steps: int, profile: bool = False):
+def run(method: str, config: str, w, args: argparse.Namespace, paths: dict, steps: int, profile: bool = False,
+        **extra):
     ctx = {"method": method, "config": config, "model_dir": args.model_dir, "data": paths, "dtype": "float32",
            "steps": {m: steps for m in METHODS}, "warmup": args.warmup, "workload": asdict(w),
-           "threads": args.threads, "profile": profile, "model": args.model}
+           "threads": args.threads, "profile": profile, "model": args.model, **extra}
     return run_child([__file__, "--child", json.dumps(ctx)], verbose=args.verbose)
 
 
@@ -518,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
         if args.ceiling:
             ceiling(args, payload, Path(tmp), tokenizer)
+        elif args.allocator:
+            allocator(args, payload, Path(tmp), tokenizer)
         elif args.curve:
             curve(args, payload, Path(tmp), tokenizer)
         else:
@@ -546,6 +615,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve", type=int, nargs="+", help="SFT memory over these row lengths (tokens), batch --batch-size")
     p.add_argument("--profile", action="store_true", help="torch.profiler over the timed steps: where the step goes")
     p.add_argument("--ceiling", action="store_true", help="SFT's MFU if only its matmuls and attention took time")
+    p.add_argument("--allocator", action="store_true",
+                   help="SFT (the first --configs, a lit one) with glibc's default allocator and with freed memory\n"
+                        "kept, alternating in blocks of 4 steps in one process: s/step, page faults, MFU")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", help="where the de-quantised model is kept (default: $TMPDIR/lit_align_bench_smollm2)")
     p.add_argument("--json", help="write every number here")

@@ -112,3 +112,16 @@ def test_mfu_weighs_each_step_by_the_probes_around_it():
     assert s["peak_gflops_before_after_run"] == pytest.approx(1000 / 1e9)
     del r.extra["probes"]  # --profile: no probes, the peaks before and after the run
     assert bench_real.summarize(r, "sft", flops=80.0, peak=1.0)["mfu"] == pytest.approx(2 * 80 / 4 / 1000)
+
+
+def test_allocator_blocks_alternate_after_the_warm_up_step(monkeypatch):
+    """``--allocator``: step 0 (warm-up) and then blocks of 4 with glibc's defaults, then kept, then default..."""
+    modes = []
+    monkeypatch.setattr(bench_real, "set_keep_freed_memory", modes.append)
+    state: dict = {}
+    cb = bench_real.allocator_blocks(state, 4)
+    for i in range(13):
+        cb.on_train_batch_start(None, None, None, i)
+        cb.on_train_batch_end(None, None, None, None, i)
+    assert modes == state["kept"] == [False] * 5 + [True] * 4 + [False] * 4
+    assert len(state["faults"]) == 13 and all(f >= 0 for f in state["faults"])
