@@ -35,12 +35,14 @@ def _run(env: dict) -> dict:
     out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, timeout=120,
                          env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if r["default"] < 10_000:  # 64 MB of 4 KiB pages is 16,384 faults; 2 MB pages make a few dozen
+        pytest.skip(f"{r['default']} faults per 64 MB buffer by default: transparent huge pages set to 'always'")
+    return r
 
 
 def test_a_freed_buffer_is_reused_without_page_faults():
-    r = _run({"LIT_ALIGN_KEEP_FREED_MEMORY": "1"})
-    assert r["default"] > 10_000  # 64 MB of 4 KiB pages faulted in again on every round by default
+    r = _run({"LIT_ALIGN_KEEP_FREED_MEMORY": "1"})  # by default faulted in again on every round
     assert r["applied"] is True and r["kept"] < 1_000
 
 
