@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import functools
 import importlib.util
 import json
@@ -200,11 +199,10 @@ def probe_flops() -> float:
 
 
 def set_keep_freed_memory(keep: bool) -> None:
-    """glibc's ``malloc`` keeping freed memory (``lit_align.keep_freed_memory``) or back to its defaults
-    (a fresh ``mmap`` per large request, up to 65,536 of them; trim the heap past 128 KiB free)."""
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (mallopt(-4, 0 if keep else 65536) == 1 and mallopt(-1, 2**31 - 1 if keep else 128 * 1024) == 1):
+    """glibc's ``malloc`` keeping freed memory (``lit_align.keep_freed_memory``) or back to its defaults."""
+    from lit_align.allocator import GLIBC_DEFAULTS, KEPT, set_malloc
+
+    if not set_malloc(*(KEPT if keep else GLIBC_DEFAULTS)):
         raise RuntimeError("glibc's mallopt refused the setting: --allocator needs Linux with glibc")
 
 
