@@ -21,6 +21,7 @@ from lit_align.methods.distributed import Distributed
 from lit_align.methods.moe import RouterAuxLoss
 from lit_align.methods.safeguards import Safeguards
 from lit_align.models.compile import compile_layers
+from lit_align.models.onednn import onednn_available, use_onednn_linear
 from lit_align.models.loading import (
     ModelInit,
     apply_peft,
@@ -58,6 +59,7 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         peft: dict[str, Any] | None = None,
         gradient_checkpointing: bool = False,
         torch_compile: bool = False,
+        onednn_linear: bool = False,
         activation_offloading: bool = False,
         router_aux_loss_coef: float | None = None,
         disable_dropout: bool | None = None,
@@ -94,6 +96,10 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
                 with ``torch.compile`` (TRL's field; regional, ``lit_align.models.compile``): fused elementwise
                 ops, fewer activations kept.
                 The first steps pay the compilation; generation runs the layers eagerly.
+            onednn_linear: On a CPU in fp32, run the linear layers of the policy (and of a frozen reference
+                or teacher) on oneDNN instead of MKL (``lit_align.models.onednn``): on some CPUs (AMD EPYC in
+                ``benchmarks/README.md``) a faster product, the same fp32 arithmetic up to rounding.
+                Other devices and dtypes are unaffected.
             activation_offloading: Keep the activations saved for backward in CPU memory (pinned on
                 CUDA) instead of the accelerator's, as TRL's; the step's math is unchanged.
             router_aux_loss_coef: Weight of a Mixture-of-Experts model's load-balancing loss added to
@@ -122,6 +128,10 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
         self.peft = peft
         self.gradient_checkpointing = gradient_checkpointing
         self.torch_compile = torch_compile
+        if onednn_linear and not onednn_available():
+            raise ValueError("onednn_linear=True: this torch build has no oneDNN (torch.backends.mkldnn); "
+                             "set onednn_linear: false")
+        self.onednn_linear = onednn_linear
         self.activation_offloading = activation_offloading
         self.router_aux_loss_coef = router_aux_loss_coef
         self.disable_dropout = self.disable_dropout_default if disable_dropout is None else disable_dropout
@@ -149,10 +159,14 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
             self.allow_unused_vision_parameters()
         if self.device_mesh is not None and not self.sharded_submodules:  # ModelParallelStrategy: FSDP2
             self.shard(self.device_mesh)
+        models = [m for m in (self.model, *(getattr(self, name, None) for name in self.frozen_submodules))
+                  if isinstance(m, torch.nn.Module)]  # the reference or teacher too: its forward is in the step
+        if self.onednn_linear:
+            for model in models:
+                use_onednn_linear(model)
         if self.torch_compile:  # after sharding, as FSDP2 asks; compiling twice only compiles again
-            for model in (self.model, *(getattr(self, name, None) for name in self.frozen_submodules)):
-                if model is not None:  # the reference or teacher too: its forward is part of the step
-                    compile_layers(model)
+            for model in models:
+                compile_layers(model)
 
     def on_fit_start(self) -> None:
         """Lightning warns when modules are in eval mode as training starts; a frozen reference, teacher or

@@ -1,0 +1,119 @@
+"""``onednn_linear``: the linear layers' fp32 CPU products on oneDNN instead of MKL.
+
+It must change nothing but the speed: the products and their gradients to fp32 rounding, the loss and
+gradients of a training step, the parameters and checkpoint keys, under ``torch_compile``, with LoRA, and
+generation; other dtypes keep ``F.linear``.
+"""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lit_align import DPO, SFT, PreferenceDataModule
+from lit_align.models import onednn
+from lit_align.models.onednn import OneDNNLinear, onednn_matmul, use_onednn_linear
+from lit_align.rollout.engines import generation_mode
+from tests.test_compile import loss_and_grads
+from tests.test_online import fit
+from tests.test_sft import batch_of
+
+pytestmark = pytest.mark.skipif(not onednn.onednn_available(), reason="this torch build has no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5)], ids=["2d", "3d"])
+def test_the_layer_and_its_gradients_are_f_linear_to_rounding(shape, bias):
+    torch.manual_seed(0)
+    plain = nn.Linear(5, 4, bias=bias)
+    layer = nn.Linear(5, 4, bias=bias)
+    layer.load_state_dict(plain.state_dict())
+    assert use_onednn_linear(layer) == 1 and type(layer) is OneDNNLinear
+    x = torch.randn(*shape, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    out, want = layer(x), plain(x_plain)
+    assert_close(out, want, atol=1e-6, rtol=1e-5)
+    grad = torch.randn(*want.shape).transpose(0, -1).contiguous().transpose(0, -1)  # a strided upstream grad
+    out.backward(grad)
+    want.backward(grad)
+    assert_close(x.grad, x_plain.grad, atol=1e-6, rtol=1e-5)
+    for (name, p), q in zip(layer.named_parameters(), plain.parameters(), strict=True):
+        assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_op_against_float64_and_torch_check():
+    """The op against float64 (fp32 accuracy, not bf16's), and torch's own check of a custom op's
+    registrations (fake tensor, autograd, schema)."""
+    torch.manual_seed(0)
+    a, w = torch.randn(64, 256), torch.randn(32, 256)
+    exact = a.double() @ w.double().t()
+    assert (onednn_matmul(a, w).double() - exact).abs().max() < 1e-3  # bf16 products would be off by ~0.5
+    torch.library.opcheck(onednn_matmul, (a.requires_grad_(), w.requires_grad_()))
+
+
+def test_other_dtypes_keep_f_linear(monkeypatch):
+    layer = nn.Linear(5, 4).to(torch.bfloat16)
+    use_onednn_linear(layer)
+    monkeypatch.setattr(onednn, "onednn_matmul", lambda *a: pytest.fail("bf16 went to oneDNN"))
+    monkeypatch.setattr(onednn, "_kernel", lambda *a: pytest.fail("bf16 went to oneDNN"))
+    x = torch.randn(3, 5, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"torch_compile": True},
+                                    {"peft": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}],
+                         ids=["eager", "compiled", "lora"])
+def test_a_training_step_gives_the_mkl_loss_gradients_and_checkpoint(tokenizer, kwargs):
+    plain, fast = SFT(**kwargs), SFT(onednn_linear=True, **kwargs)
+    plain.configure_model()
+    fast.configure_model()
+    fast.model.load_state_dict(plain.model.state_dict())
+    assert any(type(m) is OneDNNLinear for m in fast.model.modules())
+    assert not any(type(m) is OneDNNLinear for m in plain.model.modules())
+    assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints load either way
+    batch = batch_of(tokenizer, "padded")
+    loss, grads = loss_and_grads(fast, batch)
+    want_loss, want = loss_and_grads(plain, batch)
+    assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == want.keys() and len(want) > 0
+    for name in want:
+        assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_generation_is_unchanged():
+    plain, fast = SFT(), SFT(onednn_linear=True)
+    plain.configure_model()
+    fast.configure_model()
+    fast.model.load_state_dict(plain.model.state_dict())
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    outs = []
+    for module in (plain, fast):
+        with generation_mode(module.model):
+            outs.append(module.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                              do_sample=False).tolist())
+    assert outs[0] == outs[1]
+
+
+def test_dpo_with_its_reference_trains_as_with_mkl():
+    """Two SGD steps of DPO (policy and reference on oneDNN) against MKL: metrics and weights to rounding."""
+    runs = []
+    for onednn_linear in (False, True):
+        L.seed_everything(0, verbose=False)
+        module = DPO(optimizer=lambda params: torch.optim.SGD(params, lr=1.0), onednn_linear=onednn_linear)
+        _, record = fit(module, PreferenceDataModule("builtin:arithmetic?size=16", batch_size=8, seed=3), steps=2)
+        assert any(type(m) is OneDNNLinear for m in module.ref_model.modules()) == onednn_linear
+        runs.append((record.metrics, module.model.state_dict()))
+    (want_metrics, want_state), (metrics, state) = runs
+    for got, want in zip(metrics, want_metrics, strict=True):
+        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert want_metrics[-1]["train/rewards/margins"] != 0.0  # the first step moved the policy
+    for name, value in want_state.items():
+        assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_refused_by_name_without_onednn(monkeypatch):
+    monkeypatch.setattr("lit_align.methods.base.onednn_available", lambda: False)
+    with pytest.raises(ValueError, match="onednn_linear=True: this torch build has no oneDNN"):
+        SFT(onednn_linear=True)
