@@ -7,7 +7,8 @@ its own BPE tokenizer and chat template, and both frameworks load that directory
 (a user turn, an assistant turn, SmolLM2's chat template with its default system turn) made of words
 that are one token each, so every row of a run has exactly the token length asked for.
 
-The runs, the step clock and the configurations (``lit``, ``lit_gc``, ``lit_shared``, ``trl_fast``, ``trl_default``) are
+The runs, the step clock and the configurations (``lit``, ``lit_gc``, ``lit_shared``, ``lit_compile``,
+``lit_onednn``, ``lit_compile_onednn``, ``trl_fast``, ``trl_default``, ...) are
 ``gpu_check.py``'s, on the CPU in fp32, each configuration in its own process (its peak RSS is its own).
 
 Model FLOPs count the work the loss needs, the same for both frameworks (P_body: the decoder's matmul
@@ -21,9 +22,11 @@ are scored; A(n) = 2 n^2 H dh L, causal attention's forward):
 
 The LM head over prompt positions is not counted: the loss does not use it (TRL's CPU path computes it,
 lit-align's chunked head does not). MFU = those FLOPs / step time / the machine's matmul peak, measured
-around every step: a half-second probe of 1024^3 fp32 products (the best of three means of ten, at the
-benchmark's thread count) runs before the first step and after each step, outside the steps' times, and
-each step is measured against the mean of the two probes around it. On a shared host the CPU's matmul
+around every step: a probe of 1024^3 fp32 products (the best of three means of ten, at the benchmark's
+thread count) runs before the first step and after each step, outside the steps' times, and each step is
+measured against the mean of the two probes around it. The probe times torch's own product (MKL) and
+oneDNN's, and the peak is the faster: on the README's AMD EPYC oneDNN's is 1.3x MKL's, so a peak of MKL
+alone overstated every MFU by that much (``mfu_of_torch_mm`` in the JSON is the MFU against MKL's). On a shared host the CPU's matmul
 speed swings between about 85 and 155 GFLOP/s within seconds, so a peak measured once per run (before
 and after it, kept in the JSON as ``peak_gflops_before_after_run``) made the same configuration read
 61% in one run and 87% in the next.
@@ -182,17 +185,34 @@ def step_flops(method: str, m: dict, n: dict, w) -> float:
     return prefill + decode + update
 
 
+def kernels() -> tuple[str, ...]:
+    """The fp32 CPU matmuls to measure: torch's own (``a @ b``: MKL) and oneDNN's where torch has it (on the
+    AMD EPYC of the README 1.3x faster at 1024^3, so the machine's peak is the faster of the two)."""
+    from lit_align.models.onednn import onednn_available
+
+    return ("torch", "onednn") if onednn_available() else ("torch",)
+
+
 def peak_flops(threads: int) -> dict:
-    """The machine's fp32 matmul peak at this thread count: the best of 1024^3 and 2048^3 products."""
-    best = max((gpu_check.peak_flops(False, "float32", size=s, reps=r) for s, r in ((1024, 20), (2048, 4))),
-               key=lambda p: p["flops"])
-    return {**best, "threads": threads}
+    """The machine's fp32 matmul peak at this thread count: the best of 1024^3 and 2048^3 products on each
+    kernel; ``by_kernel`` holds each kernel's best."""
+    runs = {k: max((gpu_check.peak_flops(False, "float32", size=s, reps=r, kernel=k) for s, r in ((1024, 20), (2048, 4))),
+                   key=lambda p: p["flops"]) for k in kernels()}
+    best = max(runs.values(), key=lambda p: p["flops"])
+    return {**best, "threads": threads, "by_kernel": {k: r["flops"] for k, r in runs.items()}}
+
+
+TORCH_MM_PROBES: list[float] = []  # torch.mm's own speed at each probe (MFU against it too)
 
 
 def probe_flops() -> float:
-    """The matmul speed right now (about half a second of 1024^3 fp32 products, the best of three means
-    of ten), taken before the first step and after every step, outside the steps' times."""
-    return gpu_check.peak_flops(False, "float32", size=1024, warmup=2, reps=10)["flops"]
+    """The matmul speed right now (on each kernel, about half a second of 1024^3 fp32 products, the best
+    of three means of ten; the faster kernel's), taken before the first step and after every step,
+    outside the steps' times."""
+    by_kernel = {k: gpu_check.peak_flops(False, "float32", size=1024, warmup=2, reps=10, kernel=k)["flops"]
+                 for k in kernels()}
+    TORCH_MM_PROBES.append(by_kernel["torch"])
+    return max(by_kernel.values())
 
 
 # --------------------------------------------------------------------------- the allocator
@@ -381,6 +401,8 @@ def child_main(args: argparse.Namespace) -> int:
     before = peak_flops(ctx.threads)["flops"]  # this CPU's speed drifts (a shared host): the peak at each run
     result = gpu_check.run_one(ctx.method, ctx.config, ctx)
     result.extra["peak_flops"] = [before, peak_flops(ctx.threads)["flops"]]
+    if TORCH_MM_PROBES:
+        result.extra["probes_torch_mm"] = TORCH_MM_PROBES
     if ctx.profile:
         result.extra["profile"] = profile_table(state, ctx.model, ctx.steps[ctx.method])
     if "faults" in state:
@@ -403,12 +425,15 @@ def summarize(result, method: str, flops: float, peak: float) -> dict:
     without probes (``--profile``), the mean of the peaks measured just before and after the run."""
     times = result.step_times[result.warmup:]
     run_peak = statistics.mean(result.extra.get("peak_flops") or [peak])
-    probes = result.extra.get("probes")
-    if probes:
+
+    def around_steps(probes: list[float] | None) -> tuple[list[float], float]:
+        if not probes:
+            return [run_peak] * len(times), run_peak
         around = [(a + b) / 2 for a, b in zip(probes, probes[1:])][result.warmup:]
-        peak = sum(t * p for t, p in zip(times, around, strict=True)) / sum(times)  # time-weighted
-    else:
-        around, peak = [run_peak] * len(times), run_peak
+        return around, sum(t * p for t, p in zip(times, around, strict=True)) / sum(times)  # time-weighted
+
+    around, peak = around_steps(result.extra.get("probes"))
+    torch_mm_peak = around_steps(result.extra["probes_torch_mm"])[1] if "probes_torch_mm" in result.extra else None
     tokens = result.step_tokens[result.warmup:]
     if method == "grpo":
         tokens = [c + p for c, p in zip(tokens, result.extra["prompt_tokens"][result.warmup:])]
@@ -430,6 +455,8 @@ def summarize(result, method: str, flops: float, peak: float) -> dict:
         "other_cpus_busy": result.extra.get("other_cpus_busy"),
         "peak_gflops": peak / 1e9,
         "peak_gflops_before_after_run": run_peak / 1e9,
+        "mfu_of_torch_mm": flops * len(times) / sum(times) / torch_mm_peak if torch_mm_peak else None,
+        "torch_mm_peak_gflops": torch_mm_peak / 1e9 if torch_mm_peak else None,
     }
     if method == "grpo":
         gen = statistics.mean(result.extra["gen_s"][result.warmup:])
@@ -457,6 +484,9 @@ def speed(args, payload, workdir, tokenizer) -> None:
             print(f"    {s['steps_per_s']:.3f} steps/s, {s['tokens_per_s']:.0f} tokens/s, peak RSS {s['peak_rss_gb']:.2f} GB, "
                   f"MFU {100 * s['mfu']:.1f}% of {s['peak_gflops']:.0f} GFLOP/s (steps {100 * min(s['mfu_per_step']):.0f}-"
                   f"{100 * max(s['mfu_per_step']):.0f}%; other CPUs busy {s['other_cpus_busy']})", flush=True)
+            if s["mfu_of_torch_mm"]:
+                print(f"    against torch.mm's own speed ({s['torch_mm_peak_gflops']:.0f} GFLOP/s): "
+                      f"MFU {100 * s['mfu_of_torch_mm']:.1f}%", flush=True)
             dump(args, payload)
     print()
     print(gpu_check.table(payload["summary"], cuda=False))
@@ -602,7 +632,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=None, choices=list(gpu_check.CONFIGS),
                    help=f"default: {' '.join(DEFAULT_CONFIGS)} (with --curve: {' '.join(CURVE_CONFIGS)})")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps before them (default 1; 4 with --profile: a profile of the steady state, after\n"
+                        "the heap has grown to the step's size, not of the second step's page faults)")
     p.add_argument("--batch-size", type=int, default=4, help="SFT rows, DPO pairs per step")
     p.add_argument("--prompt-len", type=int, default=192, help="SFT/DPO user-turn tokens")
     p.add_argument("--completion-len", type=int, default=64, help="SFT completion, DPO chosen/rejected tokens")
@@ -624,6 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.configs is None:
         args.configs = CURVE_CONFIGS if args.curve else DEFAULT_CONFIGS
+    if args.warmup is None:
+        args.warmup = 4 if args.profile else 1
     return args
 
 

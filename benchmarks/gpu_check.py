@@ -93,6 +93,10 @@ CONFIGS: dict[str, tuple[str, str, dict]] = {
     "lit_compile": ("lit", "lit-align, torch_compile=True (each decoder layer compiled)", {"torch_compile": True}),
     "lit_shared_compile": ("lit", "lit-align, shared_prompt_forward=True and torch_compile=True (GRPO only)",
                            {"shared_prompt_forward": True, "torch_compile": True}),
+    "lit_onednn": ("lit", "lit-align, onednn_linear=True (the linear layers' fp32 CPU products on oneDNN)",
+                   {"onednn_linear": True}),
+    "lit_compile_onednn": ("lit", "lit-align, torch_compile=True and onednn_linear=True",
+                           {"torch_compile": True, "onednn_linear": True}),
     "trl_compile": ("trl", "TRL, torch_compile=True, gradient_checkpointing=False",
                     {"torch_compile": True, "gradient_checkpointing": False}),
 }
@@ -221,6 +225,7 @@ def run_lit(method: str, overrides: dict, ctx: argparse.Namespace) -> dict:
         dtype=ctx.dtype,
         gradient_checkpointing=overrides.get("gradient_checkpointing", False),
         torch_compile=overrides.get("torch_compile", False),
+        onednn_linear=overrides.get("onednn_linear", False),
         optimizer=functools.partial(default_adamw, lr=LR[method]),  # lit-align's default, at TRL's lr
     )
     stack = contextlib.ExitStack()
@@ -484,10 +489,16 @@ def write_data(w: Workload, steps_total: int, workdir: Path, seed: int = 0) -> d
     }
 
 
-def peak_flops(cuda: bool, dtype_name: str, size: int | None = None, warmup: int = 3, reps: int = 10) -> dict:
+def peak_flops(cuda: bool, dtype_name: str, size: int | None = None, warmup: int = 3, reps: int = 10,
+               kernel: str = "torch") -> dict:
     """Dense matmul FLOP/s on this device in the training dtype (bf16 on CUDA): ``size^3`` (default 8192
-    on CUDA, 512 on CPU); the best of three means of ``reps`` products after ``warmup``."""
+    on CUDA, 512 on CPU); the best of three means of ``reps`` products after ``warmup``. ``kernel``:
+    ``torch`` (``a @ b``: MKL for fp32 on a CPU) or ``onednn`` (CPU: ``lit_align.models.onednn``)."""
     import torch
+
+    matmul = torch.matmul
+    if kernel == "onednn":
+        from lit_align.models.onednn import onednn_matmul as matmul  # a @ b.T: the same FLOPs
 
     size = size or (8192 if cuda else 512)
     dtype = getattr(torch, dtype_name)
@@ -496,17 +507,17 @@ def peak_flops(cuda: bool, dtype_name: str, size: int | None = None, warmup: int
     a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     for _ in range(warmup):
-        a @ b
+        matmul(a, b)
     sync(cuda)
     best = 0.0
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            matmul(a, b)
         sync(cuda)
         best = max(best, 2 * size**3 * reps / (time.perf_counter() - t0))
     del a, b
-    return {"flops": best, "matmul": f"{size}x{size}x{size} {str(dtype).removeprefix('torch.')}", "reps": reps}
+    return {"flops": best, "matmul": f"{size}x{size}x{size} {str(dtype).removeprefix('torch.')} ({kernel})", "reps": reps}
 
 
 # --------------------------------------------------------------------------- report

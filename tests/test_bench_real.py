@@ -110,8 +110,24 @@ def test_mfu_weighs_each_step_by_the_probes_around_it():
     assert s["mfu"] == pytest.approx(2 * 80 / (1 * 80 + 3 * 50))
     assert s["peak_gflops"] == pytest.approx((1 * 80 + 3 * 50) / 4 / 1e9)
     assert s["peak_gflops_before_after_run"] == pytest.approx(1000 / 1e9)
-    del r.extra["probes"]  # --profile: no probes, the peaks before and after the run
+    assert s["mfu_of_torch_mm"] is None  # no torch.mm probes of their own: oneDNN absent
+    r.extra["probes_torch_mm"] = [25.0, 50.0, 30.0, 20.0]  # the probes took oneDNN's; MKL ran at half its speed
+    assert bench_real.summarize(r, "sft", flops=80.0, peak=1.0)["mfu_of_torch_mm"] == pytest.approx(2 * s["mfu"])
+    del r.extra["probes"], r.extra["probes_torch_mm"]  # --profile: no probes, the peaks before and after the run
     assert bench_real.summarize(r, "sft", flops=80.0, peak=1.0)["mfu"] == pytest.approx(2 * 80 / 4 / 1000)
+
+
+def test_the_peak_is_the_faster_of_torch_mm_and_onednn(monkeypatch):
+    """Each probe times every kernel and returns the fastest; torch.mm's own speed is kept beside it."""
+    speeds = {"torch": 100.0, "onednn": 130.0}
+    monkeypatch.setattr(bench_real.gpu_check, "peak_flops",
+                        lambda *a, kernel="torch", **k: {"flops": speeds[kernel], "matmul": kernel})
+    monkeypatch.setattr(bench_real, "kernels", lambda: ("torch", "onednn"))
+    monkeypatch.setattr(bench_real, "TORCH_MM_PROBES", [])
+    assert bench_real.probe_flops() == 130.0
+    assert bench_real.TORCH_MM_PROBES == [100.0]
+    peak = bench_real.peak_flops(threads=2)
+    assert peak["flops"] == 130.0 and peak["by_kernel"] == speeds and peak["matmul"] == "onednn"
 
 
 def test_allocator_blocks_alternate_after_the_warm_up_step(monkeypatch):
