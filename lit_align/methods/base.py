@@ -21,7 +21,6 @@ from lit_align.methods.distributed import Distributed
 from lit_align.methods.moe import RouterAuxLoss
 from lit_align.methods.safeguards import Safeguards
 from lit_align.models.compile import compile_layers
-from lit_align.models.onednn import onednn_available, use_onednn_linear
 from lit_align.models.loading import (
     ModelInit,
     apply_peft,
@@ -33,6 +32,7 @@ from lit_align.models.loading import (
     processor_tokenizer,
     tokenizer_pad_id,
 )
+from lit_align.models.onednn import onednn_available, use_onednn_linear
 from lit_align.optim import LinearWarmupDecay, default_adamw
 
 
