@@ -37,6 +37,7 @@ and after it, kept in the JSON as ``peak_gflops_before_after_run``) made the sam
     python benchmarks/bench_real.py --methods sft --configs lit --profile   # where lit-align's step goes
     python benchmarks/bench_real.py --ceiling                     # SFT's MFU if only matmuls and attention took time
     python benchmarks/bench_real.py --allocator --configs lit_compile   # glibc's default malloc against freed memory kept
+    python benchmarks/bench_real.py --onednn --configs lit_compile      # the linear layers on MKL against oneDNN
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def step_flops(method: str, m: dict, n: dict, w) -> float:
 def kernels() -> tuple[str, ...]:
     """The fp32 CPU matmuls to measure: torch's own (``a @ b``: MKL) and oneDNN's where torch has it (on the
     AMD EPYC of the README 1.3x faster at 1024^3, so the machine's peak is the faster of the two)."""
-    from lit_align.models.onednn import onednn_available
+    from lit_align.ops.onednn import onednn_available
 
     return ("torch", "onednn") if onednn_available() else ("torch",)
 
@@ -226,18 +227,37 @@ def set_keep_freed_memory(keep: bool) -> None:
         raise RuntimeError("glibc's mallopt refused the setting: --allocator needs Linux with glibc")
 
 
-def allocator_blocks(state: dict, block: int):
-    """A Lightning callback that runs the warm-up step with glibc's defaults, then alternates blocks of
-    ``block`` steps with and without freed memory kept, counting each step's minor page faults."""
+def set_onednn(module, on: bool) -> None:
+    """Every linear layer of ``module`` on oneDNN (``onednn_linear``) or back on ``F.linear`` (MKL)."""
+    from torch import nn
+
+    from lit_align.models.onednn import OneDNNLinear
+
+    for m in module.modules():
+        if type(m) in (nn.Linear, OneDNNLinear):
+            m.__class__ = OneDNNLinear if on else nn.Linear
+
+
+# A/B in one process: what is switched, the switch, and the names of its two sides
+SWITCHES = {
+    "allocator": (lambda module, on: set_keep_freed_memory(on), ("glibc default", "freed memory kept")),
+    "onednn": (set_onednn, ("MKL (torch.mm)", "oneDNN (onednn_linear)")),
+}
+
+
+def switch_blocks(state: dict, block: int, what: str):
+    """A Lightning callback that runs the warm-up step with the switch off, then alternates blocks of
+    ``block`` steps with it on and off, counting each step's minor page faults."""
     import lightning as L
 
-    state["faults"], state["kept"] = [], []
+    switch = SWITCHES[what][0]
+    state["faults"], state["on"] = [], []
 
     class Blocks(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            keep = batch_idx > 0 and (batch_idx - 1) // block % 2 == 1
-            set_keep_freed_memory(keep)
-            state["kept"].append(keep)
+            on = batch_idx > 0 and (batch_idx - 1) // block % 2 == 1
+            switch(pl_module, on)
+            state["on"].append(on)
             state["f0"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -246,29 +266,28 @@ def allocator_blocks(state: dict, block: int):
     return Blocks()
 
 
-def allocator(args, payload, workdir, tokenizer) -> None:
-    """SFT in one process, glibc's default allocator against freed memory kept, in alternating blocks of
-    4 steps (the first step of each block, which pays for the switch, is left out)."""
+def alternate(args, payload, workdir, tokenizer, what: str) -> None:
+    """SFT in one process with the switch (``SWITCHES``) off and on in alternating blocks of 4 steps (the
+    first step of each block, which pays for the switch, is left out): s/step, page faults, MFU."""
     block, config = 4, args.configs[0]
     if gpu_check.CONFIGS[config][0] != "lit":
-        raise SystemExit(f"--allocator runs a lit-align configuration, not {config}")
+        raise SystemExit(f"--{what} runs a lit-align configuration, not {config}")
     w = workload(args)
     paths, lengths = write_rows(tokenizer, w, 1 + 4 * block, workdir)
     flops = step_flops("sft", args.model, lengths["sft"], w)
-    print(f"sft {config}: allocator blocks of {block} steps ...", flush=True)
-    r = run("sft", config, w, args, paths, 4 * block, allocator_block=block, warmup=1)
+    print(f"sft {config}: {what} in blocks of {block} steps ...", flush=True)
+    r = run("sft", config, w, args, paths, 4 * block, switch_block=block, switch=what, warmup=1)
     probes = r.extra["probes"]
     rows = []
-    for keep in (False, True):
-        steps = [i for i in range(1, len(r.step_times)) if r.extra["kept"][i] == keep and (i - 1) % block]
+    for on, name in zip((False, True), SWITCHES[what][1]):
+        steps = [i for i in range(1, len(r.step_times)) if r.extra["on"][i] == on and (i - 1) % block]
         mfu = [flops / r.step_times[i] / ((probes[i] + probes[i + 1]) / 2) for i in steps]
-        rows.append({"allocator": "freed memory kept" if keep else "glibc default", "steps": len(steps),
-                     "s_per_step": statistics.mean(r.step_times[i] for i in steps),
+        rows.append({what: name, "steps": len(steps), "s_per_step": statistics.mean(r.step_times[i] for i in steps),
                      "faults_per_step": statistics.mean(r.extra["faults"][i] for i in steps),
                      "mfu": statistics.mean(mfu), "mfu_range": [min(mfu), max(mfu)]})
-    payload["allocator"] = {"config": config, "rows": rows, "peak_rss_gb": r.peak_rss_gb}
-    print(markdown_table(["allocator", "steps", "s/step", "minor page faults/step", "MFU (per-step range)"],
-                         [[x["allocator"], str(x["steps"]), _fmt(x["s_per_step"], 2), _fmt(x["faults_per_step"], 0),
+    payload[what] = {"config": config, "rows": rows, "peak_rss_gb": r.peak_rss_gb}
+    print(markdown_table([what, "steps", "s/step", "minor page faults/step", "MFU (per-step range)"],
+                         [[x[what], str(x["steps"]), _fmt(x["s_per_step"], 2), _fmt(x["faults_per_step"], 0),
                            f"{100 * x['mfu']:.1f}% ({100 * x['mfu_range'][0]:.0f}-{100 * x['mfu_range'][1]:.0f}%)"]
                           for x in rows]))
 
@@ -396,8 +415,8 @@ def child_main(args: argparse.Namespace) -> int:
         ctx.lit_callbacks, ctx.trl_callbacks = [lit_cb], [trl_cb]  # each runner adds its own framework's
     if not ctx.profile:  # the matmul speed around every step (the profiler would count the probe's products)
         ctx.probe = probe_flops
-    if getattr(ctx, "allocator_block", None):
-        ctx.lit_callbacks = [allocator_blocks(state, ctx.allocator_block)]
+    if getattr(ctx, "switch_block", None):
+        ctx.lit_callbacks = [switch_blocks(state, ctx.switch_block, ctx.switch)]
     before = peak_flops(ctx.threads)["flops"]  # this CPU's speed drifts (a shared host): the peak at each run
     result = gpu_check.run_one(ctx.method, ctx.config, ctx)
     result.extra["peak_flops"] = [before, peak_flops(ctx.threads)["flops"]]
@@ -406,7 +425,7 @@ def child_main(args: argparse.Namespace) -> int:
     if ctx.profile:
         result.extra["profile"] = profile_table(state, ctx.model, ctx.steps[ctx.method])
     if "faults" in state:
-        result.extra["faults"], result.extra["kept"] = state["faults"], state["kept"]
+        result.extra["faults"], result.extra["on"] = state["faults"], state["on"]
     emit(result)
     return 0
 
@@ -613,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
         if args.ceiling:
             ceiling(args, payload, Path(tmp), tokenizer)
-        elif args.allocator:
-            allocator(args, payload, Path(tmp), tokenizer)
+        elif args.allocator or args.onednn:
+            alternate(args, payload, Path(tmp), tokenizer, "allocator" if args.allocator else "onednn")
         elif args.curve:
             curve(args, payload, Path(tmp), tokenizer)
         else:
@@ -648,6 +667,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allocator", action="store_true",
                    help="SFT (the first --configs, a lit one) with glibc's default allocator and with freed memory\n"
                         "kept, alternating in blocks of 4 steps in one process: s/step, page faults, MFU")
+    p.add_argument("--onednn", action="store_true",
+                   help="SFT (the first --configs, a lit one) with its linear layers on MKL and on oneDNN\n"
+                        "(onednn_linear), alternating in blocks of 4 steps in one process")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", help="where the de-quantised model is kept (default: $TMPDIR/lit_align_bench_smollm2)")
     p.add_argument("--json", help="write every number here")

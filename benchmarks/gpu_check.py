@@ -498,7 +498,7 @@ def peak_flops(cuda: bool, dtype_name: str, size: int | None = None, warmup: int
 
     matmul = torch.matmul
     if kernel == "onednn":
-        from lit_align.models.onednn import onednn_matmul as matmul  # a @ b.T: the same FLOPs
+        from lit_align.ops.onednn import onednn_matmul as matmul  # a @ b.T: the same FLOPs
 
     size = size or (8192 if cuda else 512)
     dtype = getattr(torch, dtype_name)

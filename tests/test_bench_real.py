@@ -135,9 +135,26 @@ def test_allocator_blocks_alternate_after_the_warm_up_step(monkeypatch):
     modes = []
     monkeypatch.setattr(bench_real, "set_keep_freed_memory", modes.append)
     state: dict = {}
-    cb = bench_real.allocator_blocks(state, 4)
+    cb = bench_real.switch_blocks(state, 4, "allocator")
     for i in range(13):
         cb.on_train_batch_start(None, None, None, i)
         cb.on_train_batch_end(None, None, None, None, i)
-    assert modes == state["kept"] == [False] * 5 + [True] * 4 + [False] * 4
+    assert modes == state["on"] == [False] * 5 + [True] * 4 + [False] * 4
     assert len(state["faults"]) == 13 and all(f >= 0 for f in state["faults"])
+
+
+def test_onednn_blocks_switch_every_linear_layer_and_back():
+    """``--onednn``: the switch turns every linear layer of the module to oneDNN and back to MKL."""
+    import torch
+    from torch import nn
+
+    from lit_align.models.onednn import OneDNNLinear
+
+    module = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    cb = bench_real.switch_blocks({}, 1, "onednn")
+    kinds = []
+    for i in range(4):
+        cb.on_train_batch_start(None, module, None, i)
+        kinds.append({type(m) for m in module.modules() if isinstance(m, nn.Linear)})
+        assert module(torch.ones(1, 3)).shape == (1, 2)
+    assert kinds == [{nn.Linear}, {nn.Linear}, {OneDNNLinear}, {nn.Linear}]

@@ -13,13 +13,14 @@ from torch.testing import assert_close
 
 from lit_align import DPO, SFT, PreferenceDataModule
 from lit_align.models import onednn
-from lit_align.models.onednn import OneDNNLinear, onednn_matmul, use_onednn_linear
+from lit_align.models.onednn import OneDNNLinear, use_onednn_linear
+from lit_align.ops.onednn import onednn_available, onednn_matmul
 from lit_align.rollout.engines import generation_mode
 from tests.test_compile import loss_and_grads
 from tests.test_online import fit
 from tests.test_sft import batch_of
 
-pytestmark = pytest.mark.skipif(not onednn.onednn_available(), reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -56,7 +57,7 @@ def test_other_dtypes_keep_f_linear(monkeypatch):
     layer = nn.Linear(5, 4).to(torch.bfloat16)
     use_onednn_linear(layer)
     monkeypatch.setattr(onednn, "onednn_matmul", lambda *a: pytest.fail("bf16 went to oneDNN"))
-    monkeypatch.setattr(onednn, "_kernel", lambda *a: pytest.fail("bf16 went to oneDNN"))
+    monkeypatch.setattr(onednn, "onednn_kernel", lambda *a: pytest.fail("bf16 went to oneDNN"))
     x = torch.randn(3, 5, dtype=torch.bfloat16)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 

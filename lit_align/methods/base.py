@@ -32,7 +32,8 @@ from lit_align.models.loading import (
     processor_tokenizer,
     tokenizer_pad_id,
 )
-from lit_align.models.onednn import onednn_available, use_onednn_linear
+from lit_align.models.onednn import use_onednn_linear
+from lit_align.ops.onednn import onednn_available
 from lit_align.optim import LinearWarmupDecay, default_adamw
 
 

@@ -1,14 +1,10 @@
-"""oneDNN's fp32 matmul for the linear layers of a model trained on a CPU (``onednn_linear``).
+"""The linear layers of a model trained on a CPU in fp32, on oneDNN's matmul (``onednn_linear``).
 
-torch multiplies fp32 CPU matrices with MKL. On some CPUs oneDNN, which torch also ships, is faster for the
-shapes of a decoder layer: on the 2-core AMD EPYC of ``benchmarks/README.md`` by 1.1-1.3x for a layer's
-forward product and its input gradient, while MKL is as fast or faster for the weight gradient. So
-:func:`use_onednn_linear` turns each ``nn.Linear`` of a model into a :class:`OneDNNLinear`, whose forward and
-input gradient run on oneDNN (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor itself picks for
-CPU linears) and whose weight gradient stays on ``torch.mm``. The arithmetic is fp32 throughout: results
-differ from MKL's by rounding only (the order of the sums). Parameters, their names and checkpoints are
-unchanged, and PEFT adapters wrap the layer as they wrap an ``nn.Linear``. Tensors that are not fp32 on a
-CPU (bf16, CUDA, DTensor shards) go through ``F.linear`` as before.
+:func:`use_onednn_linear` turns each ``nn.Linear`` of a model into a :class:`OneDNNLinear`, whose product and
+input gradient run on oneDNN and whose weight gradient on ``torch.mm`` (``lit_align.ops.onednn``: why, and
+how much faster). Parameters, their names and checkpoints are unchanged, and PEFT adapters wrap the layer as
+they wrap an ``nn.Linear``. Tensors that are not fp32 on a CPU (bf16, CUDA, DTensor shards) go through
+``F.linear`` as before.
 """
 
 from __future__ import annotations
@@ -17,41 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's CPU linear kernel."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _kernel(a: Tensor, weight: Tensor) -> Tensor:
-    """``a @ weight.T`` for 2-D fp32 CPU tensors of any strides, ``(M, K) x (N, K) -> (M, N)``, on oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
-
-
-@torch.library.custom_op("lit_align::onednn_matmul", mutates_args=())
-def onednn_matmul(a: Tensor, weight: Tensor) -> Tensor:
-    """``a @ weight.T`` on oneDNN, differentiable, and one opaque op for ``torch.compile`` (inductor's own
-    lowering of the kernel wants frozen weights)."""
-    return _kernel(a, weight)
-
-
-@onednn_matmul.register_fake
-def _(a: Tensor, weight: Tensor) -> Tensor:
-    return a.new_empty(a.shape[0], weight.shape[0])
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad: Tensor):
-    a, weight = ctx.saved_tensors
-    grad_a = onednn_matmul(grad, weight.t()) if ctx.needs_input_grad[0] else None  # (M, K) = grad @ W, oneDNN
-    grad_weight = grad.t() @ a if ctx.needs_input_grad[1] else None  # (N, K) on torch.mm: MKL is as fast here
-    return grad_a, grad_weight
-
-
-onednn_matmul.register_autograd(_backward, setup_context=_setup_context)
+from lit_align.ops.onednn import onednn_available, onednn_kernel, onednn_matmul
 
 
 def _on_onednn(x: Tensor, weight: Tensor) -> bool:
@@ -69,7 +31,7 @@ class OneDNNLinear(nn.Linear):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             out = onednn_matmul(x2, self.weight)  # (M, N)
         else:  # generation, a frozen model: the kernel without the custom op's dispatch (no autograd to record)
-            out = _kernel(x2, self.weight)
+            out = onednn_kernel(x2, self.weight)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
