@@ -31,10 +31,11 @@ from lit_align.models.export import SaveHFModel  # noqa: E402
 from lit_align.ops.sharding import full_state_dict, is_sharded  # noqa: E402
 
 METHODS = {**METHODS, "reward": (RewardModel, PreferenceDataModule), "gkd_sampled": METHODS["gkd"], "dpo_sync": METHODS["dpo"],
-           "sft_compile": METHODS["sft"]}
+           "sft_compile": METHODS["sft"], "sft_onednn": METHODS["sft"]}
 OFFLINE = {
     "dpo_sync": {"sync_ref_model": True, "ref_model_sync_steps": 1},  # TR-DPO: the policy mixed into the reference each step
     "sft_compile": {"torch_compile": True},  # each layer compiled after sharding
+    "sft_onednn": {"onednn_linear": True},  # the linear layers on oneDNN, their weights unsharded in each forward
 }
 
 

@@ -5,8 +5,8 @@ on the same global batch: SFT, DPO (a sharded frozen reference), GRPO, KTO, the 
 score head), GKD (a sharded teacher), PPO (manual optimisation, a value head, gradient clipping),
 RLOO, BCO, Online DPO, Nash-MD and XPO (pairs scored against the sharded reference), CPO and ORPO
 (their NLL a token mean over both ranks), the PRM (a token-classification head), GRPO with
-multi-turn tool rollouts, TR-DPO (the sharded policy mixed into the sharded reference) and SFT with
-``torch_compile`` (each layer compiled after sharding).
+multi-turn tool rollouts, TR-DPO (the sharded policy mixed into the sharded reference), SFT with
+``torch_compile`` (each layer compiled after sharding) and SFT with ``onednn_linear``.
 Also: the sharded checkpoint (a folder of shards, the frozen reference left out) resumes exactly;
 SaveHFModel writes one loadable Hugging Face directory from the shards; generation on sharded
 weights keeps ranks that decode different lengths, or call generate a different number of times, from
@@ -28,7 +28,7 @@ from torch import nn
 
 SCRIPT = Path(__file__).with_name("sharded_run.py")
 METHODS = ["sft", "dpo", "grpo", "kto", "reward", "gkd", "ppo", "rloo", "bco", "online_dpo", "nash_md", "xpo", "cpo", "orpo",
-           "prm", "grpo_tools", "dpo_sync", "sft_compile"]
+           "prm", "grpo_tools", "dpo_sync", "sft_compile", "sft_onednn"]
 SAMPLED = ["grpo_sampled", "gkd_sampled"]  # the HF engine on sharded weights: two processes only, each its own samples
 # Adam at lr 1e-2 turns the float rounding of a two-way split batch into weight differences of a few
 # 1e-5 for the reward model (the same under DDP); the rest agree to test_ddp's tolerances.

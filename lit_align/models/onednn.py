@@ -3,8 +3,9 @@
 :func:`use_onednn_linear` turns each ``nn.Linear`` of a model into a :class:`OneDNNLinear`, whose product and
 input gradient run on oneDNN and whose weight gradient on ``torch.mm`` (``lit_align.ops.onednn``: why, and
 how much faster). Parameters, their names and checkpoints are unchanged, and PEFT adapters wrap the layer as
-they wrap an ``nn.Linear``. Tensors that are not fp32 on a CPU (bf16, CUDA, DTensor shards) go through
-``F.linear`` as before.
+they wrap an ``nn.Linear``. Under FSDP2 each forward sees the unsharded weight and runs on oneDNN
+(``tests/test_sharded.py``); tensors that are not fp32 on a CPU (bf16, CUDA) or a weight that is still a
+DTensor go through ``F.linear`` as before.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lit_align.ops.onednn import onednn_available, onednn_kernel, onednn_matmul
 
 def _on_onednn(x: Tensor, weight: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and type(weight) in (torch.Tensor, nn.Parameter))  # not a DTensor shard (FSDP2)
+            and type(weight) in (torch.Tensor, nn.Parameter))  # not a DTensor (FSDP2 unshards before forward)
 
 
 class OneDNNLinear(nn.Linear):
