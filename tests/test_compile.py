@@ -29,6 +29,36 @@ def loss_and_grads(module, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+def assert_same_step(module, want_module, batch) -> None:
+    """A training step of ``module`` gives ``want_module``'s loss and gradients, to fp32 rounding."""
+    loss, grads = loss_and_grads(module, batch)
+    want_loss, want = loss_and_grads(want_module, batch)
+    assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == want.keys() and len(want) > 0
+    for name in want:
+        assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def assert_dpo_trains_as_without(flag: str, check_reference) -> None:
+    """Two SGD steps of DPO with ``flag`` on give the metrics and weights of the run with it off
+    (``check_reference(ref_model, on)`` looks at the frozen reference). SGD: Adam would turn the
+    rounding noise of the first step into steps of its lr."""
+    runs = []
+    for on in (False, True):
+        L.seed_everything(0, verbose=False)
+        module = DPO(optimizer=lambda params: torch.optim.SGD(params, lr=1.0), **{flag: on})
+        _, record = fit(module, PreferenceDataModule("builtin:arithmetic?size=16", batch_size=8, seed=3), steps=2)
+        check_reference(module.ref_model, on)
+        runs.append((record.metrics, module.model.state_dict()))
+    (want_metrics, want_state), (metrics, state) = runs
+    for got, want in zip(metrics, want_metrics, strict=True):
+        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert want_metrics[-1]["train/rewards/margins"] != 0.0  # the first step moved the policy
+    for name, value in want_state.items():
+        assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_compiled_layers_give_the_eager_loss_gradients_and_checkpoint(tokenizer):
     eager, compiled = SFT(), SFT(torch_compile=True)
     eager.configure_model()
@@ -39,13 +69,7 @@ def test_compiled_layers_give_the_eager_loss_gradients_and_checkpoint(tokenizer)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints load either way
     counters.clear()
     for layout in ("padded", "padding_free"):  # a new shape and a new mask: recompiled, still equal
-        batch = batch_of(tokenizer, layout)
-        loss, grads = loss_and_grads(compiled, batch)
-        want_loss, want = loss_and_grads(eager, batch)
-        assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
-        assert grads.keys() == want.keys()
-        for name in want:
-            assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+        assert_same_step(compiled, eager, batch_of(tokenizer, layout))
     assert counters["stats"]["unique_graphs"] > 0  # the layers did run compiled
 
 
@@ -60,13 +84,7 @@ def test_compiled_layers_compose_with_checkpointing_and_lora(tokenizer, kwargs):
     eager.configure_model()
     compiled.configure_model()
     compiled.model.load_state_dict(eager.model.state_dict())
-    batch = batch_of(tokenizer, "padded")
-    loss, grads = loss_and_grads(compiled, batch)
-    want_loss, want = loss_and_grads(eager, batch)
-    assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == want.keys() and len(want) > 0
-    for name in want:
-        assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_step(compiled, eager, batch_of(tokenizer, "padded"))
 
 
 def test_generation_runs_the_compiled_layers_eagerly():
@@ -111,21 +129,11 @@ def test_grpo_with_compiled_layers_samples_and_learns_as_eager():
 
 
 def test_dpo_compiles_its_reference_too_and_trains_as_eager():
-    runs = []
-    for torch_compile in (False, True):
-        L.seed_everything(0, verbose=False)
-        module = DPO(optimizer=lambda params: torch.optim.SGD(params, lr=1.0), torch_compile=torch_compile)
-        _, record = fit(module, PreferenceDataModule("builtin:arithmetic?size=16", batch_size=8, seed=3), steps=2)
-        compiled = [m for m in module.ref_model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-        assert len(compiled) == (module.ref_model.config.num_hidden_layers if torch_compile else 0)
-        runs.append((record.metrics, module.model.state_dict()))
-    (eager_metrics, eager_state), (metrics, state) = runs
-    for got, want in zip(metrics, eager_metrics, strict=True):
-        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-    assert eager_metrics[-1]["train/rewards/margins"] != 0.0  # the first step moved the policy
-    for name, value in eager_state.items():
-        assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    def check_reference(ref_model, on):
+        compiled = [m for m in ref_model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert len(compiled) == (ref_model.config.num_hidden_layers if on else 0)
+
+    assert_dpo_trains_as_without("torch_compile", check_reference)
 
 
 def test_a_model_without_transformer_layers_is_refused():

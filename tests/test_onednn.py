@@ -5,19 +5,17 @@ gradients of a training step, the parameters and checkpoint keys, under ``torch_
 generation; other dtypes keep ``F.linear``.
 """
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
-from lit_align import DPO, SFT, PreferenceDataModule
+from lit_align import SFT
 from lit_align.models import onednn
 from lit_align.models.onednn import OneDNNLinear, use_onednn_linear
 from lit_align.ops.onednn import onednn_available, onednn_matmul
 from lit_align.rollout.engines import generation_mode
-from tests.test_compile import loss_and_grads
-from tests.test_online import fit
+from tests.test_compile import assert_dpo_trains_as_without, assert_same_step
 from tests.test_sft import batch_of
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
@@ -73,13 +71,7 @@ def test_a_training_step_gives_the_mkl_loss_gradients_and_checkpoint(tokenizer, 
     assert any(type(m) is OneDNNLinear for m in fast.model.modules())
     assert not any(type(m) is OneDNNLinear for m in plain.model.modules())
     assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints load either way
-    batch = batch_of(tokenizer, "padded")
-    loss, grads = loss_and_grads(fast, batch)
-    want_loss, want = loss_and_grads(plain, batch)
-    assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == want.keys() and len(want) > 0
-    for name in want:
-        assert_close(grads[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_step(fast, plain, batch_of(tokenizer, "padded"))
 
 
 def test_generation_is_unchanged():
@@ -98,20 +90,10 @@ def test_generation_is_unchanged():
 
 def test_dpo_with_its_reference_trains_as_with_mkl():
     """Two SGD steps of DPO (policy and reference on oneDNN) against MKL: metrics and weights to rounding."""
-    runs = []
-    for onednn_linear in (False, True):
-        L.seed_everything(0, verbose=False)
-        module = DPO(optimizer=lambda params: torch.optim.SGD(params, lr=1.0), onednn_linear=onednn_linear)
-        _, record = fit(module, PreferenceDataModule("builtin:arithmetic?size=16", batch_size=8, seed=3), steps=2)
-        assert any(type(m) is OneDNNLinear for m in module.ref_model.modules()) == onednn_linear
-        runs.append((record.metrics, module.model.state_dict()))
-    (want_metrics, want_state), (metrics, state) = runs
-    for got, want in zip(metrics, want_metrics, strict=True):
-        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-    assert want_metrics[-1]["train/rewards/margins"] != 0.0  # the first step moved the policy
-    for name, value in want_state.items():
-        assert_close(state[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    def check_reference(ref_model, on):
+        assert any(type(m) is OneDNNLinear for m in ref_model.modules()) == on
+
+    assert_dpo_trains_as_without("onednn_linear", check_reference)
 
 
 def test_refused_by_name_without_onednn(monkeypatch):
