@@ -13,6 +13,9 @@ from torch.testing import assert_close
 from lit_align import SFT
 from lit_align.models import onednn
 from lit_align.models.onednn import OneDNNLinear, use_onednn_linear
+from lit_align.ops.distill import LMHead, chunked_generalized_jsd
+from lit_align.ops.forward import lm_head_params
+from lit_align.ops.logprobs import selected_logprobs
 from lit_align.ops.onednn import onednn_available, onednn_matmul
 from lit_align.rollout.engines import generation_mode
 from tests.test_compile import assert_dpo_trains_as_without, assert_same_step
@@ -49,6 +52,51 @@ def test_the_op_against_float64_and_torch_check():
     exact = a.double() @ w.double().t()
     assert (onednn_matmul(a, w).double() - exact).abs().max() < 1e-3  # bf16 products would be off by ~0.5
     torch.library.opcheck(onednn_matmul, (a.requires_grad_(), w.requires_grad_()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_chunked_head_on_onednn_gives_its_mkl_values_and_gradients(bias, monkeypatch):
+    """``selected_logprobs(onednn=True)`` (a OneDNNLinear LM head): log-probs, entropies and the gradients
+    of hidden, weight and bias as on MKL, over two chunks and an ignored label; then GKD's chunked JSD."""
+    from lit_align.ops import logprobs
+
+    calls = []
+    monkeypatch.setattr(logprobs, "onednn_kernel", lambda a, w: calls.append(a.shape) or onednn.onednn_kernel(a, w))
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 16), torch.randn(50, 16) * 0.3
+    b = torch.randn(50) if bias else None
+    labels = torch.randint(0, 50, (10,))
+    labels[3] = -100
+    results = []
+    for on in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, *([b] if bias else []))]
+        stats = selected_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if bias else None, chunk_size=4,
+                                  softcap=5.0, onednn=on)
+        (stats.logps.sum() + 0.1 * stats.entropy.sum()).backward()
+        results.append([stats.logps, stats.entropy, *[t.grad for t in leaves]])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # on: forward, recompute and input gradient of each of the 3 chunks (the first two hold 4 rows)
+    assert len(calls) == 9 and calls[0] == (4, 16)
+    calls.clear()
+    jsd = []
+    for on in (False, True):
+        h = hidden.clone().requires_grad_()
+        out = chunked_generalized_jsd(h, hidden.flip(0), LMHead(weight, onednn=on), LMHead(weight * 0.5, onednn=on),
+                                      chunk_size=4)
+        out.sum().backward()
+        jsd.append((out.detach(), h.grad))
+    assert_close(jsd[1], jsd[0], atol=1e-6, rtol=1e-5)
+    assert calls  # GKD's heads went through the same products
+
+
+def test_a_onednn_model_tells_the_chunked_head():
+    model = SFT(onednn_linear=True)
+    model.configure_model()
+    assert lm_head_params(model.model)["onednn"] is True
+    plain = SFT()
+    plain.configure_model()
+    assert lm_head_params(plain.model)["onednn"] is False
 
 
 def test_other_dtypes_keep_f_linear(monkeypatch):

@@ -10,6 +10,8 @@ DTensor go through ``F.linear`` as before.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,7 +25,10 @@ def _on_onednn(x: Tensor, weight: Tensor) -> bool:
 
 
 class OneDNNLinear(nn.Linear):
-    """An ``nn.Linear`` whose fp32 CPU products run on oneDNN (:func:`onednn_matmul`); else ``F.linear``."""
+    """An ``nn.Linear`` whose fp32 CPU products run on oneDNN (:func:`onednn_matmul`); else ``F.linear``.
+    As an LM head it tells the chunked log-prob ops to do the same (``lm_head_params``)."""
+
+    onednn: ClassVar[bool] = True
 
     def forward(self, x: Tensor) -> Tensor:
         if not _on_onednn(x, self.weight):

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -53,6 +52,7 @@ class LMHead:
     bias: Tensor | None = None  # (V,)
     logit_scale: float = 1.0
     softcap: float | None = None
+    onednn: bool = False  # its products on oneDNN (the model's ``onednn_linear``; fp32 CPU inputs only)
 
 
 def divergence_kind(beta: float) -> str:
@@ -108,7 +108,7 @@ DIVERGENCES: dict[str, tuple[Divergence, Divergence]] = {
 
 def _log_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tf: _LogitTransform) -> tuple[Tensor, Tensor | None]:
     """``log_softmax`` of one chunk's transformed logits ``(C, V)`` fp32, and the softcap's tanh (or None)."""
-    z, tanh = tf.forward(F.linear(hidden, weight, bias))  # (C, V) fp32
+    z, tanh = tf.forward(tf.logits(hidden, weight, bias))  # (C, V) fp32
     return z.log_softmax(-1), tanh
 
 
@@ -164,7 +164,7 @@ class _GeneralizedJSDFn(torch.autograd.Function):
                 dlogits = s_tf.backward(dz, tanh)  # (C, V) through temperature, softcap, logit_scale
                 dlogits_in = dlogits.to(s_weight.dtype)  # (C, V) as autograd would feed the head's matmul
                 if grad_hidden is not None:
-                    grad_hidden[sl] = dlogits_in @ s_weight  # (C, H) dL/dh = dlogits @ W
+                    grad_hidden[sl] = s_tf.hidden_grad(dlogits_in, s_weight)  # (C, H) dL/dh = dlogits @ W
                 if grad_weight is not None:
                     _add_matmul(grad_weight, dlogits_in.t(), s_hidden[sl])  # (V, H) dL/dW += dlogits^T @ h
                 if grad_bias is not None:
@@ -217,6 +217,6 @@ def chunked_generalized_jsd(
     s_hidden, s_weight, s_bias = _autocast_inputs(student_hidden, student.weight, student.bias)
     t_hidden, t_weight, t_bias = _autocast_inputs(teacher_hidden.detach(), teacher.weight.detach(),
                                                   teacher.bias.detach() if teacher.bias is not None else None)
-    s_tf = _LogitTransform(student.logit_scale, student.softcap, temperature)
-    t_tf = _LogitTransform(teacher.logit_scale, teacher.softcap, temperature)
+    s_tf = _LogitTransform(student.logit_scale, student.softcap, temperature, student.onednn)
+    t_tf = _LogitTransform(teacher.logit_scale, teacher.softcap, temperature, teacher.onednn)
     return _GeneralizedJSDFn.apply(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, s_tf, t_tf, kind, beta, chunk_size)

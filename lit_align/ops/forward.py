@@ -82,6 +82,7 @@ def lm_head_params(model: nn.Module) -> dict:
         "bias": getattr(head, "bias", None),
         "logit_scale": float(getattr(text_config, "logit_scale", None) or 1.0),
         "softcap": getattr(text_config, "final_logit_softcapping", None),
+        "onednn": bool(getattr(head, "onednn", False)),  # a OneDNNLinear head (``onednn_linear``)
     }
 
 

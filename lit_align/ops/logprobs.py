@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from lit_align.ops.onednn import onednn_kernel
+
 __all__ = ["TokenStats", "naive_selected_logprobs", "selected_logprobs"]
 
 
@@ -49,11 +51,28 @@ class TokenStats:
 
 @dataclass(frozen=True)
 class _LogitTransform:
-    """The fp32 transforms between the LM head matmul and the log_softmax, with their derivative."""
+    """The LM head's products, and the fp32 transforms between them and the log_softmax with their
+    derivative."""
 
     logit_scale: float = 1.0
     softcap: float | None = None
     temperature: float = 1.0
+    onednn: bool = False  # the products on oneDNN where inputs are fp32 on a CPU (``onednn_linear``)
+
+    def _on_onednn(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (self.onednn and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+                and type(weight) in (torch.Tensor, torch.nn.Parameter))  # not a DTensor
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``hidden @ weight.T + bias``, ``(C, V)`` in the input dtype."""
+        if not self._on_onednn(hidden, weight):
+            return F.linear(hidden, weight, bias)
+        out = onednn_kernel(hidden, weight)  # (C, V)
+        return out if bias is None else out.add_(bias)
+
+    def hidden_grad(self, dlogits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``dL/dhidden = dlogits @ weight``, ``(C, H)``."""
+        return onednn_kernel(dlogits, weight.t()) if self._on_onednn(dlogits, weight) else dlogits @ weight
 
     def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Map fresh input-dtype logits to fp32 ``z``; also return ``tanh(raw / softcap)`` (or None)."""
@@ -104,7 +123,7 @@ def _forward_chunk(
     """Return ``(logp, lse, entropy, correct, mean_logit, log_sum_sq_probs)`` for one chunk; only one
     ``[C, V]`` fp32 block is live."""
     valid, safe = _safe_labels(labels, ignore_index)  # (C,), (C,)
-    z, _ = tf.forward(F.linear(hidden, weight, bias))  # (C, V) fp32
+    z, _ = tf.forward(tf.logits(hidden, weight, bias))  # (C, V) fp32
     lse = torch.logsumexp(z, dim=-1)  # (C,) lse = log sum_v exp(z_v)
     logp = z.gather(1, safe[:, None]).squeeze(1) - lse  # (C,) logp = z_y - lse
     logp = logp.masked_fill(~valid, 0.0)  # (C,)
@@ -134,7 +153,7 @@ def _dlogits_chunk(
     entropy: torch.Tensor | None = None,  # (C,) H saved from forward
 ) -> torch.Tensor:
     """Recompute one chunk's logits and return ``dL/dlogits`` in fp32, shape ``(C, V)``."""
-    z, tanh = tf.forward(F.linear(hidden, weight, bias))  # (C, V) fp32
+    z, tanh = tf.forward(tf.logits(hidden, weight, bias))  # (C, V) fp32
     logp = z.sub_(lse[:, None])  # (C, V) log p = z - lse, reusing z's storage
     if grad_entropy is None:
         dz = logp.exp_().mul_(-grad[:, None])  # (C, V) -g * p
@@ -228,7 +247,7 @@ class _SelectedLogprobsFn(torch.autograd.Function):
                                      None if grad_entropy is None else grad_entropy[sl], None if entropy is None else entropy[sl])
             dlogits_in = dlogits.to(weight.dtype)  # (C, V) as autograd would feed the lm_head matmul
             if grad_hidden is not None:
-                grad_hidden[sl] = dlogits_in @ weight  # (C, H) dL/dx = dlogits @ W
+                grad_hidden[sl] = ctx.tf.hidden_grad(dlogits_in, weight)  # (C, H) dL/dx = dlogits @ W
             if grad_weight is not None:
                 _add_matmul(grad_weight, dlogits_in.t(), hidden[sl])  # (V, H) dL/dW += dlogits^T @ x
             if grad_bias is not None:
@@ -286,6 +305,7 @@ def selected_logprobs(
     with_accuracy: bool = True,
     with_extras: bool = False,
     ignore_index: int = -100,
+    onednn: bool = False,
 ) -> TokenStats:
     """Log-prob of each label under ``log_softmax(transform(hidden @ weight.T + bias))``, chunked.
 
@@ -294,10 +314,12 @@ def selected_logprobs(
     it in fp32. Never holds more than one ``[chunk_size, V]`` block of logits, in forward or backward.
     Labels equal to ``ignore_index`` give logp 0, entropy 0, correct False and no gradient.
     ``with_extras`` also returns each token's mean logit and ``log sum_v p_v^2`` (detached).
+    ``onednn`` runs the head's products (not its weight gradient) on oneDNN where the inputs are fp32 on
+    a CPU (:mod:`lit_align.ops.onednn`; the model's ``onednn_linear``).
     """
     _check_args(hidden, weight, labels, bias, temperature, softcap, chunk_size)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    tf = _LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    tf = _LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature, onednn=onednn)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     flat_labels = labels.reshape(-1).long()  # (N,)
     outputs = _SelectedLogprobsFn.apply(
@@ -321,10 +343,11 @@ def naive_selected_logprobs(
     with_accuracy: bool = True,
     with_extras: bool = False,
     ignore_index: int = -100,
+    onednn: bool = False,
 ) -> TokenStats:
     """Reference for :func:`selected_logprobs`: full ``[N, V]`` fp32 logits and plain autograd.
 
-    Same semantics and signature (``chunk_size`` is ignored); memory-hungry, meant for tests and as the
+    Same semantics and signature (``chunk_size`` and ``onednn`` are ignored); memory-hungry, meant for tests and as the
     readable definition of what the chunked version computes.
     """
     _check_args(hidden, weight, labels, bias, temperature, softcap, chunk_size)
