@@ -106,6 +106,11 @@ def test_other_dtypes_keep_f_linear(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_kernel", lambda *a: pytest.fail("bf16 went to oneDNN"))
     x = torch.randn(3, 5, dtype=torch.bfloat16)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    layer = nn.Linear(5, 4)  # fp32 weights under CPU autocast (bf16-mixed): autocast's bf16 product
+    use_onednn_linear(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = layer(x.float()), nn.functional.linear(x.float(), layer.weight, layer.bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"torch_compile": True},

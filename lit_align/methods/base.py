@@ -98,9 +98,10 @@ class AlignModule(Safeguards, Distributed, RouterAuxLoss, L.LightningModule):
                 ops, fewer activations kept.
                 The first steps pay the compilation; generation runs the layers eagerly.
             onednn_linear: On a CPU in fp32, run the linear layers of the policy (and of a frozen reference
-                or teacher) on oneDNN instead of MKL (``lit_align.models.onednn``): on some CPUs (AMD EPYC in
-                ``benchmarks/README.md``) a faster product, the same fp32 arithmetic up to rounding.
-                Other devices and dtypes are unaffected.
+                or teacher), and the chunked LM head's products, on oneDNN instead of MKL
+                (``lit_align.models.onednn``): on some CPUs (AMD EPYC in ``benchmarks/README.md``) a faster
+                product, the same fp32 arithmetic up to rounding. Other devices, dtypes and autocast are
+                unaffected.
             activation_offloading: Keep the activations saved for backward in CPU memory (pinned on
                 CUDA) instead of the accelerator's, as TRL's; the step's math is unchanged.
             router_aux_loss_coef: Weight of a Mixture-of-Experts model's load-balancing loss added to

@@ -4,8 +4,8 @@
 input gradient run on oneDNN and whose weight gradient on ``torch.mm`` (``lit_align.ops.onednn``: why, and
 how much faster). Parameters, their names and checkpoints are unchanged, and PEFT adapters wrap the layer as
 they wrap an ``nn.Linear``. Under FSDP2 each forward sees the unsharded weight and runs on oneDNN
-(``tests/test_sharded.py``); tensors that are not fp32 on a CPU (bf16, CUDA) or a weight that is still a
-DTensor go through ``F.linear`` as before.
+(``tests/test_sharded.py``); tensors that are not fp32 on a CPU (bf16, CUDA, CPU autocast) or a weight that is
+still a DTensor go through ``F.linear`` as before.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lit_align.ops.onednn import onednn_available, onednn_kernel, onednn_matmul
 
 def _on_onednn(x: Tensor, weight: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")  # bf16-mixed: F.linear, in bf16 as autocast asks
             and type(weight) in (torch.Tensor, nn.Parameter))  # not a DTensor (FSDP2 unshards before forward)
 
 
