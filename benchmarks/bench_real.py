@@ -231,11 +231,14 @@ def set_onednn(module, on: bool) -> None:
     """Every linear layer of ``module`` on oneDNN (``onednn_linear``) or back on ``F.linear`` (MKL)."""
     from torch import nn
 
-    from lit_align.models.onednn import OneDNNLinear
+    from lit_align.models.onednn import OneDNNLinear, use_onednn_linear
 
+    if on:
+        use_onednn_linear(module)
+        return
     for m in module.modules():
-        if type(m) in (nn.Linear, OneDNNLinear):
-            m.__class__ = OneDNNLinear if on else nn.Linear
+        if type(m) is OneDNNLinear:
+            m.__class__ = nn.Linear
 
 
 # A/B in one process: what is switched, the switch, and the names of its two sides

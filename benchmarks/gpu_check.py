@@ -493,12 +493,12 @@ def peak_flops(cuda: bool, dtype_name: str, size: int | None = None, warmup: int
                kernel: str = "torch") -> dict:
     """Dense matmul FLOP/s on this device in the training dtype (bf16 on CUDA): ``size^3`` (default 8192
     on CUDA, 512 on CPU); the best of three means of ``reps`` products after ``warmup``. ``kernel``:
-    ``torch`` (``a @ b``: MKL for fp32 on a CPU) or ``onednn`` (CPU: ``lit_align.models.onednn``)."""
+    ``torch`` (``a @ b``: MKL for fp32 on a CPU) or ``onednn`` (CPU: ``lit_align.ops.onednn``)."""
     import torch
 
     matmul = torch.matmul
     if kernel == "onednn":
-        from lit_align.ops.onednn import onednn_matmul as matmul  # a @ b.T: the same FLOPs
+        from lit_align.ops.onednn import onednn_kernel as matmul  # a @ b.T: the same FLOPs
 
     size = size or (8192 if cuda else 512)
     dtype = getattr(torch, dtype_name)

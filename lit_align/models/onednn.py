@@ -16,13 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_align.ops.onednn import onednn_available, onednn_kernel, onednn_matmul
-
-
-def _on_onednn(x: Tensor, weight: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")  # bf16-mixed: F.linear, in bf16 as autocast asks
-            and type(weight) in (torch.Tensor, nn.Parameter))  # not a DTensor (FSDP2 unshards before forward)
+from lit_align.ops.onednn import onednn_applies, onednn_available, onednn_kernel, onednn_matmul
 
 
 class OneDNNLinear(nn.Linear):
@@ -32,7 +26,7 @@ class OneDNNLinear(nn.Linear):
     onednn: ClassVar[bool] = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _on_onednn(x, self.weight):
+        if not onednn_applies(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         if torch.is_grad_enabled() or torch.compiler.is_compiling():

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from lit_align.ops.onednn import onednn_kernel
+from lit_align.ops.onednn import onednn_applies, onednn_kernel
 
 __all__ = ["TokenStats", "naive_selected_logprobs", "selected_logprobs"]
 
@@ -59,20 +59,18 @@ class _LogitTransform:
     temperature: float = 1.0
     onednn: bool = False  # the products on oneDNN where inputs are fp32 on a CPU (``onednn_linear``)
 
-    def _on_onednn(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (self.onednn and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-                and type(weight) in (torch.Tensor, torch.nn.Parameter))  # not a DTensor
-
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``hidden @ weight.T + bias``, ``(C, V)`` in the input dtype."""
-        if not self._on_onednn(hidden, weight):
+        if not (self.onednn and onednn_applies(hidden, weight)):
             return F.linear(hidden, weight, bias)
         out = onednn_kernel(hidden, weight)  # (C, V)
         return out if bias is None else out.add_(bias)
 
     def hidden_grad(self, dlogits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``dL/dhidden = dlogits @ weight``, ``(C, H)``."""
-        return onednn_kernel(dlogits, weight.t()) if self._on_onednn(dlogits, weight) else dlogits @ weight
+        if self.onednn and onednn_applies(dlogits, weight):
+            return onednn_kernel(dlogits, weight.t())
+        return dlogits @ weight
 
     def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Map fresh input-dtype logits to fp32 ``z``; also return ``tanh(raw / softcap)`` (or None)."""

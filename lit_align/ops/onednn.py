@@ -22,6 +22,13 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes to oneDNN: fp32 on a CPU, outside CPU autocast (there the product is
+    autocast's bf16 one), and a plain weight (not a DTensor: FSDP2 unshards before each forward)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and type(weight) in (torch.Tensor, torch.nn.Parameter))
+
+
 def onednn_kernel(a: Tensor, weight: Tensor) -> Tensor:
     """``a @ weight.T`` for 2-D fp32 CPU tensors of any strides, ``(M, K) x (N, K) -> (M, N)``, on oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
