@@ -287,6 +287,31 @@ def test_no_saved_tensor_of_size_n_times_v() -> None:
     assert _max_saved_numel(selected_logprobs, inp, chunk_size=16, **kw) < n * V
 
 
+@pytest.mark.parametrize("chunk_size, products", [(N, 1), (5, 3 + 3)])  # 13 rows: one chunk, or three each way
+def test_one_chunk_keeps_its_logits_for_the_backward(monkeypatch, chunk_size: int, products: int) -> None:
+    """Where one chunk holds every row, the backward uses the forward's logits (one head product, not
+    two); a second backward (``retain_graph``) recomputes them and gives the same gradients."""
+    from lit_align.ops import logprobs
+
+    calls = []
+    real = logprobs._LogitTransform.logits
+    monkeypatch.setattr(logprobs._LogitTransform, "logits", lambda self, *a: calls.append(1) or real(self, *a))
+    inp = _inputs(n_ignored=0)
+    stats = selected_logprobs(inp["hidden"], inp["weight"], inp["labels"], bias=inp["bias"], chunk_size=chunk_size,
+                              softcap=2.0, temperature=0.8)
+    loss = (stats.logps * torch.linspace(-1.0, 2.0, N)).sum() + stats.entropy.sum()
+    params = [inp["hidden"], inp["weight"], inp["bias"]]
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    assert len(calls) == products
+    second = torch.autograd.grad(loss, params)
+    naive = naive_selected_logprobs(inp["hidden"], inp["weight"], inp["labels"], bias=inp["bias"], softcap=2.0,
+                                    temperature=0.8)
+    expected = torch.autograd.grad((naive.logps * torch.linspace(-1.0, 2.0, N)).sum() + naive.entropy.sum(), params)
+    for a, b, e in zip(first, second, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a)
+
+
 # --- gradcheck -----------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ chunks of ``chunk_size`` rows: each chunk's ``[C, V]`` logits block is formed, r
 log-probability, entropy and argmax, and dropped. The backward (a custom ``torch.autograd.Function``)
 recomputes each block from the saved hidden states, weight and per-token logsumexp instead of storing it,
 so peak memory is ``O(C * V)`` rather than ``O(N * V)``. TRL's fused LM head (and Liger's fused linear
-cross-entropy) use the same idea.
+cross-entropy) use the same idea. Where one chunk holds every row (``N <= chunk_size``, e.g. the scored
+tokens of a short batch) that one block is kept from the forward to the backward instead: the same
+``O(C * V)`` bound, one head product fewer.
 
 Per token, with ``x = hidden``, ``W = weight``, ``y = label``:
 
@@ -118,10 +120,11 @@ def _forward_chunk(
     with_accuracy: bool,
     with_extras: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Return ``(logp, lse, entropy, correct, mean_logit, log_sum_sq_probs)`` for one chunk; only one
-    ``[C, V]`` fp32 block is live."""
+    """Return ``(logp, lse, entropy, correct, mean_logit, log_sum_sq_probs, z, tanh)`` for one chunk;
+    ``z`` (fp32 logits after the transform, left intact) and ``tanh`` are what the backward would
+    recompute."""
     valid, safe = _safe_labels(labels, ignore_index)  # (C,), (C,)
-    z, _ = tf.forward(tf.logits(hidden, weight, bias))  # (C, V) fp32
+    z, tanh = tf.forward(tf.logits(hidden, weight, bias))  # (C, V) fp32
     lse = torch.logsumexp(z, dim=-1)  # (C,) lse = log sum_v exp(z_v)
     logp = z.gather(1, safe[:, None]).squeeze(1) - lse  # (C,) logp = z_y - lse
     logp = logp.masked_fill(~valid, 0.0)  # (C,)
@@ -136,7 +139,7 @@ def _forward_chunk(
         p = (z - lse[:, None]).exp_()  # (C, V) p = softmax(z) = exp(z - lse)
         entropy = lse - p.mul_(z).sum(dim=-1)  # (C,) H = lse - sum_v p_v z_v
         entropy = entropy.masked_fill(~valid, 0.0)  # (C,)
-    return logp, lse, entropy, correct, mean_logit, log_sum_sq
+    return logp, lse, entropy, correct, mean_logit, log_sum_sq, z, tanh
 
 
 def _dlogits_chunk(
@@ -149,9 +152,11 @@ def _dlogits_chunk(
     tf: _LogitTransform,
     grad_entropy: torch.Tensor | None = None,  # (C,) fp32 dL/dH, 0 on ignored rows
     entropy: torch.Tensor | None = None,  # (C,) H saved from forward
+    kept: tuple[torch.Tensor, torch.Tensor | None] | None = None,  # (z, tanh) from the forward, consumed
 ) -> torch.Tensor:
-    """Recompute one chunk's logits and return ``dL/dlogits`` in fp32, shape ``(C, V)``."""
-    z, tanh = tf.forward(tf.logits(hidden, weight, bias))  # (C, V) fp32
+    """Return one chunk's ``dL/dlogits`` in fp32, shape ``(C, V)``, from the logits the forward kept
+    (overwritten) or, without them, from the logits recomputed."""
+    z, tanh = tf.forward(tf.logits(hidden, weight, bias)) if kept is None else kept  # (C, V) fp32
     logp = z.sub_(lse[:, None])  # (C, V) log p = z - lse, reusing z's storage
     if grad_entropy is None:
         dz = logp.exp_().mul_(-grad[:, None])  # (C, V) -g * p
@@ -197,6 +202,10 @@ class _SelectedLogprobsFn(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         ctx.set_materialize_grads(False)  # an unused entropy's gradient stays None: no second term in backward
         n = hidden.shape[0]
+        # One chunk holds every row: keep its logits for the backward instead of recomputing them (one
+        # head product fewer; the block is the one the forward makes anyway, held until the backward).
+        keep = n <= chunk_size and any(ctx.needs_input_grad[:3])
+        kept_z = kept_tanh = None
         acc = {"dtype": _acc_dtype(hidden.dtype), "device": hidden.device}  # fp32 (fp64 for fp64)
         logps, lse = torch.empty(n, **acc), torch.empty(n, **acc)  # (N,), (N,)
         entropy = torch.empty(n, **acc) if with_entropy else None  # (N,)
@@ -215,7 +224,12 @@ class _SelectedLogprobsFn(torch.autograd.Function):
                     correct[sl] = out[3]
                 if extras is not None:
                     extras[0][sl], extras[1][sl] = out[4], out[5]
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)  # no [N, V] tensor is saved
+                if keep:
+                    kept_z, kept_tanh = out[6], out[7]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)  # no [N, V] tensor is saved...
+        # ...but the one chunk's logits, where one chunk holds every row: not saved tensors, since the first
+        # backward overwrites and drops them (a second one, under retain_graph, recomputes them)
+        ctx.kept = (kept_z, kept_tanh) if kept_z is not None else None
         ctx.tf, ctx.chunk_size, ctx.ignore_index = tf, chunk_size, ignore_index
         mean_logit, log_sum_sq = extras if extras is not None else (None, None)
         ctx.mark_non_differentiable(*[t for t in (correct, mean_logit, log_sum_sq) if t is not None])
@@ -225,6 +239,7 @@ class _SelectedLogprobsFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_logps: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # one chunk's logits from the forward, used once
         if grad_logps is None and grad_entropy is None:
             return (None,) * 10
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -242,7 +257,8 @@ class _SelectedLogprobsFn(torch.autograd.Function):
         for s in _active_chunk_starts(valid, hidden.shape[0], ctx.chunk_size):
             sl = slice(s, s + ctx.chunk_size)
             dlogits = _dlogits_chunk(hidden[sl], weight, bias, safe[sl], lse[sl], grad[sl], ctx.tf,  # (C, V)
-                                     None if grad_entropy is None else grad_entropy[sl], None if entropy is None else entropy[sl])
+                                     None if grad_entropy is None else grad_entropy[sl], None if entropy is None else entropy[sl],
+                                     kept)
             dlogits_in = dlogits.to(weight.dtype)  # (C, V) as autograd would feed the lm_head matmul
             if grad_hidden is not None:
                 grad_hidden[sl] = ctx.tf.hidden_grad(dlogits_in, weight)  # (C, H) dL/dx = dlogits @ W
@@ -309,7 +325,8 @@ def selected_logprobs(
 
     ``hidden`` is ``(N, H)`` (or ``(..., H)`` with ``labels`` of shape ``(...)``; outputs take the labels'
     shape), ``weight`` is ``(V, H)`` in the same dtype. The matmul runs in the input dtype; everything after
-    it in fp32. Never holds more than one ``[chunk_size, V]`` block of logits, in forward or backward.
+    it in fp32. Never holds more than one ``[chunk_size, V]`` block of logits, in forward or backward (with
+    a single chunk, that block is held from the forward to the backward rather than recomputed).
     Labels equal to ``ignore_index`` give logp 0, entropy 0, correct False and no gradient.
     ``with_extras`` also returns each token's mean logit and ``log sum_v p_v^2`` (detached).
     ``onednn`` runs the head's products (not its weight gradient) on oneDNN where the inputs are fp32 on
