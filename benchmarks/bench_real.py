@@ -35,7 +35,7 @@ and after it, kept in the JSON as ``peak_gflops_before_after_run``) made the sam
     python benchmarks/bench_real.py --methods sft --configs lit trl_fast --steps 3
     python benchmarks/bench_real.py --curve 256 512 1024 2048     # SFT peak memory over the row length
     python benchmarks/bench_real.py --methods sft --configs lit --profile   # where lit-align's step goes
-    python benchmarks/bench_real.py --ceiling                     # SFT's MFU if only matmuls and attention took time
+    python benchmarks/bench_real.py --ceiling                     # SFT's and DPO's MFU if only matmuls and attention took time
     python benchmarks/bench_real.py --allocator --configs lit_compile   # glibc's default malloc against freed memory kept
     python benchmarks/bench_real.py --onednn --configs lit_compile      # the linear layers on MKL against oneDNN
 """
@@ -203,6 +203,7 @@ def peak_flops(threads: int) -> dict:
     return {**best, "threads": threads, "by_kernel": {k: r["flops"] for k, r in runs.items()}}
 
 
+KERNEL_NAMES = {"torch": "MKL", "onednn": "oneDNN"}
 TORCH_MM_PROBES: list[float] = []  # torch.mm's own speed at each probe (MFU against it too)
 
 
@@ -299,6 +300,7 @@ def alternate(args, payload, workdir, tokenizer, what: str) -> None:
 
 
 INDUCTOR_KERNEL = "cpp_fused"  # in the name of every kernel inductor writes for a CPU (torch_compile)
+ONEDNN_KERNEL = "mkldnn::_linear_pointwise"  # onednn_linear's products (lit_align/ops/onednn.py)
 
 
 def categorize(event, vocab: int, mlp: int) -> str:
@@ -317,7 +319,7 @@ def categorize(event, vocab: int, mlp: int) -> str:
         return "attention (sdpa)"
     if vocab in dims:
         return "LM head and loss (vocabulary-wide)"
-    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", ONEDNN_KERNEL):
         return "MLP matmuls" if mlp in dims else "attention projections (q, k, v, o)"
     if mlp in dims:
         return "MLP elementwise (SiLU, product)"
@@ -390,8 +392,8 @@ def profile_table(state: dict, model: dict, steps: int) -> dict:
         threads[event.thread] += event.self_cpu_time_total / 1e6
     main = threads.most_common(1)[0][0]  # the training loop's thread; others (autograd's, workers') are listed
     for event in state["prof"].events():
-        if event.thread != main or not (event.name.startswith("aten::") or INDUCTOR_KERNEL in event.name):
-            continue  # annotations (record_function, autograd nodes) hold ops; their own time is Python
+        if event.thread != main or not (event.name.startswith(("aten::", ONEDNN_KERNEL)) or INDUCTOR_KERNEL in event.name):
+            continue  # annotations (record_function, autograd nodes, custom ops) hold ops; their own time is Python
         where = categorize(event, model["vocab"], model["mlp_width"])
         shares[where] += event.self_cpu_time_total / 1e6
         ops[(event.name, where)] += event.self_cpu_time_total / 1e6
@@ -557,54 +559,94 @@ def best_time(fn, reps: int = 5) -> float:
 
 
 def ceiling(args, payload, workdir, tokenizer) -> None:
-    """The SFT step's MFU if it were only its matmuls and attention, each at the speed this CPU gives its
-    shapes in isolation (forward and both backward products of every linear layer, the LM head over the
-    scored tokens, causal sdpa forward and backward), with every other op free."""
+    """SFT's and DPO's MFU if their steps were only their matmuls and attention, each at the speed this CPU
+    gives its shapes in isolation (every linear layer's forward and both backward products, the LM head over
+    the scored tokens, causal sdpa forward and backward; DPO: chosen and rejected rows, and the frozen
+    reference's forward too), each product on the faster of MKL and oneDNN, with every other op free.
+    Freed memory is kept, as in a lit-align run: a product's output is not page-faulted in at every call."""
+    m, w = args.model, workload(args)
+    _, lengths = write_rows(tokenizer, w, 1, workdir)
+    payload["ceiling"] = {}
+    for method in [x for x in args.methods if x in ("sft", "dpo")]:
+        set_keep_freed_memory(True)
+        try:
+            rows, total, flops_total, square = ceiling_rows(args, method, lengths[method], w)
+        finally:
+            set_keep_freed_memory(False)
+        peak = max(payload["peak"]["flops"], square)  # the best, as each product's time is its best
+        step = step_flops(method, m, lengths[method], w)
+        mfu = step / total / peak
+        on = kernels()
+        print(f"\n{method.upper()}:")
+        print(markdown_table(["layer", "product", "shape", *(f"GFLOP/s ({KERNEL_NAMES[kn]})" for kn in on),
+                              "s per step (faster)"], rows))
+        print(f"\n{method.upper()}: {step / 1e12:.2f} TFLOP per step; the matmuls and attention alone take {total:.2f} s "
+              f"({flops_total / total / 1e9:.0f} GFLOP/s over the linear layers' and head's {flops_total / 1e12:.2f} "
+              f"TFLOP with attention's time); matmul peak {peak / 1e9:.0f} GFLOP/s: ceiling MFU {100 * mfu:.1f}% with "
+              f"every other op free", flush=True)
+        payload["ceiling"][method] = {"rows": rows, "seconds": total, "step_flops": step, "peak": peak, "mfu": mfu}
+
+
+def ceiling_rows(args, method: str, lengths: dict, w, rounds: int = 3) -> tuple[list, float, float, float]:
+    """One step's products and attention, timed: table rows, seconds, the products' FLOPs, and the peak
+    (FLOP/s of 1024^3 and 2048^3 products, timed among them). Each is timed in ``rounds`` passes over them all
+    and keeps its best, so a slow spell of the host (seconds long, see the module docstring) slows no product
+    in every pass, and the peak is taken the same way."""
     import torch
     import torch.nn.functional as F
 
-    m, w = args.model, workload(args)
-    _, lengths = write_rows(tokenizer, w, 1, workdir)
-    n, c = lengths["sft"]["n"], lengths["sft"]["c"]
-    T, S = w.batch_size * n, w.batch_size * c  # tokens through the decoder, scored tokens through the head
+    from lit_align.ops.onednn import onednn_kernel
+
+    m, on = args.model, kernels()
+    n, c = lengths["n"], lengths["c"]
+    seqs = w.batch_size * (2 if method == "dpo" else 1)  # DPO: chosen and rejected rows in one batch
+    forwards = 2 if method == "dpo" else 1  # DPO: the reference's forward and the policy's
+    T, S = seqs * n, seqs * c  # tokens through the decoder, scored tokens through the head
     cfg = json.loads((Path(args.model_dir) / "config.json").read_text())
     h, heads, kv, dh = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], m["attn_width"] // cfg["num_attention_heads"]
-    linears = {"q, o": [(h, heads * dh), (heads * dh, h)], "k, v": [(h, kv * dh)] * 2,
-               "gate, up, down": [(h, m["mlp_width"])] * 2 + [(m["mlp_width"], h)]}
+    linears = [("q, o", T, (h, heads * dh)), ("q, o", T, (heads * dh, h)), ("k, v", T, (h, kv * dh)),
+               ("k, v", T, (h, kv * dh)), ("gate, up, down", T, (h, m["mlp_width"])),
+               ("gate, up, down", T, (h, m["mlp_width"])), ("gate, up, down", T, (m["mlp_width"], h)),
+               ("LM head", S, (h, m["vocab"]))]
+    jobs = {}  # (row, kernel) -> the call to time
+    for i, (_, tokens, (k, o)) in enumerate(linears):
+        x, wt, dy = torch.randn(tokens, k), torch.randn(o, k), torch.randn(tokens, o)
+        # a @ b on torch.mm; oneDNN's a @ w.T takes w = b.T, the same memory
+        for what, a, b in (("forward", x, wt.T), ("grad input", dy, wt), ("grad weight", dy.T, x)):
+            jobs[(i, what, "torch")] = functools.partial(torch.mm, a, b)
+            if "onednn" in on:
+                jobs[(i, what, "onednn")] = functools.partial(onednn_kernel, a, b.T)
+    q = torch.randn(seqs, heads, n, dh, requires_grad=True)
+    k_, v_ = (torch.randn(seqs, kv, n, dh, requires_grad=True) for _ in range(2))
+    sdpa = functools.partial(F.scaled_dot_product_attention, q, k_, v_, is_causal=True, enable_gqa=True)
+    grad = torch.randn_like(sdpa())
+    jobs["sdpa"], jobs["sdpa+grad"] = sdpa, lambda: torch.autograd.grad(sdpa(), (q, k_, v_), grad)
+    for size in (1024, 2048):
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        jobs[("peak", size, "torch")] = functools.partial(torch.mm, a, b)
+        if "onednn" in on:
+            jobs[("peak", size, "onednn")] = functools.partial(onednn_kernel, a, b)
+    best = dict.fromkeys(jobs, float("inf"))
+    for _ in range(rounds):
+        for key, fn in jobs.items():
+            best[key] = min(best[key], best_time(fn, reps=3))
     rows, total, flops_total = [], 0.0, 0.0
-
-    def products(name: str, tokens: int, shapes: list, repeat: int) -> None:
-        nonlocal total, flops_total
-        for k, o in shapes:
-            x, wt, dy = torch.randn(tokens, k), torch.randn(o, k), torch.randn(tokens, o)
-            for what, a, b in (("forward", x, wt.T), ("grad input", dy, wt), ("grad weight", dy.T, x)):
-                t, f = best_time(functools.partial(torch.mm, a, b)), 2 * tokens * k * o
-                rows.append([name, what, f"[{tokens}x{k}]x[{k}x{o}]" if what == "forward" else "", f"{f / t / 1e9:.0f}", f"{repeat * t:.3f}"])
-                total, flops_total = total + repeat * t, flops_total + repeat * f
-
-    for name, shapes in linears.items():
-        products(name, T, shapes, m["layers"])
-    products("LM head", S, [(h, m["vocab"])], 1)
-    q = torch.randn(w.batch_size, heads, n, dh, requires_grad=True)
-    k_, v_ = (torch.randn(w.batch_size, kv, n, dh, requires_grad=True) for _ in range(2))
-    out = F.scaled_dot_product_attention(q, k_, v_, is_causal=True, enable_gqa=True)
-    grad = torch.randn_like(out)
-    t_fwd = best_time(lambda: F.scaled_dot_product_attention(q, k_, v_, is_causal=True, enable_gqa=True))
-    t_bwd = best_time(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k_, v_, is_causal=True, enable_gqa=True),
-                                                  (q, k_, v_), grad)) - t_fwd
-    attn_f = 2 * w.batch_size * n * n * heads * dh  # causal forward: QK^T and PV over half the square
-    rows.append(["attention", "sdpa forward", f"{w.batch_size}x{heads}x{n}x{dh}", f"{attn_f / t_fwd / 1e9:.0f}", f"{m['layers'] * t_fwd:.3f}"])
-    rows.append(["attention", "sdpa backward", "", f"{2 * attn_f / t_bwd / 1e9:.0f}", f"{m['layers'] * t_bwd:.3f}"])
-    total += m["layers"] * (t_fwd + t_bwd)
-    step = step_flops("sft", m, lengths["sft"], w)
-    peak = (payload["peak"]["flops"] + peak_flops(args.threads)["flops"]) / 2
-    ceiling_mfu = step / total / peak
-    print(markdown_table(["layer", "product", "shape", "GFLOP/s", "s per step"], rows))
-    print(f"\nSFT, {w.batch_size} rows of {n} tokens ({c} scored): {step / 1e12:.2f} TFLOP per step; the matmuls and "
-          f"attention alone take {total:.2f} s ({flops_total / total / 1e9:.0f} GFLOP/s over the linear layers' and head's "
-          f"{flops_total / 1e12:.2f} TFLOP with attention's time); matmul peak {peak / 1e9:.0f} GFLOP/s: "
-          f"ceiling MFU {100 * ceiling_mfu:.1f}% with every other op free")
-    payload["ceiling"] = {"rows": rows, "seconds": total, "step_flops": step, "peak": peak, "mfu": ceiling_mfu}
+    for i, (name, tokens, (k, o)) in enumerate(linears):
+        repeat = 1 if name == "LM head" else m["layers"]
+        for what, times_per_step in (("forward", forwards), ("grad input", 1), ("grad weight", 1)):
+            f, t = 2 * tokens * k * o, min(best[(i, what, kn)] for kn in on)
+            rows.append([name, what if times_per_step == 1 else f"{what} (x{times_per_step})",
+                         f"[{tokens}x{k}]x[{k}x{o}]" if what == "forward" else "",
+                         *(f"{f / best[(i, what, kn)] / 1e9:.0f}" for kn in on), f"{repeat * times_per_step * t:.3f}"])
+            total, flops_total = total + repeat * times_per_step * t, flops_total + repeat * times_per_step * f
+    t_fwd, t_bwd = best["sdpa"], best["sdpa+grad"] - best["sdpa"]
+    attn_f = 2 * seqs * n * n * heads * dh  # causal forward: QK^T and PV over half the square
+    pad = [""] * (len(on) - 1)  # sdpa has one kernel
+    rows.append(["attention", "sdpa forward" if forwards == 1 else f"sdpa forward (x{forwards})",
+                 f"{seqs}x{heads}x{n}x{dh}", f"{attn_f / t_fwd / 1e9:.0f}", *pad, f"{forwards * m['layers'] * t_fwd:.3f}"])
+    rows.append(["attention", "sdpa backward", "", f"{2 * attn_f / t_bwd / 1e9:.0f}", *pad, f"{m['layers'] * t_bwd:.3f}"])
+    square = max(2 * k[1] ** 3 / t for k, t in best.items() if k[0] == "peak")
+    return rows, total + m["layers"] * (forwards * t_fwd + t_bwd), flops_total, square
 
 
 def dump(args, payload) -> None:
@@ -666,7 +708,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpo-completion-len", type=int, default=64)
     p.add_argument("--curve", type=int, nargs="+", help="SFT memory over these row lengths (tokens), batch --batch-size")
     p.add_argument("--profile", action="store_true", help="torch.profiler over the timed steps: where the step goes")
-    p.add_argument("--ceiling", action="store_true", help="SFT's MFU if only its matmuls and attention took time")
+    p.add_argument("--ceiling", action="store_true", help="SFT's and DPO's MFU if only their matmuls and attention took time\n"
+                   "(each product on the faster of MKL and oneDNN)")
     p.add_argument("--allocator", action="store_true",
                    help="SFT (the first --configs, a lit one) with glibc's default allocator and with freed memory\n"
                         "kept, alternating in blocks of 4 steps in one process: s/step, page faults, MFU")

