@@ -608,7 +608,7 @@ def ceiling_rows(args, method: str, lengths: dict, w, rounds: int = 3) -> tuple[
                ("k, v", T, (h, kv * dh)), ("gate, up, down", T, (h, m["mlp_width"])),
                ("gate, up, down", T, (h, m["mlp_width"])), ("gate, up, down", T, (m["mlp_width"], h)),
                ("LM head", S, (h, m["vocab"]))]
-    jobs = {}  # (row, kernel) -> the call to time
+    jobs = {}  # (layer, product, kernel), ("peak", size, kernel), "sdpa", "sdpa+grad" -> the call to time
     for i, (_, tokens, (k, o)) in enumerate(linears):
         x, wt, dy = torch.randn(tokens, k), torch.randn(o, k), torch.randn(tokens, o)
         # a @ b on torch.mm; oneDNN's a @ w.T takes w = b.T, the same memory
@@ -645,7 +645,7 @@ def ceiling_rows(args, method: str, lengths: dict, w, rounds: int = 3) -> tuple[
     rows.append(["attention", "sdpa forward" if forwards == 1 else f"sdpa forward (x{forwards})",
                  f"{seqs}x{heads}x{n}x{dh}", f"{attn_f / t_fwd / 1e9:.0f}", *pad, f"{forwards * m['layers'] * t_fwd:.3f}"])
     rows.append(["attention", "sdpa backward", "", f"{2 * attn_f / t_bwd / 1e9:.0f}", *pad, f"{m['layers'] * t_bwd:.3f}"])
-    square = max(2 * k[1] ** 3 / t for k, t in best.items() if k[0] == "peak")
+    square = max(2 * key[1] ** 3 / t for key, t in best.items() if isinstance(key, tuple) and key[0] == "peak")
     return rows, total + m["layers"] * (forwards * t_fwd + t_bwd), flops_total, square
 
 
